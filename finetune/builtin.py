@@ -1,0 +1,151 @@
+"""The embedded default: a tiny random-init Llama, a locally trained tokenizer, and small checkable tasks.
+
+Nothing here touches the network. `builtin:tiny-llama` is generated deterministically on first use and cached
+(as an ordinary `save_pretrained` directory, so it loads exactly like a real checkpoint); `builtin:tasks` rows
+are generated in memory from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+BUILTIN_PREFIX = "builtin:"
+VERSION = "v1"  # bump when the generated artifacts change, so stale caches are not reused
+
+# ChatML with {% generation %} markers, so `return_assistant_tokens_mask` can find assistant tokens.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{- message['content'] + '<|im_end|>\n' -}}{% endgeneration %}"
+    "{%- else -%}"
+    "{{- message['content'] + '<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+WORDS = ("cat dog sun moon tree bird fish star rock leaf rain snow wind fire lake hill road ship king queen "
+         "red blue green gold milk tea cup pen box key").split()
+TINY_LLAMA = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FINETUNE_HOME", Path.home() / ".cache" / "finetune")) / "builtin" / VERSION
+
+
+def is_builtin(name: str | None) -> bool:
+    return bool(name) and name.startswith(BUILTIN_PREFIX)
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+
+def _problem(rng: random.Random) -> tuple[str, str]:
+    kind = rng.choice(("add", "reverse", "sort"))
+    if kind == "add":
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        return f"What is {a} + {b}?", str(a + b)
+    if kind == "reverse":
+        words = rng.sample(WORDS, rng.randint(3, 5))
+        return "Reverse: " + " ".join(words), " ".join(reversed(words))
+    digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6))]
+    return "Sort: " + " ".join(digits), " ".join(sorted(digits))
+
+
+def task_rows(split: str, n_train: int = 4000, n_test: int = 200, seed: int = 1234) -> list[dict[str, Any]]:
+    """Chat rows for `builtin:tasks`: addition, word reversal, digit sorting; test prompts never occur in train."""
+    if split not in ("train", "test"):
+        raise ValueError(f"builtin:tasks has splits train and test, not {split!r}")
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    while len(rows) < n_train + n_test:
+        prompt, answer = _problem(rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+    return rows[:n_train] if split == "train" else rows[n_train:]
+
+
+BUILTIN_DATASETS = {"tasks": task_rows}
+
+
+def builtin_rows(name: str, split: str) -> list[dict[str, Any]]:
+    key = name.removeprefix(BUILTIN_PREFIX)
+    if key not in BUILTIN_DATASETS:
+        raise ValueError(f"unknown builtin dataset {name!r}; expected one of "
+                         + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_DATASETS))
+    return BUILTIN_DATASETS[key](split)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def _corpus() -> list[str]:
+    texts = []
+    for row in task_rows("train"):
+        texts.extend(m["content"] for m in row["messages"])
+    texts += ["user", "assistant", "system", "You are a helpful assistant.", "The quick brown fox jumps over "
+              "the lazy dog.", "Hello, world! How are you today?"]
+    return texts
+
+
+def build_tokenizer() -> Any:
+    """Byte-level BPE (digits split one by one) trained on the task corpus, with the ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                   unk_token=None, bos_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_llama(tokenizer: Any, seed: int = 0) -> Any:
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **TINY_LLAMA)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+def ensure_builtin_model(name: str) -> Path:
+    """Directory of a generated builtin model, created once (atomically, so parallel processes are safe)."""
+    if name != "builtin:tiny-llama":
+        raise ValueError(f"unknown builtin model {name!r}; expected builtin:tiny-llama")
+    target = cache_dir() / "tiny-llama"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-llama-", dir=target.parent))
+    tokenizer = build_tokenizer()
+    build_tiny_llama(tokenizer).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

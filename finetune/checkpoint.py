@@ -1,0 +1,122 @@
+"""Checkpoints: atomic save through `accelerator.save_state`, find the newest complete one, resume, export.
+
+Layout: OUTPUT_DIR/checkpoints/step-0000100/ holds Accelerate's state (model, optimizer, scheduler, scaler, the
+RNG state of every process; sharded under FSDP), `trainer_state.json` and a `complete` marker. A checkpoint is
+written under a temporary name and renamed only when every process has finished, so a crash never leaves a
+half-written `step-*` directory and never touches the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+
+logger = logging.getLogger("finetune")
+
+MARKER = "complete"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next micro-batch
+    batch_in_epoch: int = 0  # index of the next micro-batch within its epoch
+    tokens_seen: int = 0
+    eval_loss: float | None = None  # most recent held-out loss when this state was saved
+    best_eval_loss: float | None = None
+    best_checkpoint: str | None = None
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:07d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, newest first. Temporary and unmarked directories are ignored."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and (p / MARKER).is_file() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def read_state(path: Path) -> TrainerState:
+    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def save(accelerator: Any, root: Path, state: TrainerState, keep: int) -> Path:
+    """Write a checkpoint of the current state on every process; return its final directory."""
+    final = step_dir(root, state.step)
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if state.eval_loss is not None and (state.best_eval_loss is None or state.eval_loss <= state.best_eval_loss):
+            state.best_eval_loss, state.best_checkpoint = state.eval_loss, final.name
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        (tmp / MARKER).write_text("")
+        old = root / f".old-{final.name}"
+        if final.exists():  # the same step saved again (e.g. after resuming from it): swap, then delete
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        prune(root, keep, state.best_checkpoint)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(root: Path, keep: int, best: str | None) -> None:
+    """Delete all but the newest `keep` complete checkpoints, never the best one."""
+    for path in complete_checkpoints(root)[max(keep, 1):]:
+        if path.name != best:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_resume(resume: str | bool, output_dir: Path, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, or None to start fresh. Raises ValueError for user mistakes."""
+    root = output_dir / "checkpoints"
+    if resume is False or resume == "false":
+        if complete_checkpoints(root) and not overwrite:
+            raise UserError(f"resume: false, but {root} already holds checkpoints; set resume: auto to continue "
+                             "or overwrite_output_dir: true to start over")
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(root)
+        return found[0] if found else None
+    path = Path(resume)
+    if not (path / MARKER).is_file() or not (path / STATE_FILE).is_file():
+        raise UserError(f"resume: {resume} is not a complete checkpoint directory (no {MARKER} marker)")
+    return path
+
+
+def load(accelerator: Any, path: Path) -> TrainerState:
+    """Restore model, optimizer, scheduler, scaler and RNG state (no pickles beyond tensors: weights_only)."""
+    accelerator.load_state(str(path))
+    return read_state(path)
+
+
+def export_model(accelerator: Any, model: Any, tokenizer: Any, target: Path) -> None:
+    """Save the final model (or LoRA adapter) with its tokenizer, loadable by `from_pretrained`; atomic."""
+    state_dict = accelerator.get_state_dict(model)  # gathers full tensors from shards under FSDP
+    if accelerator.is_main_process:
+        tmp = target.parent / f".tmp-{target.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        old = target.parent / f".old-{target.name}"
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,63 @@
+"""Command line: `finetune {sft,rm,dpo} RECIPE.yaml [key=value ...]` (also through `accelerate launch`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from finetune.config import TASKS, load_recipe, parse_overrides, to_yaml
+from finetune.errors import UserError
+
+EXAMPLES = """examples:
+  finetune sft recipes/tiny_sft.yaml
+  finetune sft recipes/tiny_lora.yaml train.max_steps=50 output_dir=runs/try
+  accelerate launch --config_file accelerate_configs/ddp.yaml finetune sft recipes/llama_lora.yaml
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune", description="Fine-tune language models with one Accelerate loop.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(TASKS) + "}")
+    helps = {"sft": "supervised fine-tuning (full or LoRA/QLoRA)", "rm": "reward model (Bradley-Terry)",
+             "dpo": "direct preference optimisation"}
+    for task in TASKS:
+        s = sub.add_parser(task, help=helps[task], epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        s.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_sft.yaml")
+        s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+        s.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    return p
+
+
+def setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging()
+    try:
+        overrides = parse_overrides(args.overrides)
+        overrides["task"] = args.command
+        recipe = load_recipe(args.recipe, overrides)
+        if args.print_config:
+            print(to_yaml(recipe), end="")
+            return 0
+        from finetune.loop import run
+        from finetune.tasks import get_task
+
+        result = run(recipe, get_task(recipe.task))
+    except UserError as e:
+        print(f"finetune: error: {e}", file=sys.stderr)
+        return 2
+    if result.preempted:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

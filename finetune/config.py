@@ -1,0 +1,310 @@
+"""Typed recipe configuration: YAML -> frozen dataclasses, validated at load.
+
+Every user mistake becomes a `ConfigError` whose message names the file, the dotted key and what was expected;
+the CLI prints it on one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.errors import UserError
+
+TASKS = ("sft", "rm", "dpo")
+
+
+class ConfigError(UserError):
+    """A recipe or override the user must fix (printed as one line, exit code 2)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "builtin:tiny-llama"
+    revision: str | None = None
+    dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16 | auto
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | ...
+    trust_remote_code: bool = False  # never on unless a recipe asks for it
+    load_in_4bit: bool = False  # QLoRA: NF4 weights through bitsandbytes
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_compute_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
+        _choice("model.bnb_4bit_quant_type", self.bnb_4bit_quant_type, ("nf4", "fp4"))
+        _choice("model.bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, ("float32", "bfloat16", "float16"))
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("model.load_in_4bit and model.load_in_8bit: expected at most one of them to be true")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+    def __post_init__(self) -> None:
+        _range("lora.r", self.r, lo=1)
+        _range("lora.alpha", self.alpha, lo=0, lo_open=True)
+        _range("lora.dropout", self.dropout, lo=0, hi=1, hi_open=True)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "builtin:tasks"  # JSONL/JSON/Parquet path, builtin:NAME, or a hub dataset name
+    eval: str | None = None  # same forms; when absent, eval_fraction of train is held out
+    eval_fraction: float = 0.0
+    split: str = "train"  # hub split for `train`
+    eval_split: str = "test"  # hub split for `eval` when it names a hub dataset
+    format: str = "auto"  # auto | chat | prompt_completion | alpaca | text
+    max_length: int = 1024
+    completion_only_loss: bool = True  # loss on assistant / completion tokens only
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("data.format", self.format, ("auto", "chat", "prompt_completion", "alpaca", "text"))
+        _range("data.eval_fraction", self.eval_fraction, lo=0, hi=0.9)
+        _range("data.max_length", self.max_length, lo=8)
+        _range("data.num_workers", self.num_workers, lo=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 0  # optimizer steps; 0 means "use epochs"
+    epochs: float = 1.0
+    batch_size: int = 8  # per process, per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0  # never applied to biases and norms
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still reported)
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    eval_every: int = 0  # optimizer steps; 0 evaluates only at the start and the end
+    eval_generate: int = 0  # held-out rows scored by greedy generation (exact match); 0 disables
+    max_new_tokens: int = 32
+    save_every: int = 0  # optimizer steps between checkpoints; 0 saves none mid-run
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        _range("train.max_steps", self.max_steps, lo=0)
+        _range("train.epochs", self.epochs, lo=0, lo_open=True)
+        _range("train.batch_size", self.batch_size, lo=1)
+        _range("train.grad_accum", self.grad_accum, lo=1)
+        _range("train.lr", self.lr, lo=0, lo_open=True)
+        _range("train.min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
+        _range("train.warmup_steps", self.warmup_steps, lo=0)
+        _range("train.weight_decay", self.weight_decay, lo=0)
+        _range("train.adam_beta1", self.adam_beta1, lo=0, hi=1, hi_open=True)
+        _range("train.adam_beta2", self.adam_beta2, lo=0, hi=1, hi_open=True)
+        _range("train.adam_eps", self.adam_eps, lo=0, lo_open=True)
+        _range("train.max_grad_norm", self.max_grad_norm, lo=0)
+        _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        for key in ("eval_every", "eval_generate", "save_every", "keep_checkpoints"):
+            _range(f"train.{key}", getattr(self, key), lo=0)
+        _range("train.max_new_tokens", self.max_new_tokens, lo=1)
+        _range("train.log_every", self.log_every, lo=1)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    progress: bool = True  # tqdm bar on the main process
+    tensorboard: bool = True  # used when the tensorboard package is installed
+    wandb: bool = False
+    wandb_project: str = "finetune"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    task: str = "sft"
+    output_dir: str = "runs/default"
+    seed: int = 42
+    resume: str | bool = "auto"  # auto | false | PATH of a checkpoint
+    overwrite_output_dir: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        _choice("task", self.task, TASKS)
+        if self.resume is True:
+            raise ConfigError("resume: expected auto, false or a checkpoint path, got true")
+        if (self.model.load_in_4bit or self.model.load_in_8bit) and not self.lora.enabled:
+            raise ConfigError("model.load_in_4bit/load_in_8bit: quantized weights cannot be trained; set lora.enabled")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _range(key: str, value: float, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False, hi_open: bool = False) -> None:
+    bad_lo = lo is not None and (value <= lo if lo_open else value < lo)
+    bad_hi = hi is not None and (value >= hi if hi_open else value > hi)
+    if bad_lo or bad_hi:
+        left = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+        right = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
+        raise ConfigError(f"{key}: expected a value {' and '.join(s for s in (left, right) if s)}, got {value!r}")
+
+
+def _describe(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if args:
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + (
+            " or null" if type(None) in args else "")
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; convert only where YAML is lossy (ints as floats, '1e-4')."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for option in typing.get_args(tp):
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (expected one of: {', '.join(names)})"
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["train.lr=1e-4", "lora.r=32"]` -> a nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        set_dotted(nested, key, value)
+    return nested
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[leaf] = value
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of recipe sections at the top level")
+    return data
+
+
+def load_recipe(recipe: str | Path | dict[str, Any] | Recipe, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Load a recipe from a YAML path or a dict, apply nested `overrides`, validate, and return it."""
+    if isinstance(recipe, Recipe):
+        recipe = recipe.to_dict()
+    source = "recipe" if isinstance(recipe, dict) else str(recipe)
+    data = dict(recipe) if isinstance(recipe, dict) else read_yaml(recipe)
+    if overrides:
+        data = deep_merge(data, overrides)
+    try:
+        return _build(Recipe, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,261 @@
+"""The one training loop, shared by every task (SFT, reward modeling, DPO), driven by Hugging Face Accelerate.
+
+Read it top to bottom: set up -> build model and data -> optimizer and schedule -> prepare -> resume ->
+steps (accumulate, clip, step, log, evaluate, checkpoint) -> export.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from finetune import checkpoint
+from finetune.config import Recipe, to_yaml
+from finetune.errors import UserError
+from finetune.sampling import EpochBatches, eval_shard
+from finetune.schedule import warmup_cosine
+from finetune.tasks import Task
+from finetune.tracking import NullTracker, Tracker, read_metrics
+
+logger = logging.getLogger("finetune")
+
+
+@dataclass
+class Result:
+    output_dir: Path
+    model_dir: Path
+    metrics: dict[str, float]  # final train loss and final evaluation metrics
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)  # every logged event
+    model: Any = field(default=None, repr=False)  # the trained (unwrapped) model, for notebooks and tests
+    preempted: bool = False
+
+
+class _Preemption:
+    """Turns SIGTERM/SIGINT into a flag checked after each optimizer step (save, then exit cleanly)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Preemption:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("received signal %d: finishing this step, saving a checkpoint, then stopping", signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = None) -> Result:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg = recipe.train
+    # ---- set up: the accelerator, seeds, output directory, who logs
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False,
+                              **(accelerator_kwargs or {}))
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if not main:
+        logger.setLevel(logging.ERROR)
+    set_seed(recipe.seed)  # python, numpy, torch (all devices); data order has its own seeded generator
+    out = Path(recipe.output_dir)
+    resume_from = checkpoint.resolve_resume(recipe.resume, out, recipe.overwrite_output_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.yaml").write_text(to_yaml(recipe))
+
+    # ---- model and data (the main process goes first so caches are written once)
+    with accelerator.main_process_first():
+        model, tokenizer = task.build_model(recipe, accelerator)
+        data = task.build_data(recipe, tokenizer)
+    per_epoch = EpochBatches.per_epoch(len(data.train), cfg.batch_size, world)
+    if per_epoch == 0:
+        raise UserError(f"data.train: {len(data.train)} rows cannot fill one batch of train.batch_size="
+                         f"{cfg.batch_size} x {world} processes")
+    if data.eval is not None and len(data.eval) < world:
+        raise UserError(f"data.eval: {len(data.eval)} rows, fewer than the {world} processes")
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("%s: %d train rows, %d eval rows, %d optimizer steps (%d micro-batches/epoch x %d processes), "
+                "%.2fM of %.2fM parameters trainable", task.name, len(data.train),
+                0 if data.eval is None else len(data.eval), total_steps, per_epoch, world,
+                n_trainable / 1e6, n_params / 1e6)
+
+    # ---- optimizer and warmup-cosine schedule (a pure function of the step, stepped once per optimizer step)
+    from finetune.model import param_groups
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(warmup_cosine, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
+                           min_ratio=cfg.min_lr_ratio))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    task.prepare(recipe, accelerator, model)
+
+    # ---- resume: restores model, optimizer, scheduler, scaler, RNG; the data order is positioned, not replayed
+    state = checkpoint.TrainerState()
+    if resume_from is not None:
+        state = checkpoint.load(accelerator, resume_from)
+        logger.info("resumed from %s at step %d", resume_from, state.step)
+    tracker = Tracker(out, recipe.log, recipe.to_dict(), state.step if resume_from else None) if main \
+        else NullTracker()
+
+    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+
+    def loader(batch_sampler: Any, dataset: Any) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=data.collate,
+                                           num_workers=recipe.data.num_workers, worker_init_fn=_seed_worker,
+                                           pin_memory=accelerator.device.type == "cuda")
+
+    def micro_batches() -> Any:
+        """Endless stream of this process's micro-batches, tracking (epoch, batch) for checkpoints."""
+        epoch, start = state.epoch, state.batch_in_epoch
+        while True:
+            sampler = EpochBatches(len(data.train), cfg.batch_size, world, rank, recipe.seed, epoch, start)
+            for i, batch in enumerate(loader(sampler, data.train), start=start):
+                yield epoch, i + 1, batch
+            epoch, start = epoch + 1, 0
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        if data.eval is None:
+            return {}
+        model.eval()
+        batches, n_real = eval_shard(len(data.eval), cfg.batch_size, world, rank)
+        totals: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(loader(batches, data.eval)):
+            batch = to_device(batch)
+            result = task.loss(model, batch)
+            if i >= n_real:
+                continue  # a padding batch, run only to keep sharded processes in step
+            sums = {"loss": result.loss_sum.detach().float(), "items": batch["num_items"].float(),
+                    **{k: v.detach().float() for k, v in result.metric_sums.items()}}
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0) + v
+        keys = sorted(totals)
+        reduced = accelerator.reduce(torch.stack([totals[k] for k in keys]), "sum")
+        sums = dict(zip(keys, reduced.tolist(), strict=True))
+        items = max(sums.pop("items"), 1.0)
+        metrics = {f"eval_{k}": v / items for k, v in sums.items()}
+        model.train()
+        metrics.update(task.extra_eval(recipe, accelerator, model))
+        return metrics
+
+    def log_eval(step: int) -> dict[str, float]:
+        metrics = evaluate()
+        if metrics:
+            state.eval_loss = metrics["eval_loss"]
+            tracker.log({"step": step, **metrics})
+            logger.info("step %d: %s", step, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    # ---- the steps
+    final_eval = log_eval(0) if state.step == 0 else {}
+    stream = micro_batches()
+    model.train()
+    progress = tqdm(total=total_steps, initial=state.step, desc=task.name, dynamic_ncols=True,
+                                       disable=not (main and recipe.log.progress))
+    last_train: dict[str, float] = {}
+    t_last, tokens_since = time.perf_counter(), 0
+    with _Preemption() as preemption:
+        while state.step < total_steps:
+            # Fetch this step's micro-batches first: the loss is normalised by the target items of all of them,
+            # summed over all processes, so that K x B accumulation equals one batch of K*B (and W processes
+            # equal one). DDP averages gradients over processes, hence the factor `world`.
+            batches = []
+            for _ in range(cfg.grad_accum):
+                epoch, next_batch, batch = next(stream)
+                batches.append(to_device(batch))
+            n_items = accelerator.reduce(sum(b["num_items"] for b in batches).float(), "sum")
+            step_sums: dict[str, torch.Tensor] = {}
+            for i, batch in enumerate(batches):
+                sync_now = i == len(batches) - 1
+                with nullcontext() if sync_now else accelerator.no_sync(model):
+                    result = task.loss(model, batch)
+                    accelerator.backward(result.loss_sum * world / n_items.clamp(min=1))
+                for k, v in {"loss": result.loss_sum, **result.metric_sums}.items():
+                    step_sums[k] = step_sums.get(k, 0) + v.detach().float()
+                tokens_since += int(batch["attention_mask"].sum())
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.epoch, state.batch_in_epoch = (epoch + 1, 0) if next_batch == per_epoch else (epoch, next_batch)
+            progress.update(1)
+
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                keys = sorted(step_sums)
+                reduced = accelerator.reduce(torch.stack([step_sums[k] for k in keys]), "sum")
+                means = {k: v / max(n_items.item(), 1.0) for k, v in zip(keys, reduced.tolist(), strict=True)}
+                tokens = accelerator.reduce(torch.tensor(tokens_since, device=accelerator.device), "sum").item()
+                now = time.perf_counter()
+                state.tokens_seen += tokens
+                last_train = {"loss": means.pop("loss"), **means, "lr": lr, "grad_norm": float(grad_norm),
+                              "tokens_per_s": tokens / max(now - t_last, 1e-9)}
+                tracker.log({"step": state.step, "epoch": state.epoch, **last_train})
+                progress.set_postfix(loss=f"{last_train['loss']:.4f}", lr=f"{lr:.2e}",
+                                     tok_s=f"{last_train['tokens_per_s']:.0f}")
+                t_last, tokens_since = now, 0
+
+            if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps:
+                final_eval = log_eval(state.step)
+            stop = accelerator.reduce(torch.tensor(int(preemption.requested), device=accelerator.device),
+                                      "sum").item() > 0
+            if (cfg.save_every and state.step % cfg.save_every == 0) or stop:
+                path = checkpoint.save(accelerator, out / "checkpoints", state, cfg.keep_checkpoints)
+                logger.info("saved checkpoint %s", path)
+            if stop:
+                break
+    progress.close()
+
+    # ---- export the final model (or adapter) with its tokenizer
+    model_dir = out / "model"
+    if not preemption.requested:
+        checkpoint.export_model(accelerator, model, tokenizer, model_dir)
+        logger.info("saved the model to %s", model_dir)
+    else:
+        logger.warning("stopped at step %d of %d; run the same command again (resume: auto) to continue",
+                       state.step, total_steps)
+    tracker.close()
+    accelerator.wait_for_everyone()  # all processes leave together (avoids rare aborts at exit)
+    accelerator.end_training()
+    metrics = {f"train_{k}": v for k, v in last_train.items()} | final_eval
+    history = read_metrics(out / "metrics.jsonl") if main else []
+    return Result(output_dir=out, model_dir=model_dir, metrics=metrics, steps=state.step, history=history,
+                  model=accelerator.unwrap_model(model), preempted=preemption.requested)

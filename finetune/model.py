@@ -1,0 +1,123 @@
+"""Models and tokenizers: local paths, hub ids or builtins; LoRA/QLoRA through peft; gradient checkpointing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finetune.builtin import ensure_builtin_model, is_builtin
+from finetune.config import LoraConfig, ModelConfig
+from finetune.errors import UserError
+from finetune.hub import hub_reachable
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+class ModelError(UserError):
+    """A model that cannot be loaded for a reason the user must fix (one line, exit code 2)."""
+
+
+def resolve(name: str) -> str:
+    if is_builtin(name):
+        try:
+            return str(ensure_builtin_model(name))
+        except ValueError as e:
+            raise ModelError(f"model.name_or_path: {e}") from None
+    return name
+
+
+def _from_pretrained(cls: Any, cfg: ModelConfig, path: str, **kwargs: Any) -> Any:
+    import os
+
+    local_only = not os.path.isdir(path) and not hub_reachable()
+    try:
+        return cls.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                   local_files_only=local_only, **kwargs)
+    except OSError as e:
+        if local_only:
+            raise ModelError(f"model.name_or_path: {path!r} is not a local directory, is not in the local hub "
+                             "cache, and the hub cannot be reached (offline); download it on a connected machine "
+                             "or point model.name_or_path at a local copy") from None
+        raise ModelError(f"model.name_or_path: cannot load {path!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, cfg, resolve(cfg.name_or_path))
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelError(f"model.name_or_path: the tokenizer of {cfg.name_or_path!r} has neither a pad nor an "
+                             "eos token")
+        tokenizer.pad_token = tokenizer.eos_token  # padding positions never reach the loss
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, tokenizer: Any, device: torch.device, kind: str = "causal_lm") -> Any:
+    """`kind` is causal_lm or seq_cls (a one-output scalar head, for reward models)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype], "attn_implementation": cfg.attn_implementation}
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise ModelError("model.load_in_4bit: needs bitsandbytes; pip install 'finetune[qlora]'") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
+            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type, bnb_4bit_compute_dtype=DTYPES[cfg.bnb_4bit_compute_dtype])
+        kwargs["device_map"] = {"": device}
+    if kind == "seq_cls":
+        cls, kwargs["num_labels"] = AutoModelForSequenceClassification, 1
+    else:
+        cls = AutoModelForCausalLM
+    model = _from_pretrained(cls, cfg, resolve(cfg.name_or_path), **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # training never needs the KV cache; generation asks for it explicitly
+    return model
+
+
+def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointing: bool) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = cfg.target_modules
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task_type,
+                              target_modules=targets)
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise ModelError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def enable_gradient_checkpointing(model: Any, lora: bool) -> None:
+    # non-reentrant: works with frozen inputs (LoRA) and gives the same gradients as no checkpointing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model.enable_input_require_grads()
+
+
+def build(cfg_model: ModelConfig, cfg_lora: LoraConfig, gradient_checkpointing: bool, device: torch.device,
+          kind: str = "causal_lm") -> tuple[Any, Any]:
+    """Tokenizer and trainable model for a task: loaded, LoRA-wrapped if enabled, checkpointed if asked."""
+    tokenizer = load_tokenizer(cfg_model)
+    model = load_model(cfg_model, tokenizer, device, kind)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model, cfg_lora.enabled)
+    if cfg_lora.enabled:
+        model = apply_lora(model, cfg_lora, "SEQ_CLS" if kind == "seq_cls" else "CAUSAL_LM", gradient_checkpointing)
+    return model, tokenizer
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices only; biases and norm weights (1-D) never decay. Frozen params left out."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

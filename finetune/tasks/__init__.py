@@ -1,0 +1,50 @@
+"""Tasks plug into the one loop (`finetune.loop.run`) through the small `Task` protocol below."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class LossOutput:
+    """One micro-batch: the *summed* loss over its target items, and metric sums over the same items."""
+
+    loss_sum: torch.Tensor
+    metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TaskData:
+    train: Any  # a sized, indexable dataset of tokenized rows
+    eval: Any | None
+    collate: Any  # rows -> batch dict with a `num_items` tensor (target tokens or pairs)
+
+
+class Task(Protocol):
+    name: str
+
+    def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
+        """The trainable model (LoRA applied if asked) and its tokenizer."""
+
+    def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
+        """Tokenized train/eval datasets and the collator."""
+
+    def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
+        """Anything needed once the model is wrapped (e.g. a reference model)."""
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossOutput:
+        """Forward one micro-batch."""
+
+    def extra_eval(self, recipe: Any, accelerator: Any, model: Any) -> dict[str, float]:
+        """Task metrics beyond the loss, computed on the held-out split (e.g. generation accuracy)."""
+
+
+def get_task(name: str) -> Task:
+    if name == "sft":
+        from finetune.tasks.sft import SFTTask
+
+        return SFTTask()
+    raise ValueError(f"task {name!r} is not available yet")

@@ -1,0 +1,105 @@
+"""Supervised fine-tuning: next-token loss on assistant/completion tokens, plus greedy-generation exact match."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finetune import model as model_lib
+from finetune.collate import CausalLMCollator, pad
+from finetune.data import detect_format, encode_dataset, load_rows, prompt_and_completion
+from finetune.losses import causal_lm_loss
+from finetune.tasks import LossOutput, TaskData
+
+
+def split_rows(recipe: Any) -> tuple[Any, str, Any | None, str | None]:
+    """Raw train rows and held-out rows (from `data.eval`, or a seeded `data.eval_fraction` of train)."""
+    d = recipe.data
+    train = load_rows(d.train, d.split)
+    if d.eval:
+        return train, d.train, load_rows(d.eval, d.eval_split), d.eval
+    if d.eval_fraction > 0:
+        parts = train.train_test_split(test_size=d.eval_fraction, seed=recipe.seed)
+        return parts["train"], d.train, parts["test"], f"{d.train} (held-out {d.eval_fraction:g})"
+    return train, d.train, None, None
+
+
+def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit: int) -> list[tuple[list, str]]:
+    """(prompt ids, reference answer) pairs for exact-match scoring; rows without a reference are skipped."""
+    fmt = detect_format(list(rows.column_names), source, fmt)
+    out = []
+    for row in rows.select(range(min(limit, len(rows)))):
+        if fmt == "chat":
+            msgs = row["messages"]
+            if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+                continue
+            ids = tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True,
+                                                return_dict=True)["input_ids"]
+            out.append((list(ids), msgs[-1]["content"]))
+        elif fmt in ("prompt_completion", "alpaca"):
+            prompt, ref = prompt_and_completion(row, fmt, f"{source}: row {len(out)}")
+            out.append((tokenizer(prompt)["input_ids"], ref))
+    return out
+
+
+@torch.no_grad()
+def exact_match(model: Any, tokenizer: Any, examples: list[tuple[list, str]], max_new_tokens: int,
+                batch_size: int, device: torch.device) -> tuple[int, int]:
+    """Greedy-decode each prompt; count answers equal to the reference after stripping whitespace."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        ids = pad([p for p, _ in chunk], tokenizer.pad_token_id, left=True).to(device)
+        mask = pad([[1] * len(p) for p, _ in chunk], 0, left=True).to(device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        correct += sum(t.strip() == ref.strip() for t, (_, ref) in zip(texts, chunk, strict=True))
+    model.train(was_training)
+    return correct, len(examples)
+
+
+class SFTTask:
+    name = "sft"
+
+    def __init__(self) -> None:
+        self.tokenizer: Any = None
+        self.examples: list[tuple[list, str]] = []
+
+    def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
+        model, self.tokenizer = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing,
+                                                accelerator.device)
+        return model, self.tokenizer
+
+    def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
+        d = recipe.data
+        train_rows, train_src, eval_rows, eval_src = split_rows(recipe)
+        train, _ = encode_dataset(train_rows, train_src, d.format, tokenizer, d.max_length, d.completion_only_loss)
+        evals = None
+        if eval_rows is not None:
+            evals, _ = encode_dataset(eval_rows, eval_src, d.format, tokenizer, d.max_length, d.completion_only_loss)
+            if recipe.train.eval_generate:
+                self.examples = generation_examples(eval_rows, eval_src, d.format, tokenizer,
+                                                    recipe.train.eval_generate)
+        return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id))
+
+    def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
+        pass
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossOutput:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum, _ = causal_lm_loss(logits, batch["labels"])
+        return LossOutput(loss_sum=loss_sum)
+
+    def extra_eval(self, recipe: Any, accelerator: Any, model: Any) -> dict[str, float]:
+        if not self.examples or accelerator.distributed_type.name == "FSDP":
+            return {}  # FSDP: generation would need identical forward counts on every rank
+        mine = self.examples[accelerator.process_index::accelerator.num_processes]
+        correct, total = exact_match(accelerator.unwrap_model(model), self.tokenizer, mine,
+                                     recipe.train.max_new_tokens, recipe.train.batch_size * 4, accelerator.device)
+        counts = accelerator.reduce(torch.tensor([correct, total], device=accelerator.device), "sum")
+        return {"eval_accuracy": counts[0].item() / max(1, counts[1].item())}

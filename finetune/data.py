@@ -9,6 +9,7 @@ Supported row formats:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,12 @@ from typing import Any
 
 from finetune.builtin import builtin_rows, is_builtin
 from finetune.errors import UserError
+from finetune.hub import hub_reachable
 from finetune.losses import IGNORE_INDEX
 
 logger = logging.getLogger("finetune")
 
-FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
@@ -40,31 +42,82 @@ class EncodeStats:
 # --------------------------------------------------------------------------------------------- loading
 
 
+def read_json_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file (or a JSON list), parsed by Python so each row keeps its own types and line number."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n} is not valid JSON: {e.msg}") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
 def load_rows(source: str, split: str) -> Any:
-    """A `datasets.Dataset` from a builtin name, a local JSONL/JSON/Parquet file, or a hub dataset name."""
+    """Rows from a builtin name, a local JSONL/JSON/Parquet file, or a hub dataset name.
+
+    JSON files become a list of dicts (exact types, row numbers in errors); Parquet and hub datasets stay
+    `datasets.Dataset`s. Both are sized and yield dict rows.
+    """
     import datasets
 
     if is_builtin(source):
         try:
-            return datasets.Dataset.from_list(builtin_rows(source, split))
+            return builtin_rows(source, split)
         except ValueError as e:
             raise DataError(str(e)) from None
     path = Path(source)
     if path.is_file():
-        loader = FILE_LOADERS.get(path.suffix.lower())
-        if loader is None:
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            return read_json_rows(path)
+        if suffix != ".parquet":
             raise DataError(f"{source}: expected a .jsonl, .json or .parquet file")
         try:
-            return datasets.load_dataset(loader, data_files=str(path), split="train")
-        except Exception as e:  # datasets raises many types for malformed files
-            raise DataError(f"{source}: could not be read as {loader}: {str(e).splitlines()[0]}") from None
-    if path.suffix.lower() in FILE_LOADERS or source.startswith((".", "/")):
+            return datasets.load_dataset("parquet", data_files=str(path), split="train")
+        except Exception as e:  # pyarrow raises many types for malformed files
+            raise DataError(f"{source}: could not be read as Parquet: {str(e).splitlines()[0]}") from None
+    if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/")):
         raise DataError(f"{source}: file not found")
+    if not hub_reachable():
+        raise DataError(f"{source}: not a local file, and the hub cannot be reached (offline) to fetch a dataset of "
+                        "that name; set HF_HUB_OFFLINE=1 to use the local hub cache")
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as e:
-        raise DataError(f"{source}: not a local file, and the hub dataset could not be loaded "
-                        f"(offline or unknown name?): {str(e).splitlines()[0]}") from None
+        raise DataError(f"{source}: not a local file, and the hub dataset could not be loaded: "
+                        f"{str(e).splitlines()[0]}") from None
+
+
+def column_names(rows: Any) -> list[str]:
+    if hasattr(rows, "column_names"):
+        return list(rows.column_names)
+    return list(rows[0].keys()) if len(rows) else []
+
+
+def take(rows: Any, indices: list[int]) -> Any:
+    return rows.select(indices) if hasattr(rows, "select") else [rows[i] for i in indices]
+
+
+def holdout_split(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """Seeded split of `rows` into (train, held-out) with `fraction` of the rows held out (at least one)."""
+    import random
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(rows) * fraction))
+    return take(rows, sorted(order[n_eval:])), take(rows, sorted(order[:n_eval]))
 
 
 def detect_format(columns: list[str], source: str, wanted: str = "auto") -> str:
@@ -169,28 +222,28 @@ def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, c
     return {"input_ids": ids, "labels": labels, "truncated": truncated, "n_targets": sum(mask[1:])}
 
 
-def encode_dataset(ds: Any, source: str, fmt: str, tokenizer: Any, max_length: int,
-                   completion_only: bool) -> tuple[Any, EncodeStats]:
-    """Tokenize every row, report truncation, drop rows left with no target token."""
-    fmt = detect_format(list(ds.column_names), source, fmt)
+def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length: int,
+                   completion_only: bool, progress: bool = True) -> tuple[Any, EncodeStats]:
+    """Tokenize every row into a `datasets.Dataset`, report truncation, drop rows left with no target token."""
+    import datasets
+    from tqdm.auto import tqdm
 
-    def encode(row: dict[str, Any], idx: int) -> dict[str, Any]:
-        return encode_row(row, fmt, tokenizer, max_length, completion_only, f"{source}: row {idx}")
-
-    encoded = ds.map(encode, with_indices=True, remove_columns=ds.column_names, desc=f"Tokenizing {source}")
-    n_targets = encoded["n_targets"]
-    kept_idx = [i for i, n in enumerate(n_targets) if n > 0]
-    stats = EncodeStats(rows=len(encoded), kept=len(kept_idx), truncated=sum(encoded["truncated"]),
-                        dropped_no_target=len(encoded) - len(kept_idx))
+    fmt = detect_format(column_names(rows), source, fmt)
+    ids, labels, truncated = [], [], 0
+    for i, row in enumerate(tqdm(rows, desc=f"Tokenizing {source}", disable=not progress, leave=False)):
+        enc = encode_row(row, fmt, tokenizer, max_length, completion_only, f"{source}: row {i}")
+        truncated += enc["truncated"]
+        if enc["n_targets"] > 0:
+            ids.append(enc["input_ids"])
+            labels.append(enc["labels"])
+    stats = EncodeStats(rows=len(rows), kept=len(ids), truncated=truncated, dropped_no_target=len(rows) - len(ids))
     if stats.truncated:
         logger.warning("%s: %d of %d rows truncated to data.max_length=%d", source, stats.truncated, stats.rows,
                        max_length)
     if stats.dropped_no_target:
         logger.warning("%s: dropped %d of %d rows that have no trainable token left (after truncation to %d)",
                        source, stats.dropped_no_target, stats.rows, max_length)
-    if not kept_idx:
+    if not ids:
         raise DataError(f"{source}: no row has a trainable token (all {stats.rows} dropped); check data.format, "
                         f"data.max_length={max_length} and data.completion_only_loss")
-    if len(kept_idx) < len(encoded):
-        encoded = encoded.select(kept_idx)
-    return encoded.select_columns(["input_ids", "labels"]), stats
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}), stats

@@ -97,7 +97,11 @@ def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointi
 
 def enable_gradient_checkpointing(model: Any, lora: bool) -> None:
     # non-reentrant: works with frozen inputs (LoRA) and gives the same gradients as no checkpointing
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if lora:
         model.enable_input_require_grads()
 

@@ -8,7 +8,15 @@ import torch
 
 from finetune import model as model_lib
 from finetune.collate import CausalLMCollator, pad
-from finetune.data import detect_format, encode_dataset, load_rows, prompt_and_completion
+from finetune.data import (
+    column_names,
+    detect_format,
+    encode_dataset,
+    holdout_split,
+    load_rows,
+    prompt_and_completion,
+    take,
+)
 from finetune.losses import causal_lm_loss
 from finetune.tasks import LossOutput, TaskData
 
@@ -20,16 +28,16 @@ def split_rows(recipe: Any) -> tuple[Any, str, Any | None, str | None]:
     if d.eval:
         return train, d.train, load_rows(d.eval, d.eval_split), d.eval
     if d.eval_fraction > 0:
-        parts = train.train_test_split(test_size=d.eval_fraction, seed=recipe.seed)
-        return parts["train"], d.train, parts["test"], f"{d.train} (held-out {d.eval_fraction:g})"
+        train, held = holdout_split(train, d.eval_fraction, recipe.seed)
+        return train, d.train, held, f"{d.train} (held-out {d.eval_fraction:g})"
     return train, d.train, None, None
 
 
 def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit: int) -> list[tuple[list, str]]:
     """(prompt ids, reference answer) pairs for exact-match scoring; rows without a reference are skipped."""
-    fmt = detect_format(list(rows.column_names), source, fmt)
+    fmt = detect_format(column_names(rows), source, fmt)
     out = []
-    for row in rows.select(range(min(limit, len(rows)))):
+    for row in take(rows, list(range(min(limit, len(rows))))):
         if fmt == "chat":
             msgs = row["messages"]
             if len(msgs) < 2 or msgs[-1]["role"] != "assistant":

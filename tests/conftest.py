@@ -1,0 +1,65 @@
+"""Shared fixtures: one builtin cache per test session, small recipes, and a helper to run the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def finetune_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Builtin artifacts are generated once per session, in a temporary home (never the user's cache)."""
+    home = Path(os.environ.get("FINETUNE_TEST_HOME") or tmp_path_factory.mktemp("finetune_home"))
+    os.environ["FINETUNE_HOME"] = str(home)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(finetune_home: Path) -> Path:
+    from finetune.builtin import ensure_builtin_model
+
+    return ensure_builtin_model("builtin:tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def chat_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Small JSONL train/eval files of builtin task rows (so tests also exercise file loading)."""
+    from finetune.builtin import task_rows
+
+    folder = tmp_path_factory.mktemp("data")
+    train, evals = folder / "train.jsonl", folder / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in task_rows("train")[:256]))
+    evals.write_text("".join(json.dumps(r) + "\n" for r in task_rows("test")[:32]))
+    return train, evals
+
+
+def small_recipe(output_dir: Path, train_file: Path, eval_file: Path | None = None, **sections: dict) -> dict:
+    recipe = {
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "data": {"train": str(train_file), "eval": str(eval_file) if eval_file else None, "max_length": 64},
+        "train": {"max_steps": 3, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1, "max_grad_norm": 1.0},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    for name, values in sections.items():
+        recipe[name] = {**recipe.get(name, {}), **values} if isinstance(values, dict) else values
+    return recipe
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([*args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,96 @@
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, python, run_cli
+
+from finetune.config import ConfigError, Recipe, load_recipe, parse_overrides
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"tiny_sft.yaml", "tiny_lora.yaml", "llama_lora.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_validates(path: Path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    assert recipe.output_dir
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path: Path):
+    path = write(tmp_path, "train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert str(path) in msg and "train.lrr" in msg and "did you mean train.lr?" in msg
+
+
+def test_unknown_section(tmp_path: Path):
+    with pytest.raises(ConfigError, match="did you mean train"):
+        load_recipe(write(tmp_path, "trian:\n  lr: 0.1\n"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train:\n  batch_size: eight\n", "train.batch_size: expected an integer, got 'eight'"),
+    ("train:\n  batch_size: 2.5\n", "train.batch_size: expected an integer"),
+    ("train:\n  lr: -1\n", "train.lr: expected a value > 0"),
+    ("train:\n  mixed_precision: fp8\n", "train.mixed_precision: expected one of no, bf16, fp16"),
+    ("lora:\n  dropout: 1.5\n", "lora.dropout: expected a value >= 0 and < 1"),
+    ("model:\n  trust_remote_code: maybe\n", "model.trust_remote_code: expected true/false"),
+    ("train: 3\n", "train: expected a mapping"),
+    ("model:\n  load_in_4bit: true\n", "set lora.enabled"),
+    ("- a\n- b\n", "expected a mapping of recipe sections"),
+])
+def test_bad_values_name_the_key(tmp_path: Path, text: str, expected: str):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, text))
+    assert expected in str(e.value)
+
+
+def test_yaml_scientific_notation_is_a_float(tmp_path: Path):
+    assert load_recipe(write(tmp_path, "train:\n  lr: 1e-4\n")).train.lr == pytest.approx(1e-4)
+
+
+def test_overrides_are_typed_and_nested():
+    nested = parse_overrides(["train.lr=1e-4", "lora.r=32", "lora.target_modules=[q_proj, v_proj]",
+                              "data.eval=null", "output_dir=runs/x"])
+    recipe = load_recipe({"lora": {"enabled": True}}, nested)
+    assert recipe.train.lr == pytest.approx(1e-4)
+    assert recipe.lora.r == 32 and recipe.lora.target_modules == ["q_proj", "v_proj"]
+    assert recipe.data.eval is None and recipe.output_dir == "runs/x"
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["train.lr"])
+
+
+def test_cli_bad_key_is_one_line_exit_2(tmp_path: Path):
+    path = write(tmp_path, "train:\n  batch_sise: 4\n")
+    proc = run_cli(python(), "-m", "finetune", "sft", str(path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "train.batch_sise" in lines[0] and "did you mean train.batch_size" in lines[0]
+
+
+def test_cli_bad_override_exit_2():
+    proc = run_cli(python(), "-m", "finetune", "sft", "recipes/tiny_sft.yaml", "train.lr=abc")
+    assert proc.returncode == 2 and "train.lr: expected a number, got 'abc'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_print_config_applies_overrides():
+    proc = run_cli(python(), "-m", "finetune", "sft", "recipes/tiny_sft.yaml", "train.lr=0.5", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    import yaml
+
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["train"]["lr"] == 0.5 and printed["task"] == "sft"
+    assert load_recipe(printed).train.lr == 0.5

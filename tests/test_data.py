@@ -1,0 +1,131 @@
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from finetune.builtin import CHAT_TEMPLATE, task_rows
+from finetune.data import DataError, chat_ids_and_mask, detect_format, encode_dataset, encode_row, load_rows
+from finetune.losses import IGNORE_INDEX
+
+CONVO = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "Sort: 3 1 2"},
+    {"role": "assistant", "content": "1 2 3"},
+]
+
+
+@pytest.fixture()
+def tok(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def assistant_text(tok, ids, mask):
+    return [tok.decode([i for i, m in zip(ids, mask, strict=True) if m])]
+
+
+def test_mask_covers_exactly_the_assistant_turns(tok):
+    ids, mask = chat_ids_and_mask(tok, CONVO)
+    assert tok.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    kept = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert kept == "5<|im_end|>\n1 2 3<|im_end|>\n"
+
+
+def test_template_without_generation_markers_gives_the_same_mask(tok):
+    ids, mask = chat_ids_and_mask(tok, CONVO)
+    tok.chat_template = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    ids2, mask2 = chat_ids_and_mask(tok, CONVO)
+    assert ids2 == ids and mask2 == mask and sum(mask) > 0
+
+
+def test_unstable_template_is_refused(tok):
+    # renders the last message differently from earlier ones: spans cannot be located by prefixes
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                         "{% if loop.last %} [END]{% endif %}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(DataError, match="generation %} markers"):
+        chat_ids_and_mask(tok, CONVO, "f.jsonl: row 0")
+
+
+def test_no_template_is_an_error(tok):
+    tok.chat_template = None
+    with pytest.raises(DataError, match="no.*chat template|has none"):
+        chat_ids_and_mask(tok, CONVO)
+
+
+def test_prompt_completion_masks_the_prompt(tok):
+    row = encode_row({"prompt": "Reverse: cat dog", "completion": " dog cat"}, "prompt_completion", tok, 64, True, "x")
+    n_prompt = len(tok("Reverse: cat dog")["input_ids"])
+    assert all(lab == IGNORE_INDEX for lab in row["labels"][:n_prompt])
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    assert row["input_ids"][-1] == tok.eos_token_id
+
+
+def test_completion_only_off_trains_on_everything(tok):
+    row = encode_row({"messages": CONVO}, "chat", tok, 128, False, "x")
+    assert row["labels"] == row["input_ids"]
+
+
+def test_alpaca_and_text_formats(tok):
+    row = encode_row({"instruction": "Add", "input": "2 3", "output": "5"}, "alpaca", tok, 256, True, "x")
+    assert tok.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == "5<|im_end|>"
+    assert "### Input:\n2 3" in tok.decode(row["input_ids"])
+    text = encode_row({"text": "hello world"}, "text", tok, 64, True, "x")
+    assert text["labels"] == text["input_ids"]
+
+
+def test_truncation_counted_and_empty_rows_dropped(tok, caplog):
+    rows = [{"prompt": "word " * 40, "completion": "x"},  # prompt alone fills max_length: no target left
+            {"prompt": "a", "completion": " b" * 40},  # truncated, but keeps targets
+            {"prompt": "a", "completion": " b"}]
+    ds, stats = encode_dataset(rows, "mem", "auto", tok, 16, True)
+    assert (stats.rows, stats.kept, stats.truncated, stats.dropped_no_target) == (3, 2, 2, 1)
+    assert len(ds) == 2 and all(len(r) <= 16 for r in ds["input_ids"])
+    assert "dropped 1 of 3 rows" in caplog.text and "2 of 3 rows truncated" in caplog.text
+
+
+def test_all_rows_dropped_is_an_error(tok):
+    rows = [{"prompt": "word " * 40, "completion": "x"}]
+    with pytest.raises(DataError, match="no row has a trainable token"):
+        encode_dataset(rows, "mem.jsonl", "auto", tok, 8, True)
+
+
+def test_malformed_row_names_file_and_row(tok, tmp_path: Path):
+    path = tmp_path / "bad.jsonl"
+    rows = task_rows("train")[:3] + [{"messages": [{"role": "user", "content": 7}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_rows(str(path), "train")
+    with pytest.raises(DataError) as e:
+        encode_dataset(ds, str(path), "auto", tok, 64, True)
+    assert f"{path}: row 3" in str(e.value) and "messages[0].content" in str(e.value)
+
+
+def test_format_detection():
+    assert detect_format(["messages"], "f") == "chat"
+    assert detect_format(["prompt", "completion", "id"], "f") == "prompt_completion"
+    assert detect_format(["instruction", "input", "output"], "f") == "alpaca"
+    with pytest.raises(DataError, match="cannot tell the format from columns"):
+        detect_format(["question", "answer"], "f.jsonl")
+    with pytest.raises(DataError, match="needs column"):
+        detect_format(["text"], "f", "chat")
+
+
+def test_local_files_and_missing_ones(tmp_path: Path):
+    rows = [{"text": "a"}, {"text": "b"}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    assert load_rows(str(tmp_path / "d.parquet"), "train")["text"] == ["a", "b"]
+    with pytest.raises(DataError, match="file not found"):
+        load_rows(str(tmp_path / "missing.jsonl"), "train")
+    with pytest.raises(DataError, match="unknown builtin dataset"):
+        load_rows("builtin:nope", "train")
+
+
+def test_builtin_test_split_is_held_out():
+    train = {r["messages"][0]["content"] for r in task_rows("train")}
+    test = [r["messages"][0]["content"] for r in task_rows("test")]
+    assert len(test) == 200 and not train.intersection(test)
+    assert task_rows("test") == task_rows("test")  # deterministic

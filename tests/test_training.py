@@ -1,0 +1,167 @@
+"""The loop, in process: accumulation, seeds, LoRA/full export, checkpointing, precision, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_recipe
+
+import finetune
+from finetune.errors import UserError
+
+
+def steps(result) -> list[dict]:
+    return [e for e in result.history if "loss" in e]
+
+
+def test_accumulation_4x2_equals_1x8(tmp_path: Path, chat_files):
+    """Loss normalised over all target tokens of a step: 4 micro-batches of 2 == 1 batch of 8 (rows of
+    different lengths, so averaging per micro-batch would differ)."""
+    train, _ = chat_files
+    one = finetune.train(small_recipe(tmp_path / "a", train), **{"train.batch_size": 8, "train.grad_accum": 1})
+    four = finetune.train(small_recipe(tmp_path / "b", train), **{"train.batch_size": 2, "train.grad_accum": 4})
+    a, b = steps(one), steps(four)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)  # Adam hides a scale error; the norm shows it
+    for (name, p), q in zip(one.model.named_parameters(), four.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_same_seed_same_losses_other_seed_differs(tmp_path: Path, chat_files):
+    train, evals = chat_files
+    a = finetune.train(small_recipe(tmp_path / "a", train, evals))
+    b = finetune.train(small_recipe(tmp_path / "b", train, evals))
+    c = finetune.train(small_recipe(tmp_path / "c", train, evals), seed=1)
+    la, lb, lc = ([e["loss"] for e in steps(r)] for r in (a, b, c))
+    assert la == lb  # bitwise on CPU
+    assert la != lc
+    assert a.metrics["eval_loss"] == b.metrics["eval_loss"]
+
+
+def test_metrics_file_and_outputs(tmp_path: Path, chat_files):
+    train, evals = chat_files
+    result = finetune.train(small_recipe(tmp_path, train, evals, train={"eval_generate": 8}))
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_events = [e for e in events if "loss" in e]
+    eval_events = [e for e in events if "eval_loss" in e]
+    assert [e["step"] for e in train_events] == [1, 2, 3]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= train_events[0].keys()
+    assert [e["step"] for e in eval_events] == [0, 3]
+    assert "eval_accuracy" in eval_events[-1] and 0.0 <= eval_events[-1]["eval_accuracy"] <= 1.0
+    assert train_events[0]["lr"] == pytest.approx(1e-3 / 2)  # warmup step 0 of 1
+    assert (tmp_path / "recipe.yaml").is_file() and (tmp_path / "model" / "model.safetensors").is_file()
+    assert result.metrics["eval_loss"] == eval_events[-1]["eval_loss"]
+
+
+def test_full_export_reloads_with_same_logits(tmp_path: Path, chat_files):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train, _ = chat_files
+    result = finetune.train(small_recipe(tmp_path, train))
+    loaded = AutoModelForCausalLM.from_pretrained(result.model_dir)
+    tok = AutoTokenizer.from_pretrained(result.model_dir)
+    ids = torch.tensor([tok("Sort: 3 1 2")["input_ids"]])
+    result.model.eval()
+    torch.testing.assert_close(loaded(ids).logits, result.model(ids).logits)
+
+
+def test_lora_adapter_reloads_with_same_logits(tmp_path: Path, chat_files, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    train, _ = chat_files
+    result = finetune.train(small_recipe(tmp_path, train, lora={"enabled": True, "r": 4, "alpha": 8}))
+    assert (result.model_dir / "adapter_model.safetensors").is_file()
+    assert not (result.model_dir / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    ids = torch.tensor([[2, 40, 41, 42, 43]])
+    base_logits = base(ids).logits
+    reloaded = PeftModel.from_pretrained(base, result.model_dir)
+    result.model.eval()
+    trained = result.model(ids).logits
+    torch.testing.assert_close(reloaded(ids).logits, trained)
+    assert not torch.allclose(base_logits, trained)  # the adapter learned something
+
+
+def test_gradient_checkpointing_same_losses(tmp_path: Path, chat_files):
+    train, _ = chat_files
+    for lora in (False, True):
+        extra = {"lora": {"enabled": lora, "r": 4}}
+        plain = finetune.train(small_recipe(tmp_path / f"p{lora}", train, **extra))
+        ckpt = finetune.train(small_recipe(tmp_path / f"c{lora}", train, **extra),
+                              **{"train.gradient_checkpointing": True})
+        assert [e["loss"] for e in steps(plain)] == pytest.approx([e["loss"] for e in steps(ckpt)], rel=1e-6)
+
+
+def test_bf16_then_fp32_in_one_process(tmp_path: Path, chat_files):
+    """Mixed precision from the recipe; a second train() in the same process may change it."""
+    train, _ = chat_files
+    bf16 = finetune.train(small_recipe(tmp_path / "bf16", train), **{"train.mixed_precision": "bf16"})
+    fp32 = finetune.train(small_recipe(tmp_path / "fp32", train))
+    lb, lf = [e["loss"] for e in steps(bf16)], [e["loss"] for e in steps(fp32)]
+    assert all(torch.isfinite(torch.tensor(lb)))
+    assert lb != lf and lb == pytest.approx(lf, rel=0.05)  # autocast really ran, and trains the same thing
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, chat_files):
+    """Checkpoints every 2 steps; delete the later ones (as if the run died after step 2) and resume."""
+    train, evals = chat_files
+    recipe = small_recipe(tmp_path, train, evals, train={"max_steps": 6, "save_every": 2, "keep_checkpoints": 5,
+                                                          "eval_every": 3})
+    full = finetune.train(recipe)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002", "step-0000004", "step-0000006"]
+    weights = {k: v.clone() for k, v in full.model.state_dict().items()}
+    for name in ("step-0000004", "step-0000006"):
+        shutil.rmtree(ckpts / name)
+    (ckpts / ".tmp-step-0000008").mkdir()  # a torn write
+    (ckpts / "step-0000009").mkdir()  # no `complete` marker
+    resumed = finetune.train(recipe)
+    assert [(e["step"], e["loss"]) for e in steps(resumed)] == [(e["step"], e["loss"]) for e in steps(full)]
+    assert resumed.metrics["eval_loss"] == full.metrics["eval_loss"]
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+
+
+def test_resume_false_refuses_existing_checkpoints(tmp_path: Path, chat_files):
+    train, _ = chat_files
+    recipe = small_recipe(tmp_path, train, train={"max_steps": 2, "save_every": 2})
+    finetune.train(recipe)
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        finetune.train(recipe, resume=False)
+    again = finetune.train(recipe, resume=False, overwrite_output_dir=True)
+    assert again.steps == 2
+
+
+@pytest.mark.slow
+def test_qlora_trains_lora_on_4bit_weights(tmp_path: Path, chat_files):
+    pytest.importorskip("bitsandbytes")
+    train, _ = chat_files
+    result = finetune.train(small_recipe(tmp_path, train, lora={"enabled": True, "r": 4},
+                                         model={"name_or_path": "builtin:tiny-llama", "load_in_4bit": True,
+                                                "bnb_4bit_compute_dtype": "float32"}),
+                            **{"train.max_steps": 2})
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.modules())
+    losses = [e["loss"] for e in steps(result)]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert (result.model_dir / "adapter_model.safetensors").is_file()
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: nonzero means it trained
+
+
+@pytest.mark.slow
+def test_tiny_sft_learns(tmp_path: Path):
+    """The builtin default visibly learns: held-out loss falls to at most half its step-0 value."""
+    result = finetune.train("recipes/tiny_sft.yaml", output_dir=str(tmp_path),
+                            **{"train.max_steps": 150, "train.eval_generate": 0, "log.progress": False})
+    evals = [e for e in result.history if "eval_loss" in e]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 150
+    assert evals[-1]["eval_loss"] <= 0.5 * evals[0]["eval_loss"]

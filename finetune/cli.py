@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from finetune.config import TASKS, load_recipe, parse_overrides, to_yaml
+from finetune.config import TASKS, load_recipe, parse_overrides, read_yaml, to_yaml
 from finetune.errors import UserError
 
 EXAMPLES = """examples:
@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         overrides = parse_overrides(args.overrides)
+        declared = read_yaml(args.recipe).get("task", args.command)
+        if overrides.get("task", declared) != args.command:
+            raise UserError(f"{args.recipe}: task: the recipe is for `{declared}`, so run `finetune {declared} ...`")
         overrides["task"] = args.command
         recipe = load_recipe(args.recipe, overrides)
         if args.print_config:
@@ -50,12 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.loop import run
         from finetune.tasks import get_task
 
-        result = run(recipe, get_task(recipe.task))
+        run(recipe, get_task(recipe.task))
     except UserError as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
-    if result.preempted:
-        return 0
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -67,6 +68,15 @@ class _Preemption:
             signal.signal(sig, old)
 
 
+def quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def _seed_worker(worker_id: int) -> None:
     import random
 
@@ -87,8 +97,14 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
                               **(accelerator_kwargs or {}))
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
-    if not main:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > world:  # Accelerate's silent trap: N launched processes, each training alone
+        raise UserError(f"{launched} processes were launched but Accelerate set up {world} (no distributed "
+                        "backend); on CPU set ACCELERATE_USE_CPU=1 with a MULTI_GPU-type config "
+                        "(see accelerate_configs/cpu_ddp.yaml)")
+    if not main:  # only the main process logs and shows progress
         logger.setLevel(logging.ERROR)
+        quiet_libraries()
     set_seed(recipe.seed)  # python, numpy, torch (all devices); data order has its own seeded generator
     out = Path(recipe.output_dir)
     resume_from = checkpoint.resolve_resume(recipe.resume, out, recipe.overwrite_output_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from finetune.data import (
 )
 from finetune.losses import causal_lm_loss
 from finetune.tasks import LossOutput, TaskData
+
+logger = logging.getLogger("finetune")
 
 
 def split_rows(recipe: Any) -> tuple[Any, str, Any | None, str | None]:
@@ -85,11 +88,14 @@ class SFTTask:
 
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
         d = recipe.data
+        progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)  # off on non-main processes
         train_rows, train_src, eval_rows, eval_src = split_rows(recipe)
-        train, _ = encode_dataset(train_rows, train_src, d.format, tokenizer, d.max_length, d.completion_only_loss)
+        train, _ = encode_dataset(train_rows, train_src, d.format, tokenizer, d.max_length, d.completion_only_loss,
+                                  progress)
         evals = None
         if eval_rows is not None:
-            evals, _ = encode_dataset(eval_rows, eval_src, d.format, tokenizer, d.max_length, d.completion_only_loss)
+            evals, _ = encode_dataset(eval_rows, eval_src, d.format, tokenizer, d.max_length, d.completion_only_loss,
+                                      progress)
             if recipe.train.eval_generate:
                 self.examples = generation_examples(eval_rows, eval_src, d.format, tokenizer,
                                                     recipe.train.eval_generate)

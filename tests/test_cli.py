@@ -1,0 +1,54 @@
+"""The three ways in, each in a fresh process, exactly as a user types them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import python, run_cli
+
+from finetune.tracking import read_metrics
+
+QUICK = ["train.max_steps=3", "train.eval_generate=4", "log.progress=false", "log.tensorboard=false"]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_finetune_from_repo_root(tmp_path: Path):
+    accelerate = shutil.which("accelerate")
+    assert accelerate, "accelerate's launcher should be installed with the package"
+    proc = run_cli(accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "finetune", "sft", "recipes/tiny_sft.yaml",
+                   f"output_dir={tmp_path}", *QUICK)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = read_metrics(tmp_path / "metrics.jsonl")
+    assert [e["step"] for e in events if "loss" in e] == [1, 2, 3]
+    assert "eval_accuracy" in events[-1]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_python_dash_m_and_console_script(tmp_path: Path):
+    proc = run_cli(python(), "-m", "finetune", "sft", "recipes/tiny_lora.yaml", f"output_dir={tmp_path}", *QUICK,
+                   "data.eval=null")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "model" / "adapter_config.json").is_file()
+    script = shutil.which("finetune")
+    assert script, "the finetune console script should be installed"
+    helped = run_cli(script, "sft", "--help")
+    assert helped.returncode == 0 and "--print-config" in helped.stdout
+
+
+def test_real_recipe_parses_then_stops_cleanly_offline(tmp_path: Path):
+    proc = run_cli(python(), "-m", "finetune", "sft", "recipes/llama_lora.yaml", f"output_dir={tmp_path}",
+                   env={"HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("finetune: error: model.name_or_path:") and "offline" in last
+
+
+def test_wrong_task_for_recipe_and_missing_file():
+    proc = run_cli(python(), "-m", "finetune", "sft", "recipes/nope.yaml")
+    assert proc.returncode == 2 and "recipes/nope.yaml: recipe file not found" in proc.stderr
+    proc = run_cli(python(), "-m", "finetune", "dpo", "recipes/tiny_sft.yaml", "--print-config")
+    assert proc.returncode == 2 and "run `finetune sft ...`" in proc.stderr

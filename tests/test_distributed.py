@@ -1,0 +1,56 @@
+"""Two CPU processes on gloo through `accelerate launch`, compared with one process doing the same work."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+import finetune
+from finetune.tracking import read_metrics
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+DDP = ["--config_file", "accelerate_configs/cpu_ddp.yaml"]
+
+
+def launch(config: list[str], recipe_overrides: list[str], env: dict | None = None):
+    proc = run_cli(shutil.which("accelerate"), "launch", *config, "finetune", "sft", "recipes/tiny_sft.yaml",
+                   "log.progress=false", "log.tensorboard=false", "train.eval_generate=0",
+                   *recipe_overrides, env={"ACCELERATE_USE_CPU": "1", **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_ddp_two_by_four_equals_one_by_eight(tmp_path: Path, chat_files):
+    train, evals = chat_files
+    common = [f"data.train={train}", f"data.eval={evals}", "train.max_steps=4", "train.warmup_steps=1",
+              "train.lr=1e-3", "train.grad_accum=2", "seed=0"]
+    launch(DDP, [f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4", *common])
+    ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+    single = finetune.train("recipes/tiny_sft.yaml", output_dir=str(tmp_path / "one"), seed=0,
+                            data={"train": str(train), "eval": str(evals)},
+                            train={"max_steps": 4, "warmup_steps": 1, "lr": 1e-3, "batch_size": 8, "grad_accum": 2,
+                                   "eval_generate": 0},
+                            log={"progress": False, "tensorboard": False})
+    d = [e for e in ddp if "loss" in e]
+    s = [e for e in single.history if "loss" in e]
+    assert len(d) == len(s) == 4
+    for a, b in zip(d, s, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["lr"] == pytest.approx(b["lr"])
+    # the schedule is stepped once per optimizer step, not once per process: the last step is at the floor
+    assert d[-1]["lr"] == pytest.approx(1e-3 * 0.1)
+    assert [e["eval_loss"] for e in ddp if "eval_loss" in e] == pytest.approx(
+        [e["eval_loss"] for e in single.history if "eval_loss" in e], rel=1e-5)
+    assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
+
+
+def test_launch_without_distributed_backend_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    proc = run_cli(shutil.which("accelerate"), "launch", *DDP, "finetune", "sft", "recipes/tiny_sft.yaml",
+                   f"output_dir={tmp_path}", "train.max_steps=1")
+    assert proc.returncode != 0
+    assert "processes were launched but Accelerate set up 1" in proc.stderr

@@ -12,6 +12,11 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half-precision inputs are upcast; float64 stays float64, e.g. for gradcheck)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                    chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and the number of target tokens.
@@ -51,3 +56,65 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     token_logps = (picked - norm) * mask
     total = token_logps.sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                       margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair Bradley-Terry reward-model loss, unreduced.
+
+    loss_i = -log sigmoid(r_c,i - r_r,i - m_i)
+
+    Bradley & Terry (1952), as used for reward models by Ouyang et al. 2022 (InstructGPT); the optional margin
+    `m` is Llama 2's (Touvron et al. 2023): pairs rated far apart must be separated by more.
+    """
+    diff = _wide(chosen_rewards) - _wide(rejected_rewards)
+    if margin is not None:
+        diff = diff - _wide(margin)
+    return -F.logsigmoid(diff)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor | None, ref_rejected_logps: torch.Tensor | None,
+             beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Preference-optimisation losses per pair, unreduced; returns (losses, chosen_rewards, rejected_rewards).
+
+    With implicit rewards r_c = beta * (logp_c - ref_logp_c), r_r = beta * (logp_r - ref_logp_r) and
+    h = (logp_c - ref_logp_c) - (logp_r - ref_logp_r), eps = label_smoothing:
+
+    - ``sigmoid`` (DPO, Rafailov et al. 2023, arXiv:2305.18290): -log sigmoid(beta h). With eps > 0 it is
+      conservative DPO (cDPO, Mitchell 2023): -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+    - ``robust`` (Chowdhury et al. 2024, arXiv:2403.00409), eps = probability a label is flipped, in [0, 0.5):
+      [-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)] / (1 - 2 eps).
+    - ``hinge`` (SLiC, Zhao et al. 2023, arXiv:2305.10425): max(0, 1 - beta h).
+    - ``ipo`` (Azar et al. 2023, arXiv:2310.12036, eq. 17): (h - 1 / (2 beta))^2. Pass length-averaged log-probs,
+      as the IPO authors and TRL do, so the target does not scale with response length.
+    - ``simpo`` (Meng et al. 2024, arXiv:2405.14734), reference-free: -log sigmoid(beta (logp_c - logp_r) - gamma),
+      with length-averaged log-probs; the ref arguments are ignored (may be None) and rewards are beta * logp.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type: expected one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}")
+    pc, pr = _wide(policy_chosen_logps), _wide(policy_rejected_logps)
+    if loss_type == "simpo":
+        losses = -F.logsigmoid(beta * (pc - pr) - gamma)
+        return losses, beta * pc.detach(), beta * pr.detach()
+    if ref_chosen_logps is None or ref_rejected_logps is None:
+        raise ValueError(f"loss_type {loss_type!r} needs reference log-probs")
+    chosen_ratio = pc - _wide(ref_chosen_logps)
+    rejected_ratio = pr - _wide(ref_rejected_logps)
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: robust DPO needs a value in [0, 0.5), got {label_smoothing}")
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * h)
+                  + label_smoothing * F.logsigmoid(-beta * h)) / (1 - 2 * label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:  # ipo
+        losses = (h - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

@@ -75,7 +75,33 @@ def task_rows(split: str, n_train: int = 4000, n_test: int = 200, seed: int = 12
     return rows[:n_train] if split == "train" else rows[n_train:]
 
 
-BUILTIN_DATASETS = {"tasks": task_rows}
+def _wrong_answer(prompt: str) -> str:
+    """A wrong answer of a kind a small model can learn to tell apart: concatenated numbers, an unsorted echo,
+    or a degenerate repetition (a reversal that repeats its first word at the end)."""
+    if prompt.startswith("What is "):
+        a, b = prompt.removeprefix("What is ").removesuffix("?").split(" + ")
+        return a + b  # "12 + 7" -> "127": concatenated instead of added
+    items = prompt.split(": ", 1)[1].split()
+    if prompt.startswith("Reverse: "):
+        answer = items[::-1]
+        return " ".join(answer + answer[:1])
+    return " ".join(items) if items != sorted(items) else " ".join(reversed(items))  # unsorted echo
+
+
+def preference_rows(split: str) -> list[dict[str, Any]]:
+    """Conversational pairs for `builtin:prefs`: the correct answer (chosen) against a clearly wrong one; the
+    prompts are those of `builtin:tasks` (same train/test split)."""
+    rows = []
+    for row in task_rows(split):
+        user, answer = row["messages"]
+        wrong = _wrong_answer(user["content"])
+        if wrong == answer["content"]:
+            continue
+        rows.append({"chosen": [user, answer], "rejected": [user, {"role": "assistant", "content": wrong}]})
+    return rows
+
+
+BUILTIN_DATASETS = {"tasks": task_rows, "prefs": preference_rows}
 
 
 def builtin_rows(name: str, split: str) -> list[dict[str, Any]]:

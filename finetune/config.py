@@ -68,6 +68,7 @@ class DataConfig:
     eval_split: str = "test"  # hub split for `eval` when it names a hub dataset
     format: str = "auto"  # auto | chat | prompt_completion | alpaca | text
     max_length: int = 1024
+    max_prompt_length: int = 0  # preference pairs: prompt tokens kept (from the end); 0 means max_length // 2
     completion_only_loss: bool = True  # loss on assistant / completion tokens only
     num_workers: int = 0
 
@@ -75,6 +76,7 @@ class DataConfig:
         _choice("data.format", self.format, ("auto", "chat", "prompt_completion", "alpaca", "text"))
         _range("data.eval_fraction", self.eval_fraction, lo=0, hi=0.9)
         _range("data.max_length", self.max_length, lo=8)
+        _range("data.max_prompt_length", self.max_prompt_length, lo=0, hi=self.max_length - 1)
         _range("data.num_workers", self.num_workers, lo=0)
 
 
@@ -122,6 +124,29 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class RMConfig:
+    center_rewards: float = 0.0  # coefficient of the mean squared (r_c + r_r) penalty (Eisenstein et al. 2023)
+
+    def __post_init__(self) -> None:
+        _range("rm.center_rewards", self.center_rewards, lo=0)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | robust | hinge | ipo | simpo
+    label_smoothing: float = 0.0  # cDPO (sigmoid) or the flip rate (robust)
+    gamma: float = 0.5  # SimPO's target margin
+    precompute_ref_logps: bool = False  # reference log-probs computed once before training and cached
+
+    def __post_init__(self) -> None:
+        _range("dpo.beta", self.beta, lo=0, lo_open=True)
+        _choice("dpo.loss_type", self.loss_type, ("sigmoid", "robust", "hinge", "ipo", "simpo"))
+        _range("dpo.label_smoothing", self.label_smoothing, lo=0, hi=0.5, hi_open=True)
+        _range("dpo.gamma", self.gamma, lo=0)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     progress: bool = True  # tqdm bar on the main process
     tensorboard: bool = True  # used when the tensorboard package is installed
@@ -140,6 +165,8 @@ class Recipe:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:

@@ -120,6 +120,18 @@ def holdout_split(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     return take(rows, sorted(order[n_eval:])), take(rows, sorted(order[:n_eval]))
 
 
+def train_eval_rows(d: Any, seed: int) -> tuple[Any, str, Any | None, str | None]:
+    """Raw train rows and held-out rows (from `data.eval`, or a seeded `data.eval_fraction` of train), each with
+    the name used for it in messages."""
+    train = load_rows(d.train, d.split)
+    if d.eval:
+        return train, d.train, load_rows(d.eval, d.eval_split), d.eval
+    if d.eval_fraction > 0:
+        train, held = holdout_split(train, d.eval_fraction, seed)
+        return train, d.train, held, f"{d.train} (held-out {d.eval_fraction:g})"
+    return train, d.train, None, None
+
+
 def detect_format(columns: list[str], source: str, wanted: str = "auto") -> str:
     required = {"chat": {"messages"}, "prompt_completion": {"prompt", "completion"},
                 "alpaca": {"instruction", "output"}, "text": {"text"}}

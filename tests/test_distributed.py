@@ -54,3 +54,27 @@ def test_launch_without_distributed_backend_is_refused(tmp_path: Path, monkeypat
                    f"output_dir={tmp_path}", "train.max_steps=1")
     assert proc.returncode != 0
     assert "processes were launched but Accelerate set up 1" in proc.stderr
+
+
+def test_ddp_dpo_lora_matches_one_process(tmp_path: Path):
+    """DPO with LoRA under DDP: the reference pass must disable the adapter through the DDP wrapper. If it did not,
+    reference == policy and the loss would stay ln 2; here it must move, and match one process exactly."""
+    common = ["train.max_steps=3", "train.warmup_steps=0", "train.lr=1e-2", "seed=0", "lora.enabled=true", "lora.r=4",
+              "lora.dropout=0", "data.eval=null"]  # no dropout: its random stream differs between 1 and 2 processes
+    proc = run_cli(shutil.which("accelerate"), "launch", *DDP, "finetune", "dpo", "recipes/tiny_dpo.yaml",
+                   f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4", "dpo.precompute_ref_logps=false",
+                   "log.progress=false", *common, env={"ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = [e for e in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "loss" in e]
+    single = finetune.train("recipes/tiny_dpo.yaml", output_dir=str(tmp_path / "one"),
+                            **{k: yaml_value(v) for k, v in (c.split("=") for c in common)},
+                            **{"train.batch_size": 8, "dpo.precompute_ref_logps": False, "log.progress": False})
+    one = [e for e in single.history if "loss" in e]
+    assert [e["loss"] for e in ddp] == pytest.approx([e["loss"] for e in one], rel=1e-5)
+    assert ddp[-1]["loss"] < 0.69
+
+
+def yaml_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)

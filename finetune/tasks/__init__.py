@@ -43,8 +43,8 @@ class Task(Protocol):
 
 
 def get_task(name: str) -> Task:
-    if name == "sft":
-        from finetune.tasks.sft import SFTTask
+    from finetune.tasks.dpo import DPOTask
+    from finetune.tasks.rm import RewardModelTask
+    from finetune.tasks.sft import SFTTask
 
-        return SFTTask()
-    raise ValueError(f"task {name!r} is not available yet")
+    return {"sft": SFTTask, "rm": RewardModelTask, "dpo": DPOTask}[name]()

@@ -9,31 +9,11 @@ import torch
 
 from finetune import model as model_lib
 from finetune.collate import CausalLMCollator, pad
-from finetune.data import (
-    column_names,
-    detect_format,
-    encode_dataset,
-    holdout_split,
-    load_rows,
-    prompt_and_completion,
-    take,
-)
+from finetune.data import column_names, detect_format, encode_dataset, prompt_and_completion, take, train_eval_rows
 from finetune.losses import causal_lm_loss
 from finetune.tasks import LossOutput, TaskData
 
 logger = logging.getLogger("finetune")
-
-
-def split_rows(recipe: Any) -> tuple[Any, str, Any | None, str | None]:
-    """Raw train rows and held-out rows (from `data.eval`, or a seeded `data.eval_fraction` of train)."""
-    d = recipe.data
-    train = load_rows(d.train, d.split)
-    if d.eval:
-        return train, d.train, load_rows(d.eval, d.eval_split), d.eval
-    if d.eval_fraction > 0:
-        train, held = holdout_split(train, d.eval_fraction, recipe.seed)
-        return train, d.train, held, f"{d.train} (held-out {d.eval_fraction:g})"
-    return train, d.train, None, None
 
 
 def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit: int) -> list[tuple[list, str]]:
@@ -89,7 +69,7 @@ class SFTTask:
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
         d = recipe.data
         progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)  # off on non-main processes
-        train_rows, train_src, eval_rows, eval_src = split_rows(recipe)
+        train_rows, train_src, eval_rows, eval_src = train_eval_rows(d, recipe.seed)
         train, _ = encode_dataset(train_rows, train_src, d.format, tokenizer, d.max_length, d.completion_only_loss,
                                   progress)
         evals = None

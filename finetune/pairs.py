@@ -1,0 +1,160 @@
+"""Preference pairs: validate rows, render prompt and responses, truncate, and collate chosen+rejected batches.
+
+Rows hold `prompt`, `chosen`, `rejected` and an optional numeric `margin`, either
+- as strings: the prompt text followed by each response text (plus the tokenizer's eos), or
+- conversational: `chosen`/`rejected` are message lists rendered with the chat template; the prompt is the shared
+  leading messages (or `prompt`, a message list, when given, with `chosen`/`rejected` being only the responses).
+
+Truncation keeps the *end* of the prompt (at most `max_prompt_length` tokens) and cuts the responses to fit
+`max_length`; pairs left with an empty response are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from finetune.collate import pad
+from finetune.data import DataError, check_messages, train_eval_rows
+from finetune.losses import IGNORE_INDEX
+
+logger = logging.getLogger("finetune")
+
+
+@dataclass(frozen=True)
+class PairStats:
+    rows: int
+    kept: int
+    truncated: int
+    dropped_empty: int
+
+
+def _split_conversation(row: dict[str, Any], where: str) -> tuple[list, list, list]:
+    chosen = check_messages(row["chosen"], f"{where} (chosen)")
+    rejected = check_messages(row["rejected"], f"{where} (rejected)")
+    if row.get("prompt") is not None:
+        prompt = check_messages(row["prompt"], f"{where} (prompt)")
+        return prompt, chosen, rejected
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise DataError(f"{where}: chosen and rejected share no leading prompt messages; add a 'prompt' field")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _render_chat(tokenizer: Any, prompt: list, response: list, where: str) -> tuple[list[int], list[int]]:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{where}: conversational pairs need a tokenizer with a chat template")
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    if not full.startswith(head):
+        raise DataError(f"{where}: the chat template renders the prompt differently once a response follows")
+    return (tokenizer(head, add_special_tokens=False)["input_ids"],
+            tokenizer(full[len(head):], add_special_tokens=False)["input_ids"])
+
+
+def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt_length: int,
+                where: str) -> dict[str, Any]:
+    """Token ids of the prompt and both responses, truncated; `truncated` / `empty` flags for the counts."""
+    for key in ("chosen", "rejected"):
+        if row.get(key) is None:
+            raise DataError(f"{where}: missing field {key!r} (expected prompt, chosen, rejected)")
+    margin = row.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise DataError(f"{where}: expected 'margin' to be a number, got {type(margin).__name__}")
+    if isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
+        if not isinstance(row.get("prompt"), str):
+            raise DataError(f"{where}: expected 'prompt' to be a string like 'chosen' and 'rejected'")
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        chosen = tokenizer(row["chosen"], add_special_tokens=False)["input_ids"] + eos
+        rejected = tokenizer(row["rejected"], add_special_tokens=False)["input_ids"] + eos
+    elif isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
+        p_msgs, c_msgs, r_msgs = _split_conversation(row, where)
+        prompt, chosen = _render_chat(tokenizer, p_msgs, c_msgs, where)
+        _, rejected = _render_chat(tokenizer, p_msgs, r_msgs, where)
+    else:
+        raise DataError(f"{where}: expected 'chosen' and 'rejected' to be both strings or both message lists")
+    longest = len(prompt) + max(len(chosen), len(rejected))
+    truncated = longest > max_length
+    if truncated:
+        prompt = prompt[-max_prompt_length:]  # keep the end of the prompt: the question is usually last
+        room = max_length - len(prompt)
+        chosen, rejected = chosen[:room], rejected[:room]
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": float(margin or 0.0),
+            "truncated": truncated, "empty": not chosen or not rejected}
+
+
+def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_prompt_length: int,
+                 progress: bool = True, uid_start: int = 0) -> tuple[Any, PairStats]:
+    """Tokenize all preference rows into a `datasets.Dataset` (prompt, chosen, rejected, margin, uid).
+
+    `uid` numbers the kept pairs from `uid_start`, so train and eval pairs can share one table of reference
+    log-probs."""
+    import datasets
+    from tqdm.auto import tqdm
+
+    max_prompt_length = max_prompt_length or max_length // 2
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "margin": []}
+    truncated = 0
+    for i, row in enumerate(tqdm(rows, desc=f"Tokenizing {source}", disable=not progress, leave=False)):
+        enc = encode_pair(row, tokenizer, max_length, max_prompt_length, f"{source}: row {i}")
+        truncated += enc["truncated"]
+        if not enc["empty"]:
+            for key in out:
+                out[key].append(enc[key])
+    kept = len(out["prompt"])
+    stats = PairStats(rows=len(rows), kept=kept, truncated=truncated, dropped_empty=len(rows) - kept)
+    if truncated:
+        logger.warning("%s: %d of %d pairs truncated (prompt end kept, at most %d tokens; responses cut to fit "
+                       "data.max_length=%d)", source, truncated, stats.rows, max_prompt_length, max_length)
+    if stats.dropped_empty:
+        logger.warning("%s: dropped %d of %d pairs whose response is empty after truncation", source,
+                       stats.dropped_empty, stats.rows)
+    if not kept:
+        raise DataError(f"{source}: no pair is left after truncation to data.max_length={max_length}")
+    out["uid"] = list(range(uid_start, uid_start + kept))
+    return datasets.Dataset.from_dict(out), stats
+
+
+def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, Any | None, PairCollator]:
+    """Tokenized train and held-out pairs (uids numbered across both) and their collator."""
+    d = recipe.data
+    train_rows, train_src, eval_rows, eval_src = train_eval_rows(d, recipe.seed)
+    train, _ = encode_pairs(train_rows, train_src, tokenizer, d.max_length, d.max_prompt_length, progress)
+    evals = None
+    if eval_rows is not None:
+        evals, _ = encode_pairs(eval_rows, eval_src, tokenizer, d.max_length, d.max_prompt_length, progress,
+                                uid_start=len(train))
+    return train, evals, PairCollator(tokenizer.pad_token_id)
+
+
+class PairCollator:
+    """Batches of B pairs as 2B rows, chosen first then rejected, for one concatenated forward.
+
+    `labels` mask the prompt and padding, so log-probs cover response tokens only. When the task has
+    precomputed reference log-probs, `ref_logps` (a (n, 2) tensor indexed by uid) is attached per pair.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+        self.ref_logps: torch.Tensor | None = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs, labels = [], []
+        for side in ("chosen", "rejected"):
+            for r in rows:
+                seqs.append(r["prompt"] + r[side])
+                labels.append([IGNORE_INDEX] * len(r["prompt"]) + r[side])
+        input_ids = pad(seqs, self.pad_token_id)
+        batch = {"input_ids": input_ids, "labels": pad(labels, IGNORE_INDEX),
+                 "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+                 "margin": torch.tensor([r["margin"] for r in rows]),
+                 "uid": torch.tensor([r["uid"] for r in rows]), "num_items": torch.tensor(len(rows))}
+        if self.ref_logps is not None:
+            batch["ref_logps"] = self.ref_logps[batch["uid"]]
+        return batch

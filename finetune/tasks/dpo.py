@@ -1,0 +1,144 @@
+"""Direct preference optimisation (and IPO, SimPO, ...) against a reference policy.
+
+The reference is, by cost:
+- with LoRA: the same model with its adapter disabled (no second copy in memory);
+- `dpo.precompute_ref_logps`: log-probs computed once before training by the initial model, cached on disk;
+- otherwise: a frozen copy of the initial model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune import model as model_lib
+from finetune.losses import IGNORE_INDEX, dpo_loss, sequence_logps
+from finetune.pairs import build_pair_data
+from finetune.sampling import eval_shard
+from finetune.tasks import LossOutput, TaskData
+from finetune.tasks.rm import pair_reward_metrics
+
+logger = logging.getLogger("finetune")
+LENGTH_AVERAGED = ("ipo", "simpo")
+
+
+def data_key(recipe: Any, train: Any, evals: Any | None) -> str:
+    """Cache key of reference log-probs: the reference model and every token of the pairs."""
+    h = hashlib.sha256(json.dumps([recipe.model.name_or_path, recipe.model.revision, recipe.model.dtype,
+                                   recipe.model.load_in_4bit, recipe.model.load_in_8bit]).encode())
+    for ds in (train, evals):
+        if ds is not None:
+            for column in ("prompt", "chosen", "rejected", "uid"):
+                h.update(json.dumps(ds[column][:]).encode())
+    return h.hexdigest()[:24]
+
+
+class DPOTask:
+    name = "dpo"
+
+    def __init__(self) -> None:
+        self.ref_model: Any = None
+        self.lora = False
+
+    def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
+        self.cfg, self.lora = recipe.dpo, recipe.lora.enabled
+        model, tokenizer = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing,
+                                           accelerator.device)
+        if not self.lora and not self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        return model, tokenizer
+
+    def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
+        progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)
+        self.train, self.evals, self.collate = build_pair_data(recipe, tokenizer, progress)
+        return TaskData(train=self.train, eval=self.evals, collate=self.collate)
+
+    def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
+        if self.ref_model is not None:
+            self.ref_model = accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+        if self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
+            # runs before any checkpoint is loaded, so `model` is still the initial policy = the reference
+            self.collate.ref_logps = self.cached_reference(recipe, accelerator, model)
+
+    # ---- reference log-probs
+
+    def reference_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(pairs, 2) summed log-probs of chosen and rejected under the reference policy."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        with torch.no_grad():
+            if self.ref_model is not None:
+                logits = self.ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            else:
+                with self.adapter_off(model):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_logps(logits, batch["labels"]).view(2, -1).T
+
+    def adapter_off(self, model: Any) -> Any:
+        from accelerate.utils import extract_model_from_parallel
+
+        return extract_model_from_parallel(model).disable_adapter() if self.lora else nullcontext()
+
+    def cached_reference(self, recipe: Any, accelerator: Any, model: Any) -> torch.Tensor:
+        import datasets
+        from safetensors.torch import load_file, save_file
+
+        path = Path(recipe.output_dir) / "ref_logps" / f"{data_key(recipe, self.train, self.evals)}.safetensors"
+        if path.is_file():
+            logger.info("reference log-probs from %s", path)
+            return load_file(str(path))["ref_logps"]
+        rows = self.train if self.evals is None else datasets.concatenate_datasets([self.train, self.evals])
+        size = recipe.train.batch_size
+        batches, n_real = eval_shard(len(rows), size, accelerator.num_processes, accelerator.process_index)
+        values = torch.zeros(len(batches), size, 2)
+        uids = torch.full((len(batches), size), -1, dtype=torch.long)
+        model.eval()
+        for i, idx in enumerate(batches):
+            batch = {k: v.to(accelerator.device) for k, v in self.collate([rows[j] for j in idx]).items()}
+            logps = self.reference_logps(model, batch).float().cpu()
+            if i < n_real:
+                values[i, :len(idx)], uids[i, :len(idx)] = logps, batch["uid"].cpu()
+        model.train()
+        values = accelerator.gather(values.to(accelerator.device)).cpu().view(-1, 2)
+        uids = accelerator.gather(uids.to(accelerator.device)).cpu().view(-1)
+        table = torch.zeros(len(rows), 2)
+        table[uids[uids >= 0]] = values[uids >= 0]
+        if accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"ref_logps": table}, str(tmp))
+            tmp.rename(path)
+            logger.info("reference log-probs of %d pairs cached at %s", len(rows), path)
+        accelerator.wait_for_everyone()
+        return table
+
+    # ---- the loss
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossOutput:
+        simpo = self.cfg.loss_type == "simpo"
+        ref = None if simpo else self.reference_logps(model, batch)
+        # chosen and rejected rows in one forward; prompt tokens are masked out of the log-probs
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        policy = sequence_logps(logits, batch["labels"]).view(2, -1).T
+        if self.cfg.loss_type in LENGTH_AVERAGED:
+            lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1).view(2, -1).T
+            policy = policy / lengths
+            ref = None if simpo else ref / lengths
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy[:, 0], policy[:, 1], None if simpo else ref[:, 0], None if simpo else ref[:, 1],
+            beta=self.cfg.beta, loss_type=self.cfg.loss_type, label_smoothing=self.cfg.label_smoothing,
+            gamma=self.cfg.gamma)
+        metrics = pair_reward_metrics(chosen_rewards, rejected_rewards)
+        metrics["chosen_logps"] = policy[:, 0].detach().sum()
+        metrics["rejected_logps"] = policy[:, 1].detach().sum()
+        return LossOutput(loss_sum=losses.sum(), metric_sums=metrics)
+
+    def extra_eval(self, recipe: Any, accelerator: Any, model: Any) -> dict[str, float]:
+        return {}

@@ -1,0 +1,52 @@
+"""Reward modeling: a one-output sequence-classification head trained on preference pairs (Bradley-Terry)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from finetune import model as model_lib
+from finetune.losses import bradley_terry_loss
+from finetune.pairs import build_pair_data
+from finetune.tasks import LossOutput, TaskData
+
+logger = logging.getLogger("finetune")
+
+
+def pair_reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over pairs (the loop divides by the pair count): accuracy, margin, mean chosen/rejected reward."""
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).sum(),
+            "chosen_reward": chosen.sum(), "rejected_reward": rejected.sum()}
+
+
+class RewardModelTask:
+    name = "rm"
+
+    def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
+        # the pad token is set on the config, so the head scores each row's last non-pad token
+        return model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,
+                               kind="seq_cls")
+
+    def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
+        progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)
+        train, evals, collate = build_pair_data(recipe, tokenizer, progress)
+        self.center = recipe.rm.center_rewards
+        return TaskData(train=train, eval=evals, collate=collate)
+
+    def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
+        pass
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossOutput:
+        # chosen and rejected rows in one forward
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+        chosen, rejected = rewards.float().chunk(2)
+        losses = bradley_terry_loss(chosen, rejected, batch["margin"])
+        if self.center:  # keeps rewards near zero: the loss only sees differences
+            losses = losses + self.center * (chosen + rejected) ** 2
+        return LossOutput(loss_sum=losses.sum(), metric_sums=pair_reward_metrics(chosen, rejected))
+
+    def extra_eval(self, recipe: Any, accelerator: Any, model: Any) -> dict[str, float]:
+        return {}

@@ -1,0 +1,220 @@
+"""Reward modeling and DPO on the one loop, and the preference data they read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import python, run_cli
+
+import finetune
+from finetune.builtin import preference_rows
+from finetune.data import DataError
+from finetune.losses import IGNORE_INDEX
+from finetune.pairs import PairCollator, encode_pair, encode_pairs
+from finetune.tracking import read_metrics
+
+QUICK = ["log.progress=false", "log.tensorboard=false"]
+
+
+@pytest.fixture(scope="session")
+def pair_files(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("pairs")
+    train, evals = folder / "train.jsonl", folder / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in preference_rows("train")[:96]))
+    evals.write_text("".join(json.dumps(r) + "\n" for r in preference_rows("test")[:16]))
+    return train, evals
+
+
+def pair_recipe(tmp_path: Path, pair_files, task: str, **sections) -> dict:
+    train, evals = pair_files
+    recipe = {"task": task, "output_dir": str(tmp_path), "seed": 0,
+              "data": {"train": str(train), "eval": str(evals), "max_length": 48},
+              "train": {"max_steps": 3, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1},
+              "log": {"progress": False, "tensorboard": False}}
+    for name, values in sections.items():
+        recipe[name] = {**recipe.get(name, {}), **values}
+    return recipe
+
+
+def losses(result) -> list[float]:
+    return [e["loss"] for e in result.history if "loss" in e]
+
+
+# ------------------------------------------------------------------ data
+
+
+@pytest.fixture()
+def tok(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def test_conversational_pair_shares_the_prompt(tok):
+    row = preference_rows("train")[0]
+    enc = encode_pair(row, tok, 64, 32, "x")
+    assert tok.decode(enc["prompt"]).endswith("<|im_start|>assistant\n")
+    assert tok.decode(enc["chosen"]) == row["chosen"][1]["content"] + "<|im_end|>\n"
+    assert tok.decode(enc["rejected"]) == row["rejected"][1]["content"] + "<|im_end|>\n"
+
+
+def test_string_pairs_and_margin(tok):
+    enc = encode_pair({"prompt": "Sort: 2 1", "chosen": " 1 2", "rejected": " 2 1", "margin": 2}, tok, 64, 32, "x")
+    assert tok.decode(enc["chosen"]) == " 1 2<|im_end|>" and enc["margin"] == 2.0
+
+
+def test_truncation_keeps_the_end_of_the_prompt(tok):
+    prompt = "Reverse: " + " ".join(["cat"] * 30) + " dog"
+    enc = encode_pair({"prompt": prompt, "chosen": " moon sun", "rejected": " sun"}, tok, 16, 8, "x")
+    assert enc["truncated"] and len(enc["prompt"]) == 8
+    assert tok.decode(enc["prompt"]).endswith(" dog")
+    assert len(enc["prompt"]) + len(enc["chosen"]) <= 16
+
+
+def test_pairs_with_empty_response_are_dropped_and_counted(tok, caplog):
+    rows = [{"prompt": "x " * 40, "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": " a", "rejected": " b"}]
+    ds, stats = encode_pairs(rows, "mem", tok, 16, 16, progress=False)
+    assert (stats.rows, stats.kept, stats.dropped_empty) == (2, 1, 1) and len(ds) == 1
+    assert "dropped 1 of 2 pairs" in caplog.text
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "chosen": "a"}, "row 0: missing field 'rejected'"),
+    ({"prompt": "p", "chosen": "a", "rejected": ["x"]}, "both strings or both message lists"),
+    ({"prompt": 3, "chosen": "a", "rejected": "b"}, "expected 'prompt' to be a string"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' to be a number"),
+    ({"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]},
+     "share no leading prompt"),
+])
+def test_malformed_pairs_name_the_row(tok, row, message):
+    with pytest.raises(DataError, match=message):
+        encode_pairs([row], "pairs.jsonl", tok, 32, 16, progress=False)
+
+
+def test_collator_masks_prompts_and_stacks_chosen_first(tok):
+    rows = [encode_pair(r, tok, 64, 32, "x") | {"uid": i} for i, r in enumerate(preference_rows("train")[:3])]
+    batch = PairCollator(tok.pad_token_id)(rows)
+    assert batch["input_ids"].shape[0] == 6 and batch["num_items"].item() == 3
+    first = rows[0]
+    labels = batch["labels"][0].tolist()
+    assert labels[:len(first["prompt"])] == [IGNORE_INDEX] * len(first["prompt"])
+    assert batch["input_ids"][3, :len(first["prompt"])].tolist() == first["prompt"]  # rejected of pair 0
+
+
+# ------------------------------------------------------------------ reward model
+
+
+def test_rm_trains_exports_and_scores(tmp_path: Path, pair_files):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    result = finetune.train(pair_recipe(tmp_path, pair_files, "rm"))
+    evals = [e for e in result.history if "eval_loss" in e]
+    assert {"eval_accuracy", "eval_margin", "eval_chosen_reward", "eval_rejected_reward"} <= evals[-1].keys()
+    assert evals[0]["eval_loss"] == pytest.approx(0.693, abs=0.05)  # untrained head: about ln 2
+    loaded = AutoModelForSequenceClassification.from_pretrained(result.model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(result.model_dir)
+    enc = tok(["<|im_start|>user\nSort: 2 1<|im_end|>\n<|im_start|>assistant\n1 2<|im_end|>\n"], return_tensors="pt")
+    result.model.eval()
+    torch.testing.assert_close(loaded(**enc).logits, result.model(**enc).logits)
+    assert loaded(**enc).logits.shape == (1, 1)
+
+
+def test_rm_lora_adapter_reloads(tmp_path: Path, pair_files, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    result = finetune.train(pair_recipe(tmp_path, pair_files, "rm", lora={"enabled": True, "r": 4}))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1)
+    base.config.pad_token_id = 0
+    reloaded = PeftModel.from_pretrained(base, result.model_dir).eval()
+    ids = torch.tensor([[2, 40, 41, 42, 3]])
+    result.model.eval()
+    torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits)
+
+
+@pytest.mark.parametrize("task", ["rm", "dpo"])
+def test_pair_accumulation_4x2_equals_1x8(tmp_path: Path, pair_files, task: str):
+    one = finetune.train(pair_recipe(tmp_path / "a", pair_files, task, train={"batch_size": 8, "grad_accum": 1}))
+    four = finetune.train(pair_recipe(tmp_path / "b", pair_files, task, train={"batch_size": 2, "grad_accum": 4}))
+    a = [e for e in one.history if "loss" in e]
+    b = [e for e in four.history if "loss" in e]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+        assert x["accuracy"] == pytest.approx(y["accuracy"])
+
+
+# ------------------------------------------------------------------ DPO
+
+
+def test_dpo_precomputed_reference_equals_frozen_copy(tmp_path: Path, pair_files):
+    frozen = finetune.train(pair_recipe(tmp_path / "f", pair_files, "dpo"))
+    pre = finetune.train(pair_recipe(tmp_path / "p", pair_files, "dpo", dpo={"precompute_ref_logps": True}))
+    assert losses(frozen) == pytest.approx(losses(pre), rel=1e-5)
+    assert losses(frozen)[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 0: ln 2
+    cached = list((tmp_path / "p" / "ref_logps").glob("*.safetensors"))
+    assert len(cached) == 1
+    again = finetune.train(pair_recipe(tmp_path / "p", pair_files, "dpo", dpo={"precompute_ref_logps": True}),
+                           resume=False, overwrite_output_dir=True)
+    assert losses(again) == losses(pre)  # from the cache
+
+
+def test_dpo_lora_reference_is_the_base_model_with_one_copy(tmp_path: Path, pair_files, tiny_dir):
+    """With LoRA the reference pass runs the policy with its adapter disabled: after training, reference log-probs
+    equal those of the base model loaded from disk, while the policy's differ; and no second model is held."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.losses import sequence_logps
+    from finetune.tasks.dpo import DPOTask
+
+    result = finetune.train(pair_recipe(tmp_path, pair_files, "dpo", lora={"enabled": True, "r": 4},
+                                        train={"lr": 1e-2}))
+    task = DPOTask()
+    task.lora, task.ref_model = True, None
+    tok = _tok(tiny_dir)
+    rows = [encode_pair(r, tok, 48, 24, "x") | {"uid": i} for i, r in enumerate(preference_rows("test")[:4])]
+    batch = PairCollator(0)(rows)
+    policy = result.model.eval()
+    ref = task.reference_logps(policy, batch)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    with torch.no_grad():
+        expected = sequence_logps(base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                  batch["labels"]).view(2, -1).T
+        trained = sequence_logps(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                 batch["labels"]).view(2, -1).T
+    torch.testing.assert_close(ref, expected)
+    assert not torch.allclose(trained, expected, atol=1e-3)
+    # one model: the task built for a LoRA run keeps no reference copy
+    from types import SimpleNamespace
+
+    from finetune.config import load_recipe
+
+    recipe = load_recipe(pair_recipe(tmp_path / "x", pair_files, "dpo", lora={"enabled": True, "r": 4}))
+    built = DPOTask()
+    model, _ = built.build_model(recipe, SimpleNamespace(device=torch.device("cpu")))
+    assert built.ref_model is None
+    assert sum(1 for m in model.modules() if type(m).__name__ == "LlamaForCausalLM") == 1
+
+
+def _tok(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+# ------------------------------------------------------------------ end to end, in a subprocess
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["rm", "dpo"])
+def test_tiny_preference_recipes_end_to_end(tmp_path: Path, task: str):
+    proc = run_cli(python(), "-m", "finetune", task, f"recipes/tiny_{task}.yaml", f"output_dir={tmp_path}",
+                   "train.max_steps=30", "train.eval_every=30", *QUICK)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [e for e in read_metrics(tmp_path / "metrics.jsonl") if "eval_accuracy" in e]
+    assert [e["step"] for e in evals] == [0, 30]
+    assert evals[-1]["eval_accuracy"] > evals[0]["eval_accuracy"]
+    assert (tmp_path / "model" / "config.json").is_file()

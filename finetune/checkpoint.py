@@ -82,27 +82,35 @@ def prune(root: Path, keep: int, best: str | None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def resolve_resume(resume: str | bool, output_dir: Path, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from, or None to start fresh. Raises ValueError for user mistakes."""
+def resume_candidates(resume: str | bool, output_dir: Path, overwrite: bool) -> list[Path]:
+    """Checkpoints to try, in order (`resume: auto`: newest complete first), or [] to start fresh."""
     root = output_dir / "checkpoints"
     if resume is False or resume == "false":
         if complete_checkpoints(root) and not overwrite:
             raise UserError(f"resume: false, but {root} already holds checkpoints; set resume: auto to continue "
-                             "or overwrite_output_dir: true to start over")
-        return None
+                            "or overwrite_output_dir: true to start over")
+        return []
     if resume == "auto":
-        found = complete_checkpoints(root)
-        return found[0] if found else None
+        return complete_checkpoints(root)
     path = Path(resume)
     if not (path / MARKER).is_file() or not (path / STATE_FILE).is_file():
         raise UserError(f"resume: {resume} is not a complete checkpoint directory (no {MARKER} marker)")
-    return path
+    return [path]
 
 
-def load(accelerator: Any, path: Path) -> TrainerState:
-    """Restore model, optimizer, scheduler, scaler and RNG state (no pickles beyond tensors: weights_only)."""
-    accelerator.load_state(str(path))
-    return read_state(path)
+def load_first_readable(accelerator: Any, candidates: list[Path]) -> tuple[Path | None, TrainerState]:
+    """Restore the first checkpoint that loads; unreadable ones (e.g. a truncated file) are skipped with a
+    warning. Restores model, optimizer, scheduler, scaler and RNG state; nothing but tensors is unpickled."""
+    for path in candidates:
+        try:
+            state = read_state(path)
+            accelerator.load_state(str(path))
+            return path, state
+        except Exception as e:  # a damaged checkpoint must not stop the run while an older one is good
+            logger.warning("skipping unreadable checkpoint %s: %s", path, str(e).splitlines()[0] if str(e) else e)
+    if candidates:
+        raise UserError(f"no readable checkpoint among {', '.join(str(p) for p in candidates)}")
+    return None, TrainerState()
 
 
 def export_model(accelerator: Any, model: Any, tokenizer: Any, target: Path) -> None:

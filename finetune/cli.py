@@ -32,9 +32,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """finetune's own messages at INFO; other libraries only warn."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
+    logging.getLogger("finetune").setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

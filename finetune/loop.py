@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -68,6 +69,16 @@ class _Preemption:
             signal.signal(sig, old)
 
 
+class _DropTiedWeightNotice(logging.Filter):
+    """Accelerate warns on every save of a model with tied embeddings; the tie is restored on load."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_DropTiedWeightNotice())
+
+
 def quiet_libraries() -> None:
     import datasets
     import transformers
@@ -107,10 +118,13 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
         quiet_libraries()
     set_seed(recipe.seed)  # python, numpy, torch (all devices); data order has its own seeded generator
     out = Path(recipe.output_dir)
-    resume_from = checkpoint.resolve_resume(recipe.resume, out, recipe.overwrite_output_dir)
+    candidates = checkpoint.resume_candidates(recipe.resume, out, recipe.overwrite_output_dir)
     if main:
+        if not candidates and recipe.overwrite_output_dir:  # starting over: old checkpoints must not be resumed
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.yaml").write_text(to_yaml(recipe))
+    accelerator.wait_for_everyone()
 
     # ---- model and data (the main process goes first so caches are written once)
     with accelerator.main_process_first():
@@ -142,9 +156,8 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
     task.prepare(recipe, accelerator, model)
 
     # ---- resume: restores model, optimizer, scheduler, scaler, RNG; the data order is positioned, not replayed
-    state = checkpoint.TrainerState()
+    resume_from, state = checkpoint.load_first_readable(accelerator, candidates)
     if resume_from is not None:
-        state = checkpoint.load(accelerator, resume_from)
         logger.info("resumed from %s at step %d", resume_from, state.step)
     tracker = Tracker(out, recipe.log, recipe.to_dict(), state.step if resume_from else None) if main \
         else NullTracker()

@@ -29,6 +29,7 @@ class TrainerState:
     epoch: int = 0  # epoch of the next micro-batch
     batch_in_epoch: int = 0  # index of the next micro-batch within its epoch
     tokens_seen: int = 0
+    rows_per_batch: int = 0  # global micro-batch (batch_size x processes) of the run that saved it
     eval_loss: float | None = None  # most recent held-out loss when this state was saved
     best_eval_loss: float | None = None
     best_checkpoint: str | None = None
@@ -104,13 +105,47 @@ def load_first_readable(accelerator: Any, candidates: list[Path]) -> tuple[Path 
     for path in candidates:
         try:
             state = read_state(path)
-            accelerator.load_state(str(path))
+            sharded = (path / "pytorch_model_fsdp_0").is_dir()
+            if sharded and accelerator.distributed_type.name != "FSDP":
+                load_shards_unsharded(accelerator, path)
+            else:
+                accelerator.load_state(str(path))
             return path, state
         except Exception as e:  # a damaged checkpoint must not stop the run while an older one is good
             logger.warning("skipping unreadable checkpoint %s: %s", path, str(e).splitlines()[0] if str(e) else e)
     if candidates:
         raise UserError(f"no readable checkpoint among {', '.join(str(p) for p in candidates)}")
     return None, TrainerState()
+
+
+def load_shards_unsharded(accelerator: Any, path: Path) -> None:
+    """Resume an FSDP (sharded, torch distributed checkpoint) checkpoint without FSDP, e.g. on one process:
+    model, optimizer and scheduler are loaded and resharded by DCP; RNG streams restart from the seed."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if len(accelerator._models) != 1 or len(accelerator._optimizers) != 1:
+        raise UserError(f"resume: {path} is an FSDP checkpoint; resuming it without FSDP supports one model and "
+                        "one optimizer")
+    model = accelerator.unwrap_model(accelerator._models[0])
+    optimizer = accelerator._optimizers[0].optimizer
+    weights = get_model_state_dict(model)
+    dcp.load({"model": weights}, checkpoint_id=str(path / "pytorch_model_fsdp_0"))
+    set_model_state_dict(model, weights)
+    optim = get_optimizer_state_dict(model, optimizer)  # initialises empty Adam state so every entry is loaded
+    dcp.load({"optimizer": optim}, checkpoint_id=str(path / "optimizer_0"))
+    set_optimizer_state_dict(model, optimizer, optim)
+    for i, scheduler in enumerate(accelerator._schedulers):
+        name = "scheduler.bin" if i == 0 else f"scheduler_{i}.bin"
+        scheduler.scheduler.load_state_dict(torch.load(path / name, weights_only=True))
+    logger.warning("resumed the FSDP checkpoint %s without FSDP: model, optimizer and scheduler restored; random "
+                   "streams (dropout) are not those of the original processes", path)
 
 
 def export_model(accelerator: Any, model: Any, tokenizer: Any, target: Path) -> None:

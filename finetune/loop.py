@@ -159,6 +159,14 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
     resume_from, state = checkpoint.load_first_readable(accelerator, candidates)
     if resume_from is not None:
         logger.info("resumed from %s at step %d", resume_from, state.step)
+        if state.rows_per_batch != cfg.batch_size * world:
+            # other processes or batch size: same row order, so re-cut the consumed prefix into this run's batches
+            rows_done = state.batch_in_epoch * state.rows_per_batch
+            state.batch_in_epoch = rows_done // (cfg.batch_size * world)
+            if rows_done % (cfg.batch_size * world):
+                logger.warning("resuming with %d rows per global batch instead of %d: the data position is rounded "
+                               "down to a whole batch", cfg.batch_size * world, state.rows_per_batch)
+    state.rows_per_batch = cfg.batch_size * world
     tracker = Tracker(out, recipe.log, recipe.to_dict(), state.step if resume_from else None) if main \
         else NullTracker()
 

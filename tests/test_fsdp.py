@@ -1,0 +1,80 @@
+"""FSDP2 on 2 CPU processes (through the test-only tests/fsdp_cpu_launch.py): it really shards, matches one
+process, exports loadable full models and LoRA adapters, and its sharded checkpoints resume on one process."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+import finetune
+from finetune.tracking import read_metrics
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+FSDP = ["--config_file", "accelerate_configs/cpu_fsdp.yaml", "tests/fsdp_cpu_launch.py"]
+
+
+def launch_fsdp(out: Path, train: Path, evals: Path, *extra: str, recipe: str = "recipes/tiny_sft.yaml"):
+    proc = run_cli(shutil.which("accelerate"), "launch", *FSDP, "sft", recipe, f"output_dir={out}",
+                   f"data.train={train}", f"data.eval={evals}", "train.max_steps=6", "train.batch_size=4",
+                   "train.warmup_steps=1", "train.lr=1e-3", "train.eval_generate=0", "seed=0", "log.progress=false",
+                   "log.tensorboard=false", *extra, env={"ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def one_process(out: Path, train: Path, evals: Path, **overrides):
+    """The same recipe and global batch as `launch_fsdp`, on this process."""
+    return finetune.train("recipes/tiny_sft.yaml", output_dir=str(out), seed=0,
+                          data={"train": str(train), "eval": str(evals)},
+                          train={"max_steps": 6, "batch_size": 8, "warmup_steps": 1, "lr": 1e-3, "eval_generate": 0},
+                          log={"progress": False, "tensorboard": False}, **overrides)
+
+
+def test_fsdp_shards_matches_one_process_and_exports(tmp_path: Path, chat_files):
+    from transformers import AutoModelForCausalLM
+
+    train, evals = chat_files
+    launch_fsdp(tmp_path / "fsdp", train, evals, "train.save_every=4")
+    shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-0000004" / "pytorch_model_fsdp_0")
+                    .iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one shard per process: really FSDP
+    single = one_process(tmp_path / "one", train, evals)
+    fsdp = [e for e in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "loss" in e]
+    ref = [e for e in single.history if "loss" in e]
+    assert [e["loss"] for e in fsdp] == pytest.approx([e["loss"] for e in ref], rel=1e-5)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model").eval()
+    ids = torch.tensor([[2, 40, 41, 42, 43, 44]])
+    single.model.eval()
+    torch.testing.assert_close(exported(ids).logits, single.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+    # the sharded checkpoint of 2 processes resumes on 1 (DCP reshards): with model, optimizer and schedule
+    # restored, steps 5 and 6 repeat the FSDP run's
+    resumed = one_process(tmp_path / "resumed", train, evals,
+                          resume=str(tmp_path / "fsdp" / "checkpoints" / "step-0000004"))
+    after = [e for e in resumed.history if "loss" in e]
+    assert [e["step"] for e in after] == [5, 6]
+    assert [e["loss"] for e in after] == pytest.approx([e["loss"] for e in fsdp[4:]], rel=1e-5)
+    assert [e["lr"] for e in after] == pytest.approx([e["lr"] for e in fsdp[4:]])
+
+
+def test_fsdp_lora_adapter_export_is_complete(tmp_path: Path, chat_files, tiny_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    train, evals = chat_files
+    launch_fsdp(tmp_path / "fsdp", train, evals, "lora.enabled=true", "lora.r=4", "lora.dropout=0",
+                "train.gradient_checkpointing=true")
+    adapter = load_file(str(tmp_path / "fsdp" / "model" / "adapter_model.safetensors"))
+    assert len(adapter) == 4 * 7 * 2  # 4 layers x 7 linear modules x (A, B): none lost to wrapper prefixes
+    single = one_process(tmp_path / "one", train, evals, lora={"enabled": True, "r": 4, "dropout": 0.0},
+                         **{"train.gradient_checkpointing": True})
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                                         tmp_path / "fsdp" / "model").eval()
+    ids = torch.tensor([[2, 40, 41, 42, 43, 44]])
+    single.model.eval()
+    torch.testing.assert_close(reloaded(ids).logits, single.model(ids).logits, rtol=1e-4, atol=1e-4)

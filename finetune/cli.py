@@ -19,7 +19,7 @@ EXAMPLES = """examples:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="Fine-tune language models with one Accelerate loop.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(TASKS) + "}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join((*TASKS, "merge")) + "}")
     helps = {"sft": "supervised fine-tuning (full or LoRA/QLoRA)", "rm": "reward model (Bradley-Terry)",
              "dpo": "direct preference optimisation"}
     for task in TASKS:
@@ -28,6 +28,11 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_sft.yaml")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
         s.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    m = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
+    m.add_argument("adapter", help="adapter directory (OUTPUT_DIR/model of a LoRA run)")
+    m.add_argument("output", help="where to save the merged model")
+    m.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return p
 
 
@@ -41,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging()
     try:
+        if args.command == "merge":
+            from finetune.merge import merge_adapter
+
+            merge_adapter(args.adapter, args.output, args.base, args.dtype)
+            return 0
         overrides = parse_overrides(args.overrides)
         declared = read_yaml(args.recipe).get("task", args.command)
         if overrides.get("task", declared) != args.command:

@@ -165,3 +165,38 @@ def test_tiny_sft_learns(tmp_path: Path):
     evals = [e for e in result.history if "eval_loss" in e]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 150
     assert evals[-1]["eval_loss"] <= 0.5 * evals[0]["eval_loss"]
+
+
+def test_merge_folds_the_adapter_into_the_base(tmp_path: Path, chat_files):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.cli import main
+
+    train, _ = chat_files
+    result = finetune.train(small_recipe(tmp_path / "run", train, lora={"enabled": True, "r": 4, "alpha": 8}))
+    assert main(["merge", str(result.model_dir), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ids = torch.tensor([[2, 40, 41, 42, 43]])
+    result.model.eval()
+    torch.testing.assert_close(merged(ids).logits, result.model(ids).logits, rtol=1e-4, atol=1e-5)
+    assert main(["merge", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+
+
+def test_keeps_last_k_and_the_best_and_skips_a_truncated_checkpoint(tmp_path: Path, chat_files):
+    from finetune.checkpoint import complete_checkpoints
+
+    train, evals = chat_files
+    recipe = small_recipe(tmp_path, train, evals, train={"max_steps": 8, "save_every": 2, "keep_checkpoints": 2,
+                                                          "eval_every": 2, "lr": 3e-3})
+    result = finetune.train(recipe)
+    evals_by_step = {e["step"]: e["eval_loss"] for e in result.history if "eval_loss" in e}
+    kept = [p.name for p in complete_checkpoints(tmp_path / "checkpoints")]
+    best = min((s for s in (2, 4, 6, 8)), key=lambda s: evals_by_step[s])
+    assert kept[:2] == ["step-0000008", "step-0000006"]
+    assert f"step-{best:07d}" in kept and len(kept) == (2 if best >= 6 else 3)
+    # a complete-looking checkpoint whose weights file is truncated is skipped for the one before it
+    weights = tmp_path / "checkpoints" / "step-0000008" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    again = finetune.train(recipe, **{"train.max_steps": 9})
+    assert [e["step"] for e in again.history if "loss" in e][-3:] == [7, 8, 9]

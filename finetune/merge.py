@@ -1,0 +1,48 @@
+"""`finetune merge`: fold a LoRA adapter into its base model and save a plain `from_pretrained` model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from finetune.errors import UserError
+
+logger = logging.getLogger("finetune")
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | None = None,
+                  dtype: str = "float32") -> Path:
+    """Load the base named in the adapter's config (or `base`), merge the adapter into it, save to `output_dir`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserError(f"{adapter_dir}: not a LoRA adapter directory (no adapter_config.json)")
+    config = json.loads(config_file.read_text())
+    base = base or config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{config_file}: names no base model; pass --base")
+    seq_cls = config.get("task_type") == "SEQ_CLS"
+    cls = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
+    kwargs = {"num_labels": 1} if seq_cls else {}
+    try:
+        model = cls.from_pretrained(base, dtype=getattr(torch, dtype), **kwargs)
+    except OSError as e:
+        raise UserError(f"--base: cannot load {base!r}: {str(e).splitlines()[0]}") from None
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    tmp = output_dir.parent / f".tmp-{output_dir.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    tmp.rename(output_dir)
+    logger.info("merged %s into %s and saved %s", adapter_dir, base, output_dir)
+    return output_dir

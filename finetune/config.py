@@ -19,6 +19,8 @@ import yaml
 from finetune.errors import UserError
 
 TASKS = ("sft", "rm", "dpo")
+# attention implementations for which a packed row gives exactly the padded batch's loss and gradients (tested)
+PACKING_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 
 
 class ConfigError(UserError):
@@ -70,6 +72,7 @@ class DataConfig:
     max_length: int = 1024
     max_prompt_length: int = 0  # preference pairs: prompt tokens kept (from the end); 0 means max_length // 2
     completion_only_loss: bool = True  # loss on assistant / completion tokens only
+    packing: bool = False  # SFT: padding-free micro-batches (rows concatenated, position_ids restart per row)
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -173,6 +176,12 @@ class Recipe:
         _choice("task", self.task, TASKS)
         if self.resume is True:
             raise ConfigError("resume: expected auto, false or a checkpoint path, got true")
+        if self.data.packing and self.model.attn_implementation not in PACKING_ATTENTION:
+            raise ConfigError(f"data.packing: needs model.attn_implementation in {', '.join(PACKING_ATTENTION)} "
+                              "(attention that honours position_ids boundaries), got "
+                              f"{self.model.attn_implementation}")
+        if self.data.packing and self.task != "sft":
+            raise ConfigError(f"data.packing: only for sft so far, not {self.task}")
         if (self.model.load_in_4bit or self.model.load_in_8bit) and not self.lora.enabled:
             raise ConfigError("model.load_in_4bit/load_in_8bit: quantized weights cannot be trained; set lora.enabled")
 

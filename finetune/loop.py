@@ -246,7 +246,7 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
                     accelerator.backward(result.loss_sum * world / n_items.clamp(min=1))
                 for k, v in {"loss": result.loss_sum, **result.metric_sums}.items():
                     step_sums[k] = step_sums.get(k, 0) + v.detach().float()
-                tokens_since += int(batch["attention_mask"].sum())
+                tokens_since += int(batch["num_tokens"])
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -265,7 +265,7 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
                 state.tokens_seen += tokens
                 last_train = {"loss": means.pop("loss"), **means, "lr": lr, "grad_norm": float(grad_norm),
                               "tokens_per_s": tokens / max(now - t_last, 1e-9)}
-                tracker.log({"step": state.step, "epoch": state.epoch, **last_train})
+                tracker.log({"step": state.step, "epoch": state.epoch, **last_train, "tokens_seen": state.tokens_seen})
                 progress.set_postfix(loss=f"{last_train['loss']:.4f}", lr=f"{lr:.2e}",
                                      tok_s=f"{last_train['tokens_per_s']:.0f}")
                 t_last, tokens_since = now, 0

@@ -23,20 +23,43 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
     loss = -sum_{t: labels[t+1] != ignore} log softmax(logits[t])[labels[t+1]]
 
-    `logits` is (batch, seq, vocab) and `labels` (batch, seq) aligned with the inputs; the shift happens here.
-    Only positions with a target are gathered, then processed in chunks of `chunk_size` tokens, so padding costs
-    nothing and no float32 copy of the whole batch's logits is alive at once.
+    `labels` is (batch, seq), aligned with the inputs; the shift happens here. `logits` is either (batch, seq,
+    vocab), or (n, vocab) holding only the rows at `target_positions(labels)` (what a model returns for
+    `logits_to_keep=target_positions(labels)`, so logits of prompt and padding positions are never computed).
+    Rows are processed in chunks of `chunk_size`, so no float32 copy of all logits is alive at once.
     """
     targets = labels[:, 1:]
     mask = targets != ignore_index
-    count = mask.sum()
-    picked = logits[:, :-1][mask]  # (n_targets, vocab) in the logits' dtype
-    wanted = targets[mask]
-    total = logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, picked.shape[0], chunk_size):
-        chunk = picked[start:start + chunk_size].float()
-        total = total + F.cross_entropy(chunk, wanted[start:start + chunk_size], reduction="sum")
-    return total, count
+    picked = logits if logits.ndim == 2 else logits[:, :-1][mask]
+    return token_cross_entropy_sum(picked, targets[mask], chunk_size), mask.sum()
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Summed cross-entropy of already aligned (n, vocab) logits and (n,) targets, upcast chunk by chunk so no
+    float32 copy of all logits is alive at once."""
+    total = logits.new_zeros((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    for start in range(0, logits.shape[0], chunk_size):
+        total = total + F.cross_entropy(_wide(logits[start:start + chunk_size]), targets[start:start + chunk_size],
+                                        reduction="sum")
+    return total
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """log p(target) for aligned (n, vocab) logits and (n,) targets: logit[y] - logsumexp(logits), by chunks."""
+    out = []
+    for start in range(0, logits.shape[0], chunk_size):
+        chunk = _wide(logits[start:start + chunk_size])
+        picked = chunk.gather(-1, targets[start:start + chunk_size].unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
+def target_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Boolean (batch, seq) mask of the positions whose logits predict a target (position t predicts t+1):
+    pass it as a model's `logits_to_keep` so logits are computed only where the loss needs them."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != ignore_index
+    return keep
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
@@ -45,16 +68,16 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
     logp(y) = sum_t [labels[t+1] != ignore] * log softmax(logits[t])[labels[t+1]]
 
-    Uses logsumexp per row instead of a full log-softmax copy: log p = logit[y] - logsumexp(logits).
+    `logits` is (batch, seq, vocab) or the (n, vocab) rows at `target_positions(labels)`, as for
+    `causal_lm_loss`. Uses logit[y] - logsumexp(logits) by chunks instead of a full float32 log-softmax copy.
     """
     targets = labels[:, 1:]
-    logits = logits[:, :-1]
     mask = targets != ignore_index
-    safe = targets.masked_fill(~mask, 0)
-    picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1).float()
-    norm = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # one row at a time: lean
-    token_logps = (picked - norm) * mask
-    total = token_logps.sum(-1)
+    picked = logits if logits.ndim == 2 else logits[:, :-1][mask]
+    per_token = torch.zeros(mask.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
+                            device=logits.device)
+    per_token = per_token.masked_scatter(mask, token_logps(picked, targets[mask]))
+    total = per_token.sum(-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
 
 

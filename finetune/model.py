@@ -10,6 +10,7 @@ from finetune.builtin import ensure_builtin_model, is_builtin
 from finetune.config import LoraConfig, ModelConfig
 from finetune.errors import UserError
 from finetune.hub import hub_reachable
+from finetune.losses import target_positions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -125,3 +126,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM's forward can compute logits at selected positions only (transformers >= 4.50)."""
+    import inspect
+
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def causal_lm_forward(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool) -> torch.Tensor:
+    """Logits of a padded or packed batch; only at target positions when the model supports it, so the
+    vocabulary projection skips prompt and padding tokens (rows come back as (n_targets, vocab))."""
+    kwargs = {"use_cache": False}  # a cache would let packed sequences attend across their boundaries
+    if keep_logits:
+        kwargs["logits_to_keep"] = target_positions(batch["labels"])
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                 position_ids=batch.get("position_ids"), **kwargs).logits

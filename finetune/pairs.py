@@ -154,7 +154,8 @@ class PairCollator:
         batch = {"input_ids": input_ids, "labels": pad(labels, IGNORE_INDEX),
                  "attention_mask": pad([[1] * len(s) for s in seqs], 0),
                  "margin": torch.tensor([r["margin"] for r in rows]),
-                 "uid": torch.tensor([r["uid"] for r in rows]), "num_items": torch.tensor(len(rows))}
+                 "uid": torch.tensor([r["uid"] for r in rows]), "num_items": torch.tensor(len(rows)),
+                 "num_tokens": torch.tensor(sum(len(s) for s in seqs))}
         if self.ref_logps is not None:
             batch["ref_logps"] = self.ref_logps[batch["uid"]]
         return batch

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from finetune.losses import IGNORE_INDEX, causal_lm_loss, sequence_logps
+from finetune.losses import IGNORE_INDEX, causal_lm_loss, sequence_logps, target_positions
 
 
 def batch(seed: int = 0):
@@ -19,7 +19,7 @@ def test_causal_lm_loss_matches_shifted_cross_entropy():
     ref = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
                           reduction="sum")
     assert count.item() == (labels[:, 1:] != IGNORE_INDEX).sum().item()
-    torch.testing.assert_close(total, ref.float())
+    torch.testing.assert_close(total, ref)
 
 
 def test_causal_lm_loss_hand_value():
@@ -49,5 +49,17 @@ def test_sequence_logps_against_log_softmax():
     tgt = labels[:, 1:]
     mask = tgt != IGNORE_INDEX
     ref = (torch.gather(logp, -1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
-    torch.testing.assert_close(sequence_logps(logits, labels), ref.float())
-    torch.testing.assert_close(sequence_logps(logits, labels, average=True), (ref / mask.sum(-1)).float())
+    torch.testing.assert_close(sequence_logps(logits, labels), ref)
+    torch.testing.assert_close(sequence_logps(logits, labels, average=True), ref / mask.sum(-1))
+
+
+def test_kept_rows_give_the_same_results():
+    """Logits only at target positions (what `logits_to_keep=target_positions(labels)` returns) give the same
+    loss and log-probs as full logits."""
+    logits, labels = batch(4)
+    kept = logits[target_positions(labels)]
+    total, count = causal_lm_loss(logits, labels)
+    kept_total, kept_count = causal_lm_loss(kept, labels)
+    torch.testing.assert_close(kept_total, total)
+    assert kept_count == count and kept.shape[0] == count
+    torch.testing.assert_close(sequence_logps(kept, labels), sequence_logps(logits, labels))

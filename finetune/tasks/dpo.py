@@ -20,6 +20,7 @@ import torch
 
 from finetune import model as model_lib
 from finetune.losses import IGNORE_INDEX, dpo_loss, sequence_logps
+from finetune.model import accepts_logits_to_keep, causal_lm_forward
 from finetune.pairs import build_pair_data
 from finetune.sampling import eval_shard
 from finetune.tasks import LossOutput, TaskData
@@ -46,6 +47,7 @@ class DPOTask:
     def __init__(self) -> None:
         self.ref_model: Any = None
         self.lora = False
+        self.keep_logits = False
 
     def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
         self.cfg, self.lora = recipe.dpo, recipe.lora.enabled
@@ -61,6 +63,7 @@ class DPOTask:
         return TaskData(train=self.train, eval=self.evals, collate=self.collate)
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
+        self.keep_logits = accepts_logits_to_keep(model)
         if self.ref_model is not None:
             self.ref_model = accelerator.prepare_model(self.ref_model, evaluation_mode=True)
         if self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
@@ -75,10 +78,10 @@ class DPOTask:
             return batch["ref_logps"]
         with torch.no_grad():
             if self.ref_model is not None:
-                logits = self.ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = causal_lm_forward(self.ref_model, batch, self.keep_logits)
             else:
                 with self.adapter_off(model):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = causal_lm_forward(model, batch, self.keep_logits)
         return sequence_logps(logits, batch["labels"]).view(2, -1).T
 
     def adapter_off(self, model: Any) -> Any:
@@ -125,7 +128,7 @@ class DPOTask:
         simpo = self.cfg.loss_type == "simpo"
         ref = None if simpo else self.reference_logps(model, batch)
         # chosen and rejected rows in one forward; prompt tokens are masked out of the log-probs
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = causal_lm_forward(model, batch, self.keep_logits)
         policy = sequence_logps(logits, batch["labels"]).view(2, -1).T
         if self.cfg.loss_type in LENGTH_AVERAGED:
             lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1).view(2, -1).T

@@ -11,6 +11,7 @@ from finetune import model as model_lib
 from finetune.collate import CausalLMCollator, pad
 from finetune.data import column_names, detect_format, encode_dataset, prompt_and_completion, take, train_eval_rows
 from finetune.losses import causal_lm_loss
+from finetune.model import accepts_logits_to_keep, causal_lm_forward
 from finetune.tasks import LossOutput, TaskData
 
 logger = logging.getLogger("finetune")
@@ -60,6 +61,7 @@ class SFTTask:
     def __init__(self) -> None:
         self.tokenizer: Any = None
         self.examples: list[tuple[list, str]] = []
+        self.keep_logits = False
 
     def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
         model, self.tokenizer = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing,
@@ -79,13 +81,13 @@ class SFTTask:
             if recipe.train.eval_generate:
                 self.examples = generation_examples(eval_rows, eval_src, d.format, tokenizer,
                                                     recipe.train.eval_generate)
-        return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id))
+        return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id, d.packing))
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
-        pass
+        self.keep_logits = accepts_logits_to_keep(model)
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossOutput:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = causal_lm_forward(model, batch, self.keep_logits)
         loss_sum, _ = causal_lm_loss(logits, batch["labels"])
         return LossOutput(loss_sum=loss_sum)
 

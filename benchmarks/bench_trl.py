@@ -1,0 +1,283 @@
+"""finetune vs TRL, side by side in one invocation, on the same random-init Llama, data and hyperparameters.
+
+    python benchmarks/bench_trl.py                 # all pairs, 30 steps each, A B B A order
+    python benchmarks/bench_trl.py --steps 10 --only sft_full
+
+Each run is its own process (so peak RSS is its own). For every pair the order is A B B A and each side's
+figure is the mean of its two runs, so drift in the machine's load affects both sides alike. Printed per run:
+non-padding tokens/s, peak RSS, model FLOP utilisation against a bf16 matmul peak measured in this invocation,
+final train loss and held-out loss; then the ratios finetune / TRL. Absolute numbers on a shared 2-core machine
+swing 2-5x; only the ratios of one invocation mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# the model of the TRL figures in shared/FACTS.md: 4 layers, hidden 384, vocab 8192 (about 13M parameters)
+MODEL = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
+             num_key_value_heads=6, max_position_embeddings=1024, tie_word_embeddings=True)
+VOCAB = 8192
+HP = dict(batch_size=8, grad_accum=2, lr=5e-4, warmup=3, max_length=512, seed=0)
+
+
+# ------------------------------------------------------------------ shared fixtures (made once per invocation)
+
+
+def make_assets(folder: Path) -> dict[str, str]:
+    """A random-init Llama with the builtin tokenizer, chat data of 20-450 tokens, and preference pairs."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from finetune.builtin import WORDS, build_tokenizer
+
+    tok = build_tokenizer()
+    config = LlamaConfig(vocab_size=VOCAB, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None, **MODEL)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+
+    rng = random.Random(0)
+
+    def words(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+    def chat(n: int) -> list[dict]:
+        rows = []
+        for _ in range(n):
+            prompt, answer = "Repeat the last words: " + words(8, 200), words(2, 150)
+            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+        return rows
+
+    def pairs(n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            user = {"role": "user", "content": "Say something: " + words(8, 150)}
+            out.append({"chosen": [user, {"role": "assistant", "content": words(2, 100)}],
+                        "rejected": [user, {"role": "assistant", "content": words(2, 100)}]})
+        return out
+
+    paths = {}
+    for name, rows in (("sft_train", chat(600)), ("sft_eval", chat(48)), ("pref_train", pairs(600)),
+                       ("pref_eval", pairs(48))):
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths[name] = str(path)
+    paths["model"] = str(folder / "model")
+    return paths
+
+
+def matmul_peak(seconds: float = 3.0) -> float:
+    """bf16 GEMM FLOP/s on the model's shapes (tokens x hidden @ hidden x intermediate), measured now."""
+    import torch
+
+    a = torch.randn(2048, MODEL["hidden_size"], dtype=torch.bfloat16)
+    b = torch.randn(MODEL["hidden_size"], MODEL["intermediate_size"], dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * n / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------ one run (in its own process)
+
+
+def run_finetune(kind: str, assets: dict, steps: int) -> dict:
+    import finetune
+
+    task = {"sft": "sft", "rm": "rm", "dpo": "dpo"}[kind.split("_")[0]]
+    pref = task != "sft"
+    recipe = {
+        "task": task, "output_dir": tempfile.mkdtemp(), "seed": HP["seed"],
+        "model": {"name_or_path": assets["model"]},
+        "lora": {"enabled": "lora" in kind, "r": 16, "alpha": 32, "dropout": 0.0},
+        "data": {"train": assets["pref_train" if pref else "sft_train"],
+                 "eval": assets["pref_eval" if pref else "sft_eval"], "max_length": HP["max_length"],
+                 "packing": "packed" in kind},
+        "train": {"max_steps": steps, "batch_size": HP["batch_size"], "grad_accum": HP["grad_accum"],
+                  "lr": HP["lr"], "warmup_steps": HP["warmup"], "mixed_precision": "bf16",
+                  "gradient_checkpointing": False, "log_every": 1},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    result = finetune.train(recipe)
+    events = [e for e in result.history if "loss" in e]
+    # each step logs the non-padding tokens it processed per second; recover tokens and time per step
+    tokens = [b["tokens_seen"] - a["tokens_seen"] for a, b in zip([{"tokens_seen": 0}, *events], events,
+                                                                  strict=False)]
+    seconds = sum(t / e["tokens_per_s"] for t, e in zip(tokens, events, strict=True))
+    return {"train_loss": events[-1]["loss"], "eval_loss": result.metrics.get("eval_loss"),
+            "eval_accuracy": result.metrics.get("eval_accuracy"), "tokens": sum(tokens), "train_s": seconds,
+            "padding_share": 0.0 if "packed" in kind else None}
+
+
+def run_trl(kind: str, assets: dict, steps: int) -> dict:
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets["model"])
+    pref = kind.startswith(("rm", "dpo"))
+    data = load_dataset("json", data_files={"train": assets["pref_train" if pref else "sft_train"],
+                                            "test": assets["pref_eval" if pref else "sft_eval"]})
+    common = dict(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=HP["batch_size"],
+                  per_device_eval_batch_size=HP["batch_size"], gradient_accumulation_steps=HP["grad_accum"],
+                  learning_rate=HP["lr"], warmup_steps=HP["warmup"], lr_scheduler_type="cosine", bf16=True,
+                  gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to=[],
+                  seed=HP["seed"], use_cpu=True, dataloader_num_workers=0, eval_strategy="no")
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear") if "lora" in kind else None
+    if kind.startswith("sft"):
+        from trl import SFTConfig, SFTTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(assets["model"])
+        cfg = SFTConfig(**common, max_length=HP["max_length"], assistant_only_loss=True,
+                        padding_free=kind.endswith("padding_free"))
+        trainer = SFTTrainer(model=model, args=cfg, train_dataset=data["train"], eval_dataset=data["test"],
+                             processing_class=tok, peft_config=lora)
+    elif kind.startswith("rm"):
+        from trl import RewardConfig, RewardTrainer
+
+        model = AutoModelForSequenceClassification.from_pretrained(assets["model"], num_labels=1)
+        model.config.pad_token_id = tok.pad_token_id
+        cfg = RewardConfig(**common, max_length=HP["max_length"])
+        trainer = RewardTrainer(model=model, args=cfg, train_dataset=data["train"], eval_dataset=data["test"],
+                                processing_class=tok, peft_config=lora)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(assets["model"])
+        cfg = DPOConfig(**common, max_length=HP["max_length"], beta=0.1)
+        trainer = DPOTrainer(model=model, args=cfg, train_dataset=data["train"], eval_dataset=data["test"],
+                             processing_class=tok, peft_config=lora)
+
+    collate = trainer.data_collator
+    seen = {"real": 0, "padded": 0}
+
+    def counting(features):
+        batch = collate(features)
+        mask = batch.get("attention_mask")
+        ids = batch["input_ids"]
+        seen["real"] += int(mask.sum()) if mask is not None else ids.numel()
+        seen["padded"] += ids.numel()
+        return batch
+
+    trainer.data_collator = counting
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    fed = dict(seen)
+    metrics = trainer.evaluate()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"train_loss": losses[-1], "eval_loss": metrics.get("eval_loss"),
+            "eval_accuracy": metrics.get("eval_accuracy", metrics.get("eval_rewards/accuracies")),
+            "tokens": fed["real"], "train_s": seconds, "padding_share": 1 - fed["real"] / max(fed["padded"], 1)}
+
+
+def child(side: str, kind: str, assets: dict, steps: int, out: Path) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    result = run_finetune(kind, assets, steps) if side == "finetune" else run_trl(kind, assets, steps)
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    out.write_text(json.dumps(result))
+
+
+# ------------------------------------------------------------------ the parent: pairs in A B B A order
+
+# (finetune run, TRL default run, TRL's fastest option or None), FLOPs per token as a multiple of parameters
+PAIRS = {
+    "sft_full": ("sft_full_packed", "sft_full", "sft_full_padding_free", 6),
+    "sft_lora": ("sft_lora_packed", "sft_lora", "sft_lora_padding_free", 4),
+    "rm": ("rm_full", "rm_full", None, 6),
+    "dpo_lora": ("dpo_lora", "dpo_lora", None, 6),  # policy fwd+bwd (4N) + reference fwd (2N)
+}
+
+
+def spawn(side: str, kind: str, assets_file: Path, steps: int) -> dict:
+    out = Path(tempfile.mkdtemp()) / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "2"), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--child", side, kind, str(assets_file), str(steps), str(out)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{side} {kind} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def mean(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--only", nargs="*", choices=list(PAIRS), default=list(PAIRS))
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        side, kind, assets_file, steps, out = args.child
+        child(side, kind, json.loads(Path(assets_file).read_text()), int(steps), Path(out))
+        return
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-"))
+    assets = make_assets(folder)
+    assets_file = folder / "assets.json"
+    assets_file.write_text(json.dumps(assets))
+    from transformers import AutoModelForCausalLM
+
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(assets["model"]).parameters())
+    peak = matmul_peak()
+    print(f"model: {n_params / 1e6:.1f}M parameters; bf16 matmul peak measured now: {peak / 1e9:.0f} GFLOP/s; "
+          f"{args.steps} steps, batch {HP['batch_size']} x accumulation {HP['grad_accum']}, BF16, no checkpointing")
+    rows, raw = [], {}
+    for name in args.only:
+        ours, theirs, fastest, flops_per_param = PAIRS[name]
+        a, b = [], []
+        for side, kind, bucket in (("finetune", ours, a), ("trl", theirs, b), ("trl", theirs, b),
+                                   ("finetune", ours, a)):
+            bucket.append(spawn(side, kind, assets_file, args.steps))
+        runs = [("finetune " + ours, a), ("TRL " + theirs, b)]
+        if fastest:
+            runs.append(("TRL " + fastest, [spawn("trl", fastest, assets_file, args.steps)]))
+        for label, group in runs:
+            tps = sum(r["tokens"] for r in group) / sum(r["train_s"] for r in group)
+            rows.append((name, label, tps, mean(group, "peak_rss_gb"), flops_per_param * n_params * tps / peak,
+                         mean(group, "padding_share"), mean(group, "train_loss"), mean(group, "eval_loss"),
+                         mean(group, "eval_accuracy")))
+        raw[name] = {"finetune": a, "trl": b}
+    header = ("pair", "run", "tokens/s", "peak RSS GB", "MFU", "padding", "train loss", "eval loss", "eval acc")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {fmt(r[3], '.2f')} | {fmt(r[4], '.1%')} | {fmt(r[5], '.0%')} | "
+              f"{fmt(r[6], '.3f')} | {fmt(r[7], '.3f')} | {fmt(r[8], '.2f')} |")
+    print("\nratios finetune / TRL default (same invocation):")
+    by = {(r[0], r[1].split(" ")[0]): r for r in rows if not r[1].endswith("padding_free")}
+    for name in args.only:
+        f, t = by[(name, "finetune")], by[(name, "TRL")]
+        print(f"  {name}: tokens/s x{f[2] / t[2]:.2f}, peak RSS x{f[3] / t[3]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "raw": raw}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

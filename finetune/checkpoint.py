@@ -148,14 +148,16 @@ def load_shards_unsharded(accelerator: Any, path: Path) -> None:
                    "streams (dropout) are not those of the original processes", path)
 
 
-def export_model(accelerator: Any, model: Any, tokenizer: Any, target: Path) -> None:
-    """Save the final model (or LoRA adapter) with its tokenizer, loadable by `from_pretrained`; atomic."""
+def export_model(accelerator: Any, model: Any, tokenizer: Any, target: Path, max_shard_size: str = "5GB") -> None:
+    """Save the final model (or LoRA adapter) with its tokenizer, loadable by `from_pretrained`; atomic.
+    Weights larger than `max_shard_size` are split into shards with an index, as on the hub."""
     state_dict = accelerator.get_state_dict(model)  # gathers full tensors from shards under FSDP
     if accelerator.is_main_process:
         tmp = target.parent / f".tmp-{target.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        shards = {} if hasattr(unwrapped, "peft_config") else {"max_shard_size": max_shard_size}  # adapters: one file
+        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True, **shards)
         tokenizer.save_pretrained(str(tmp))
         old = target.parent / f".old-{target.name}"
         if target.exists():

@@ -54,6 +54,7 @@ class LoraConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] = field(default_factory=list)  # whole modules also trained (e.g. [norm])
 
     def __post_init__(self) -> None:
         _range("lora.r", self.r, lo=1)

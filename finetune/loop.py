@@ -43,15 +43,17 @@ class Result:
     preempted: bool = False
 
 
-class _Preemption:
-    """Turns SIGTERM/SIGINT into a flag checked after each optimizer step (save, then exit cleanly)."""
+class _Signals:
+    """SIGTERM/SIGINT: finish the step, save, exit cleanly (a second one stops at once). SIGUSR1: save a
+    checkpoint after the current step and go on (a checkpoint on demand). Checked after each optimizer step."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = False  # stop
+        self.save_now = False
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _Preemption:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. a notebook worker): no handler
@@ -59,6 +61,10 @@ class _Preemption:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGUSR1:
+            self.save_now = True
+            logger.warning("received SIGUSR1: saving a checkpoint after this step")
+            return
         if self.requested:  # second signal: give up at once
             raise KeyboardInterrupt
         self.requested = True
@@ -228,7 +234,7 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
                                        disable=not (main and recipe.log.progress))
     last_train: dict[str, float] = {}
     t_last, tokens_since = time.perf_counter(), 0
-    with _Preemption() as preemption:
+    with _Signals() as signals:
         while state.step < total_steps:
             # Fetch this step's micro-batches first: the loss is normalised by the target items of all of them,
             # summed over all processes, so that K x B accumulation equals one batch of K*B (and W processes
@@ -272,9 +278,11 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
 
             if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps:
                 final_eval = log_eval(state.step)
-            stop = accelerator.reduce(torch.tensor(int(preemption.requested), device=accelerator.device),
-                                      "sum").item() > 0
-            if (cfg.save_every and state.step % cfg.save_every == 0) or stop:
+            flags = accelerator.reduce(torch.tensor([int(signals.requested), int(signals.save_now)],
+                                                    device=accelerator.device), "sum").tolist()
+            stop, save_now = flags[0] > 0, flags[1] > 0
+            signals.save_now = False
+            if (cfg.save_every and state.step % cfg.save_every == 0) or stop or save_now:
                 path = checkpoint.save(accelerator, out / "checkpoints", state, cfg.keep_checkpoints)
                 logger.info("saved checkpoint %s", path)
             if stop:
@@ -283,7 +291,7 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
 
     # ---- export the final model (or adapter) with its tokenizer
     model_dir = out / "model"
-    if not preemption.requested:
+    if not signals.requested:
         checkpoint.export_model(accelerator, model, tokenizer, model_dir)
         logger.info("saved the model to %s", model_dir)
     else:
@@ -295,4 +303,4 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
     metrics = {f"train_{k}": v for k, v in last_train.items()} | final_eval
     history = read_metrics(out / "metrics.jsonl") if main else []
     return Result(output_dir=out, model_dir=model_dir, metrics=metrics, steps=state.step, history=history,
-                  model=accelerator.unwrap_model(model), preempted=preemption.requested)
+                  model=accelerator.unwrap_model(model), preempted=signals.requested)

@@ -89,7 +89,7 @@ def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointi
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = cfg.target_modules
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task_type,
-                              target_modules=targets)
+                              target_modules=targets, modules_to_save=list(cfg.modules_to_save) or None)
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:

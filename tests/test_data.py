@@ -129,3 +129,8 @@ def test_builtin_test_split_is_held_out():
     test = [r["messages"][0]["content"] for r in task_rows("test")]
     assert len(test) == 200 and not train.intersection(test)
     assert task_rows("test") == task_rows("test")  # deterministic
+
+
+def test_hub_dataset_offline_is_a_clear_error():
+    with pytest.raises(DataError, match="hub cannot be reached"):
+        load_rows("someone/some-dataset", "train")

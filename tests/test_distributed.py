@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cli
 
 import finetune
@@ -78,3 +79,23 @@ def yaml_value(text: str):
     import yaml
 
     return yaml.safe_load(text)
+
+
+def test_ddp_dpo_precomputed_reference_matches_one_process(tmp_path: Path):
+    """Reference log-probs precomputed by 2 processes (each a shard, then gathered) equal one process's."""
+    common = ["train.max_steps=2", "seed=0", "data.eval=null", "dpo.precompute_ref_logps=true"]
+    proc = run_cli(shutil.which("accelerate"), "launch", *DDP, "finetune", "dpo", "recipes/tiny_dpo.yaml",
+                   f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4", "log.progress=false", *common,
+                   env={"ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = finetune.train("recipes/tiny_dpo.yaml", output_dir=str(tmp_path / "one"),
+                            **{k: yaml_value(v) for k, v in (c.split("=") for c in common)},
+                            **{"train.batch_size": 8, "log.progress": False})
+    from safetensors.torch import load_file
+
+    (ddp_cache,) = (tmp_path / "ddp" / "ref_logps").glob("*.safetensors")
+    (one_cache,) = (tmp_path / "one" / "ref_logps").glob("*.safetensors")
+    torch.testing.assert_close(load_file(str(ddp_cache))["ref_logps"], load_file(str(one_cache))["ref_logps"],
+                               rtol=1e-5, atol=1e-4)
+    ddp = [e["loss"] for e in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "loss" in e]
+    assert ddp == pytest.approx([e["loss"] for e in single.history if "loss" in e], rel=1e-5)

@@ -78,3 +78,22 @@ def test_fsdp_lora_adapter_export_is_complete(tmp_path: Path, chat_files, tiny_d
     ids = torch.tensor([[2, 40, 41, 42, 43, 44]])
     single.model.eval()
     torch.testing.assert_close(reloaded(ids).logits, single.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_fsdp_dpo_lora_reference_disables_the_adapter(tmp_path: Path):
+    """DPO with LoRA under FSDP: the reference pass disables the adapter through the FSDP-wrapped model (else the
+    loss would stay ln 2), and the run matches one process."""
+    common = ["train.max_steps=3", "train.warmup_steps=0", "train.lr=1e-2", "seed=0", "lora.enabled=true",
+              "lora.r=4", "lora.dropout=0", "data.eval=null", "dpo.precompute_ref_logps=false"]
+    proc = run_cli(shutil.which("accelerate"), "launch", *FSDP, "dpo", "recipes/tiny_dpo.yaml",
+                   f"output_dir={tmp_path / 'fsdp'}", "train.batch_size=4", "log.progress=false", *common,
+                   env={"ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    fsdp = [e["loss"] for e in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "loss" in e]
+    import yaml
+
+    single = finetune.train("recipes/tiny_dpo.yaml", output_dir=str(tmp_path / "one"),
+                            **{k: yaml.safe_load(v) for k, v in (c.split("=") for c in common)},
+                            **{"train.batch_size": 8, "log.progress": False})
+    assert fsdp == pytest.approx([e["loss"] for e in single.history if "loss" in e], rel=1e-5)
+    assert fsdp[-1] < 0.69

@@ -151,3 +151,15 @@ def test_kill_9_after_a_checkpoint_then_resume_is_exact(kind: str, tmp_path: Pat
     run_to_end(cmd, tmp_path / "second.log")
     assert "resumed from" in (tmp_path / "second.log").read_text()
     assert_same_run(ref, out)
+
+
+def test_sigusr1_saves_a_checkpoint_and_goes_on(tmp_path: Path, chat_files):
+    out = tmp_path / "run"
+    cmd = [*command("single", out, chat_files), "train.save_every=0"]
+    proc = start(cmd, tmp_path / "log")
+    wait_until(proc, lambda: steps_logged(out) >= 7)
+    os.kill(proc.pid, signal.SIGUSR1)
+    assert proc.wait(timeout=300) == 0, (tmp_path / "log").read_text()[-3000:]
+    saved = complete_checkpoints(out / "checkpoints")
+    assert len(saved) == 1 and 7 <= int(saved[0].name.removeprefix("step-")) < STEPS
+    assert steps_logged(out) == STEPS and (out / "model" / "model.safetensors").is_file()

@@ -200,3 +200,65 @@ def test_keeps_last_k_and_the_best_and_skips_a_truncated_checkpoint(tmp_path: Pa
     weights.write_bytes(weights.read_bytes()[:100])
     again = finetune.train(recipe, **{"train.max_steps": 9})
     assert [e["step"] for e in again.history if "loss" in e][-3:] == [7, 8, 9]
+
+
+def test_fp16_mixed_precision_runs(tmp_path: Path, chat_files):
+    """fp16 autocast (with Accelerate's loss scaler on GPUs, unscaled before clipping) trains finite losses."""
+    train, _ = chat_files
+    result = finetune.train(small_recipe(tmp_path, train), **{"train.mixed_precision": "fp16"})
+    losses = [e["loss"] for e in steps(result)]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(torch.tensor(e["grad_norm"])) for e in steps(result))
+
+
+def test_no_weight_decay_on_biases_and_norms(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model import param_groups
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all("norm" in names[id(p)] for p in no_decay["params"]) and no_decay["params"]
+    assert not any("norm" in names[id(p)] for p in decay["params"])
+
+
+def test_epochs_and_eval_fraction_and_tensorboard(tmp_path: Path, chat_files):
+    pytest.importorskip("tensorboard")
+    train, _ = chat_files
+    recipe = small_recipe(tmp_path, train, data={"eval_fraction": 0.25}, train={"max_steps": 0, "epochs": 0.5},
+                          log={"progress": False, "tensorboard": True})
+    result = finetune.train(recipe)
+    # 256 rows: 64 held out, 192 train -> 24 batches of 8 per epoch -> half an epoch is 12 steps
+    assert result.steps == 12
+    assert [e["step"] for e in result.history if "eval_loss" in e] == [0, 12]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_tiny_lora_learns(tmp_path: Path):
+    """LoRA (plus the norms) on the random-init builtin: held-out loss at most half its step-0 value."""
+    result = finetune.train("recipes/tiny_lora.yaml", output_dir=str(tmp_path),
+                            **{"train.max_steps": 900, "train.eval_every": 0, "train.eval_generate": 0,
+                               "log.progress": False})
+    evals = [e for e in result.history if "eval_loss" in e]
+    assert evals[-1]["eval_loss"] <= 0.5 * evals[0]["eval_loss"]
+
+
+def test_large_export_is_sharded_with_an_index(tmp_path: Path, chat_files):
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.checkpoint import export_model
+
+    train, _ = chat_files
+    result = finetune.train(small_recipe(tmp_path / "run", train))
+    tok = AutoTokenizer.from_pretrained(result.model_dir)
+    export_model(Accelerator(), result.model, tok, tmp_path / "sharded", max_shard_size="1MB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+    ids = torch.tensor([[2, 40, 41]])
+    result.model.eval()
+    torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits)

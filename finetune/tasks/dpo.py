@@ -24,7 +24,6 @@ from finetune.model import accepts_logits_to_keep, causal_lm_forward
 from finetune.pairs import build_pair_data
 from finetune.sampling import eval_shard
 from finetune.tasks import LossOutput, TaskData
-from finetune.tasks.rm import pair_reward_metrics
 
 logger = logging.getLogger("finetune")
 LENGTH_AVERAGED = ("ipo", "simpo")
@@ -138,9 +137,13 @@ class DPOTask:
             policy[:, 0], policy[:, 1], None if simpo else ref[:, 0], None if simpo else ref[:, 1],
             beta=self.cfg.beta, loss_type=self.cfg.loss_type, label_smoothing=self.cfg.label_smoothing,
             gamma=self.cfg.gamma)
-        metrics = pair_reward_metrics(chosen_rewards, rejected_rewards)
-        metrics["chosen_logps"] = policy[:, 0].detach().sum()
-        metrics["rejected_logps"] = policy[:, 1].detach().sum()
+        # TRL's names; `accuracy` repeats rewards/accuracy so every task with one logs `eval_accuracy`
+        chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+        accuracy = (chosen_rewards > rejected_rewards).float().sum()
+        metrics = {"accuracy": accuracy, "rewards/accuracy": accuracy,
+                   "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+                   "rewards/margin": (chosen_rewards - rejected_rewards).sum(),
+                   "logps/chosen": policy[:, 0].detach().sum(), "logps/rejected": policy[:, 1].detach().sum()}
         return LossOutput(loss_sum=losses.sum(), metric_sums=metrics)
 
     def extra_eval(self, recipe: Any, accelerator: Any, model: Any) -> dict[str, float]:

@@ -193,10 +193,17 @@ def run_trl(kind: str, assets: dict, steps: int) -> dict:
 
 
 def child(side: str, kind: str, assets: dict, steps: int, out: Path) -> None:
+    import shutil
+
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    result = run_finetune(kind, assets, steps) if side == "finetune" else run_trl(kind, assets, steps)
+    work = Path(tempfile.mkdtemp(prefix="bench-run-"))
+    tempfile.tempdir = str(work)  # both sides' output directories go here and are removed afterwards
+    try:
+        result = run_finetune(kind, assets, steps) if side == "finetune" else run_trl(kind, assets, steps)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
     out.write_text(json.dumps(result))
 
@@ -279,6 +286,9 @@ def main() -> None:
         print(f"  {name}: tokens/s x{f[2] / t[2]:.2f}, peak RSS x{f[3] / t[3]:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "raw": raw}, indent=1))
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0 saves none mid-run
     keep_checkpoints: int = 2
     log_every: int = 1
+    compile: bool = False  # torch.compile the model (inductor); pays off on GPUs and for LoRA, costs a warm-up
 
     def __post_init__(self) -> None:
         _range("train.max_steps", self.max_steps, lo=0)

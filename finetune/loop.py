@@ -111,7 +111,7 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
     cfg = recipe.train
     # ---- set up: the accelerator, seeds, output directory, who logs
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False,
-                              **(accelerator_kwargs or {}))
+                              dynamo_backend="inductor" if cfg.compile else "no", **(accelerator_kwargs or {}))
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     launched = int(os.environ.get("WORLD_SIZE", "1"))

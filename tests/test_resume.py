@@ -24,7 +24,7 @@ from finetune.checkpoint import complete_checkpoints
 from finetune.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
-STEPS = 120
+STEPS = 80
 LAUNCHERS = {
     "single": [sys.executable, "-m", "finetune"],
     "ddp": ["accelerate", "launch", "--config_file", "accelerate_configs/cpu_ddp.yaml", "finetune"],
@@ -40,7 +40,7 @@ def command(kind: str, out: Path, chat_files) -> list[str]:
         launcher[0] = shutil.which("accelerate")
     return [*launcher, "sft", "recipes/tiny_sft.yaml", f"output_dir={out}", f"data.train={train}",
             f"data.eval={evals}", f"train.max_steps={STEPS}", f"train.batch_size={batch}", "train.save_every=10",
-            "train.keep_checkpoints=2", "train.eval_every=40", "train.eval_generate=0", "train.warmup_steps=5",
+            "train.keep_checkpoints=2", "train.eval_every=30", "train.eval_generate=0", "train.warmup_steps=5",
             "seed=3", "log.progress=false", "log.tensorboard=false"]
 
 

@@ -102,7 +102,10 @@ class DPOTask:
         values = torch.zeros(len(batches), size, 2)
         uids = torch.full((len(batches), size), -1, dtype=torch.long)
         model.eval()
-        for i, idx in enumerate(batches):
+        from tqdm.auto import tqdm
+
+        show = accelerator.is_main_process and recipe.log.progress
+        for i, idx in enumerate(tqdm(batches, desc="reference log-probs", disable=not show, leave=False)):
             batch = {k: v.to(accelerator.device) for k, v in self.collate([rows[j] for j in idx]).items()}
             logps = self.reference_logps(model, batch).float().cpu()
             if i < n_real:

@@ -231,8 +231,9 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
     stream = micro_batches()
     model.train()
     progress = tqdm(total=total_steps, initial=state.step, desc=task.name, dynamic_ncols=True,
-                                       disable=not (main and recipe.log.progress))
+                    disable=not (main and recipe.log.progress))
     last_train: dict[str, float] = {}
+    stopped = False  # agreed by all processes, even if only some of them got the signal
     t_last, tokens_since = time.perf_counter(), 0
     with _Signals() as signals:
         while state.step < total_steps:
@@ -280,18 +281,18 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
                 final_eval = log_eval(state.step)
             flags = accelerator.reduce(torch.tensor([int(signals.requested), int(signals.save_now)],
                                                     device=accelerator.device), "sum").tolist()
-            stop, save_now = flags[0] > 0, flags[1] > 0
+            stopped, save_now = flags[0] > 0, flags[1] > 0
             signals.save_now = False
-            if (cfg.save_every and state.step % cfg.save_every == 0) or stop or save_now:
+            if (cfg.save_every and state.step % cfg.save_every == 0) or stopped or save_now:
                 path = checkpoint.save(accelerator, out / "checkpoints", state, cfg.keep_checkpoints)
                 logger.info("saved checkpoint %s", path)
-            if stop:
+            if stopped:
                 break
     progress.close()
 
     # ---- export the final model (or adapter) with its tokenizer
     model_dir = out / "model"
-    if not signals.requested:
+    if not stopped:
         checkpoint.export_model(accelerator, model, tokenizer, model_dir)
         logger.info("saved the model to %s", model_dir)
     else:
@@ -303,4 +304,4 @@ def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = 
     metrics = {f"train_{k}": v for k, v in last_train.items()} | final_eval
     history = read_metrics(out / "metrics.jsonl") if main else []
     return Result(output_dir=out, model_dir=model_dir, metrics=metrics, steps=state.step, history=history,
-                  model=accelerator.unwrap_model(model), preempted=signals.requested)
+                  model=accelerator.unwrap_model(model), preempted=stopped)

@@ -104,14 +104,14 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def run(recipe: Recipe, task: Task, accelerator_kwargs: dict[str, Any] | None = None) -> Result:
+def run(recipe: Recipe, task: Task) -> Result:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     cfg = recipe.train
     # ---- set up: the accelerator, seeds, output directory, who logs
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False,
-                              dynamo_backend="inductor" if cfg.compile else "no", **(accelerator_kwargs or {}))
+                              dynamo_backend="inductor" if cfg.compile else "no")
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
     launched = int(os.environ.get("WORLD_SIZE", "1"))

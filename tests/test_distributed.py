@@ -10,6 +10,7 @@ import torch
 from conftest import run_cli
 
 import finetune
+from finetune.config import parse_overrides
 from finetune.tracking import read_metrics
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -68,17 +69,11 @@ def test_ddp_dpo_lora_matches_one_process(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     ddp = [e for e in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "loss" in e]
     single = finetune.train("recipes/tiny_dpo.yaml", output_dir=str(tmp_path / "one"),
-                            **{k: yaml_value(v) for k, v in (c.split("=") for c in common)},
+                            **parse_overrides(common),
                             **{"train.batch_size": 8, "dpo.precompute_ref_logps": False, "log.progress": False})
     one = [e for e in single.history if "loss" in e]
     assert [e["loss"] for e in ddp] == pytest.approx([e["loss"] for e in one], rel=1e-5)
     assert ddp[-1]["loss"] < 0.69
-
-
-def yaml_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 def test_ddp_dpo_precomputed_reference_matches_one_process(tmp_path: Path):
@@ -89,7 +84,7 @@ def test_ddp_dpo_precomputed_reference_matches_one_process(tmp_path: Path):
                    env={"ACCELERATE_USE_CPU": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     single = finetune.train("recipes/tiny_dpo.yaml", output_dir=str(tmp_path / "one"),
-                            **{k: yaml_value(v) for k, v in (c.split("=") for c in common)},
+                            **parse_overrides(common),
                             **{"train.batch_size": 8, "log.progress": False})
     from safetensors.torch import load_file
 

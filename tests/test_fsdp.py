@@ -11,6 +11,7 @@ import torch
 from conftest import run_cli
 
 import finetune
+from finetune.config import parse_overrides
 from finetune.tracking import read_metrics
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -90,10 +91,7 @@ def test_fsdp_dpo_lora_reference_disables_the_adapter(tmp_path: Path):
                    env={"ACCELERATE_USE_CPU": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     fsdp = [e["loss"] for e in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "loss" in e]
-    import yaml
-
-    single = finetune.train("recipes/tiny_dpo.yaml", output_dir=str(tmp_path / "one"),
-                            **{k: yaml.safe_load(v) for k, v in (c.split("=") for c in common)},
+    single = finetune.train("recipes/tiny_dpo.yaml", output_dir=str(tmp_path / "one"), **parse_overrides(common),
                             **{"train.batch_size": 8, "log.progress": False})
     assert fsdp == pytest.approx([e["loss"] for e in single.history if "loss" in e], rel=1e-5)
     assert fsdp[-1] < 0.69

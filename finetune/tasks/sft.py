@@ -21,7 +21,7 @@ def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit:
     """(prompt ids, reference answer) pairs for exact-match scoring; rows without a reference are skipped."""
     fmt = detect_format(column_names(rows), source, fmt)
     out = []
-    for row in take(rows, list(range(min(limit, len(rows))))):
+    for i, row in enumerate(take(rows, list(range(min(limit, len(rows)))))):
         if fmt == "chat":
             msgs = row["messages"]
             if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
@@ -30,7 +30,7 @@ def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit:
                                                 return_dict=True)["input_ids"]
             out.append((list(ids), msgs[-1]["content"]))
         elif fmt in ("prompt_completion", "alpaca"):
-            prompt, ref = prompt_and_completion(row, fmt, f"{source}: row {len(out)}")
+            prompt, ref = prompt_and_completion(row, fmt, f"{source}: row {i}")
             out.append((tokenizer(prompt)["input_ids"], ref))
     return out
 

@@ -20,7 +20,7 @@ from finetune.errors import UserError
 
 TASKS = ("sft", "rm", "dpo")
 # attention implementations for which a packed row gives exactly the padded batch's loss and gradients (tested)
-PACKING_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+PACKING_ATTENTION = ("eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flash_attention_3")
 
 
 class ConfigError(UserError):
@@ -32,7 +32,7 @@ class ModelConfig:
     name_or_path: str = "builtin:tiny-llama"
     revision: str | None = None
     dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16 | auto
-    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2 | ...
+    attn_implementation: str = "sdpa"  # eager | sdpa | sdpa_varlen | flash_attention_2 | ...
     trust_remote_code: bool = False  # never on unless a recipe asks for it
     load_in_4bit: bool = False  # QLoRA: NF4 weights through bitsandbytes
     load_in_8bit: bool = False

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from finetune import attention
 from finetune.builtin import ensure_builtin_model, is_builtin
 from finetune.config import LoraConfig, ModelConfig
 from finetune.errors import UserError
@@ -55,11 +56,22 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, tokenizer: Any, device: torch.device, kind: str = "causal_lm") -> Any:
-    """`kind` is causal_lm or seq_cls (a one-output scalar head, for reward models)."""
+def attention_for(cfg: ModelConfig, packed: bool) -> str:
+    """The attn_implementation to load: packed rows with `sdpa` get `sdpa_varlen` (the same attention, run per
+    packed sequence instead of over a block-diagonal mask of the whole row)."""
+    name = attention.NAME if packed and cfg.attn_implementation == "sdpa" else cfg.attn_implementation
+    if name == attention.NAME:
+        attention.register()
+    return name
+
+
+def load_model(cfg: ModelConfig, tokenizer: Any, device: torch.device, kind: str = "causal_lm",
+               packed: bool = False) -> Any:
+    """`kind` is causal_lm or seq_cls (a one-output scalar head, for reward models); `packed`: the batches will
+    be padding-free packed rows."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype], "attn_implementation": cfg.attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype], "attn_implementation": attention_for(cfg, packed)}
     if cfg.load_in_4bit or cfg.load_in_8bit:
         try:
             import bitsandbytes  # noqa: F401
@@ -108,10 +120,10 @@ def enable_gradient_checkpointing(model: Any, lora: bool) -> None:
 
 
 def build(cfg_model: ModelConfig, cfg_lora: LoraConfig, gradient_checkpointing: bool, device: torch.device,
-          kind: str = "causal_lm") -> tuple[Any, Any]:
+          kind: str = "causal_lm", packed: bool = False) -> tuple[Any, Any]:
     """Tokenizer and trainable model for a task: loaded, LoRA-wrapped if enabled, checkpointed if asked."""
     tokenizer = load_tokenizer(cfg_model)
-    model = load_model(cfg_model, tokenizer, device, kind)
+    model = load_model(cfg_model, tokenizer, device, kind, packed)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg_lora.enabled)
     if cfg_lora.enabled:

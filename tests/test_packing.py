@@ -9,6 +9,7 @@ import torch
 from conftest import small_recipe
 
 import finetune
+from finetune import attention
 from finetune.builtin import task_rows
 from finetune.collate import CausalLMCollator
 from finetune.config import ConfigError, load_recipe
@@ -28,10 +29,11 @@ def loss_and_grads(model, batch, keep: bool):
     return loss.detach(), count, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "sdpa_varlen"])
 def test_packed_equals_padded(tiny_dir, attn: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    attention.register()
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation=attn)
     data = rows(tok)
@@ -46,6 +48,48 @@ def test_packed_equals_padded(tiny_dir, attn: str):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sequence_bounds_from_position_ids():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    assert attention.sequence_bounds(pos) == [[(0, 3), (3, 5), (5, 9)], [(0, 9)]]
+    assert attention.sequence_bounds(torch.tensor([[5, 6, 0]])) == [[(0, 2), (2, 3)]]
+
+
+def test_varlen_attention_equals_sequences_alone(tiny_dir):
+    """Each packed sequence's hidden states equal those of the sequence run alone (and a padded batch and
+    generation still work through the fallback path)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    attention.register()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa_varlen").eval()
+    data = rows(tok, 3)
+    packed = CausalLMCollator(tok.pad_token_id, packed=True)(data)
+    with torch.no_grad():
+        out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        start = 0
+        for r in data:
+            alone = model(input_ids=torch.tensor([r["input_ids"]])).logits[0]
+            torch.testing.assert_close(out[start:start + len(alone)], alone, rtol=1e-5, atol=1e-5)
+            start += len(alone)
+        ids = torch.tensor([[tok.pad_token_id, 5, 6], [4, 5, 6]])
+        mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, use_cache=True,
+                             pad_token_id=tok.pad_token_id)
+        ref = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa").eval()
+        expected = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                use_cache=True, pad_token_id=tok.pad_token_id)
+        assert torch.equal(gen, expected)
+
+
+def test_packing_with_sdpa_loads_varlen_attention():
+    from finetune.config import ModelConfig
+    from finetune.model import attention_for
+
+    assert attention_for(ModelConfig(), packed=True) == "sdpa_varlen"
+    assert attention_for(ModelConfig(), packed=False) == "sdpa"
+    assert attention_for(ModelConfig(attn_implementation="eager"), packed=True) == "eager"
 
 
 def test_packing_without_position_aware_attention_is_refused():

@@ -65,7 +65,7 @@ class SFTTask:
 
     def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
         model, self.tokenizer = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing,
-                                                accelerator.device)
+                                                accelerator.device, packed=recipe.data.packing)
         return model, self.tokenizer
 
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:

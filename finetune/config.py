@@ -73,7 +73,7 @@ class DataConfig:
     max_length: int = 1024
     max_prompt_length: int = 0  # preference pairs: prompt tokens kept (from the end); 0 means max_length // 2
     completion_only_loss: bool = True  # loss on assistant / completion tokens only
-    packing: bool = False  # SFT: padding-free micro-batches (rows concatenated, position_ids restart per row)
+    packing: bool = False  # padding-free micro-batches: sequences (or pairs) concatenated, positions restart
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -182,8 +182,6 @@ class Recipe:
             raise ConfigError(f"data.packing: needs model.attn_implementation in {', '.join(PACKING_ATTENTION)} "
                               "(attention that honours position_ids boundaries), got "
                               f"{self.model.attn_implementation}")
-        if self.data.packing and self.task != "sft":
-            raise ConfigError(f"data.packing: only for sft so far, not {self.task}")
         if (self.model.load_in_4bit or self.model.load_in_8bit) and not self.lora.enabled:
             raise ConfigError("model.load_in_4bit/load_in_8bit: quantized weights cannot be trained; set lora.enabled")
 

@@ -62,23 +62,39 @@ def target_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> 
     return keep
 
 
+def _sequence_index(labels: torch.Tensor, mask: torch.Tensor, segment_ids: torch.Tensor | None) -> tuple:
+    """The sequence each target belongs to, and the number of sequences: rows, or packed segments."""
+    if segment_ids is None:
+        return mask.nonzero()[:, 0], labels.shape[0]
+    return segment_ids[:, 1:][mask], int(segment_ids.max()) + 1
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                   average: bool = False) -> torch.Tensor:
-    """Per-sequence sum (or mean, with `average`) of log p(label token), shape (batch,).
+                   average: bool = False, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence sum (or mean, with `average`) of log p(label token), shape (sequences,).
 
     logp(y) = sum_t [labels[t+1] != ignore] * log softmax(logits[t])[labels[t+1]]
 
     `logits` is (batch, seq, vocab) or the (n, vocab) rows at `target_positions(labels)`, as for
     `causal_lm_loss`. Uses logit[y] - logsumexp(logits) by chunks instead of a full float32 log-softmax copy.
+    A sequence is a row of `labels`, or, for packed rows, a value of `segment_ids` ((batch, seq), numbering the
+    packed sequences 0..n-1 token by token).
     """
     targets = labels[:, 1:]
     mask = targets != ignore_index
     picked = logits if logits.ndim == 2 else logits[:, :-1][mask]
-    per_token = torch.zeros(mask.shape, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
-                            device=logits.device)
-    per_token = per_token.masked_scatter(mask, token_logps(picked, targets[mask]))
-    total = per_token.sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
+    per_token = token_logps(picked, targets[mask])
+    index, n = _sequence_index(labels, mask, segment_ids)
+    total = per_token.new_zeros(n).index_add(0, index, per_token)
+    return total / sequence_lengths(labels, ignore_index, segment_ids).clamp(min=1) if average else total
+
+
+def sequence_lengths(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                     segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Number of target tokens per sequence (rows, or packed segments as for `sequence_logps`)."""
+    mask = labels[:, 1:] != ignore_index
+    index, n = _sequence_index(labels, mask, segment_ids)
+    return torch.zeros(n, dtype=torch.long, device=labels.device).index_add(0, index, torch.ones_like(index))
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,

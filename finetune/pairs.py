@@ -130,18 +130,22 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
     if eval_rows is not None:
         evals, _ = encode_pairs(eval_rows, eval_src, tokenizer, d.max_length, d.max_prompt_length, progress,
                                 uid_start=len(train))
-    return train, evals, PairCollator(tokenizer.pad_token_id)
+    return train, evals, PairCollator(tokenizer.pad_token_id, d.packing)
 
 
 class PairCollator:
-    """Batches of B pairs as 2B rows, chosen first then rejected, for one concatenated forward.
+    """Batches of B pairs as 2B sequences, chosen first then rejected, for one concatenated forward.
 
-    `labels` mask the prompt and padding, so log-probs cover response tokens only. When the task has
-    precomputed reference log-probs, `ref_logps` (a (n, 2) tensor indexed by uid) is attached per pair.
+    `labels` mask the prompt and padding, so log-probs cover response tokens only. Padded (default): 2B rows
+    with an attention mask. Packed (`packed=True`, padding-free): the 2B sequences in one row with `position_ids`
+    restarting per sequence, `segment_ids` numbering them token by token, and `sequence_ends` (the index of each
+    one's last token, where a reward model reads its score). When the task has precomputed reference log-probs,
+    `ref_logps` (a (n, 2) tensor indexed by uid) is attached per pair.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, packed: bool = False):
         self.pad_token_id = pad_token_id
+        self.packed = packed
         self.ref_logps: torch.Tensor | None = None
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -150,12 +154,25 @@ class PairCollator:
             for r in rows:
                 seqs.append(r["prompt"] + r[side])
                 labels.append([IGNORE_INDEX] * len(r["prompt"]) + r[side])
-        input_ids = pad(seqs, self.pad_token_id)
-        batch = {"input_ids": input_ids, "labels": pad(labels, IGNORE_INDEX),
-                 "attention_mask": pad([[1] * len(s) for s in seqs], 0),
-                 "margin": torch.tensor([r["margin"] for r in rows]),
-                 "uid": torch.tensor([r["uid"] for r in rows]), "num_items": torch.tensor(len(rows)),
-                 "num_tokens": torch.tensor(sum(len(s) for s in seqs))}
+        batch = self.packed_tensors(seqs, labels) if self.packed else {
+            "input_ids": pad(seqs, self.pad_token_id), "labels": pad(labels, IGNORE_INDEX),
+            "attention_mask": pad([[1] * len(s) for s in seqs], 0)}
+        batch.update({"margin": torch.tensor([r["margin"] for r in rows]),
+                      "uid": torch.tensor([r["uid"] for r in rows]), "num_items": torch.tensor(len(rows)),
+                      "num_tokens": torch.tensor(sum(len(s) for s in seqs))})
         if self.ref_logps is not None:
             batch["ref_logps"] = self.ref_logps[batch["uid"]]
         return batch
+
+    @staticmethod
+    def packed_tensors(seqs: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
+        ids, lab, positions, segments = [], [], [], []
+        for i, (s, y) in enumerate(zip(seqs, labels, strict=True)):
+            ids += s
+            lab += [IGNORE_INDEX] + y[1:]  # a sequence's first token is no target of the one before
+            positions += range(len(s))
+            segments += [i] * len(s)
+        ends = torch.tensor([len(s) for s in seqs]).cumsum(0) - 1
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([lab]),
+                "position_ids": torch.tensor([positions]), "segment_ids": torch.tensor([segments]),
+                "sequence_ends": ends}

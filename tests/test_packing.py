@@ -95,8 +95,6 @@ def test_packing_with_sdpa_loads_varlen_attention():
 def test_packing_without_position_aware_attention_is_refused():
     with pytest.raises(ConfigError, match="data.packing: needs model.attn_implementation"):
         load_recipe({"data": {"packing": True}, "model": {"attn_implementation": "flex_attention"}})
-    with pytest.raises(ConfigError, match="only for sft"):
-        load_recipe({"task": "dpo", "data": {"packing": True}})
 
 
 def test_packed_training_matches_padded_training(tmp_path: Path, chat_files):

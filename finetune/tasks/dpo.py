@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from finetune import model as model_lib
-from finetune.losses import IGNORE_INDEX, dpo_loss, sequence_logps
+from finetune.losses import dpo_loss, sequence_lengths, sequence_logps
 from finetune.model import accepts_logits_to_keep, causal_lm_forward
 from finetune.pairs import build_pair_data
 from finetune.sampling import eval_shard
@@ -51,7 +51,7 @@ class DPOTask:
     def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
         self.cfg, self.lora = recipe.dpo, recipe.lora.enabled
         model, tokenizer = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing,
-                                           accelerator.device)
+                                           accelerator.device, packed=recipe.data.packing)
         if not self.lora and not self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         return model, tokenizer
@@ -81,7 +81,7 @@ class DPOTask:
             else:
                 with self.adapter_off(model):
                     logits = causal_lm_forward(model, batch, self.keep_logits)
-        return sequence_logps(logits, batch["labels"]).view(2, -1).T
+        return sequence_logps(logits, batch["labels"], segment_ids=batch.get("segment_ids")).view(2, -1).T
 
     def adapter_off(self, model: Any) -> Any:
         from accelerate.utils import extract_model_from_parallel
@@ -131,9 +131,10 @@ class DPOTask:
         ref = None if simpo else self.reference_logps(model, batch)
         # chosen and rejected rows in one forward; prompt tokens are masked out of the log-probs
         logits = causal_lm_forward(model, batch, self.keep_logits)
-        policy = sequence_logps(logits, batch["labels"]).view(2, -1).T
+        policy = sequence_logps(logits, batch["labels"], segment_ids=batch.get("segment_ids")).view(2, -1).T
         if self.cfg.loss_type in LENGTH_AVERAGED:
-            lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1).view(2, -1).T
+            lengths = sequence_lengths(batch["labels"], segment_ids=batch.get("segment_ids"))
+            lengths = lengths.clamp(min=1).view(2, -1).T
             policy = policy / lengths
             ref = None if simpo else ref / lengths
         losses, chosen_rewards, rejected_rewards = dpo_loss(

@@ -214,8 +214,8 @@ def child(side: str, kind: str, assets: dict, steps: int, out: Path) -> None:
 PAIRS = {
     "sft_full": ("sft_full_packed", "sft_full", "sft_full_padding_free", 6),
     "sft_lora": ("sft_lora_packed", "sft_lora", "sft_lora_padding_free", 4),
-    "rm": ("rm_full", "rm_full", None, 6),
-    "dpo_lora": ("dpo_lora", "dpo_lora", None, 6),  # policy fwd+bwd (4N) + reference fwd (2N)
+    "rm": ("rm_full_packed", "rm_full", None, 6),
+    "dpo_lora": ("dpo_lora_packed", "dpo_lora", None, 6),  # policy fwd+bwd (4N) + reference fwd (2N)
 }
 
 
@@ -284,6 +284,9 @@ def main() -> None:
     for name in args.only:
         f, t = by[(name, "finetune")], by[(name, "TRL")]
         print(f"  {name}: tokens/s x{f[2] / t[2]:.2f}, peak RSS x{f[3] / t[3]:.2f}")
+    if ("sft_lora", "finetune") in by and ("sft_full", "finetune") in by:
+        lora, full = by[("sft_lora", "finetune")], by[("sft_full", "finetune")]
+        print(f"  finetune LoRA / finetune full: tokens/s x{lora[2] / full[2]:.2f}, peak RSS x{lora[3] / full[3]:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "raw": raw}, indent=1))
     import shutil

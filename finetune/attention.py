@@ -50,6 +50,11 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     window = kwargs.get("sliding_window")
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    dtype = query.dtype
+    if query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        # measured on torch 2.13 CPU: half-precision SDPA is slower than float32 and caches kernels for every
+        # new sequence length (memory grows by megabytes per length, without bound); float32 does neither
+        query, key, value = query.float(), key.float(), value.float()
     bounds = sequence_bounds(position_ids.expand(query.shape[0], -1))
     rows = []
     for b, row in enumerate(bounds):
@@ -59,7 +64,7 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
             F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
                                            dropout_p=dropout, is_causal=True, scale=scaling)
             for s, e in row], dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
+    return torch.cat(rows).transpose(1, 2).to(dtype).contiguous(), None
 
 
 def _mask_only_for_padding(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:

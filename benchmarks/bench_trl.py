@@ -31,6 +31,7 @@ MODEL = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_a
              num_key_value_heads=6, max_position_embeddings=1024, tie_word_embeddings=True)
 VOCAB = 8192
 HP = dict(batch_size=8, grad_accum=2, lr=5e-4, warmup=3, max_length=512, seed=0)
+BUDGET = {"sft": 1700, "rm": 2560, "dpo": 2560}  # ~ batch_size x the data's mean row (pair) length, in tokens
 
 
 # ------------------------------------------------------------------ shared fixtures (made once per invocation)
@@ -112,7 +113,9 @@ def run_finetune(kind: str, assets: dict, steps: int) -> dict:
         "data": {"train": assets["pref_train" if pref else "sft_train"],
                  "eval": assets["pref_eval" if pref else "sft_eval"], "max_length": HP["max_length"],
                  "packing": "packed" in kind},
+        # "budget": micro-batches of whole rows up to the tokens of batch_size average rows (same tokens per step)
         "train": {"max_steps": steps, "batch_size": HP["batch_size"], "grad_accum": HP["grad_accum"],
+                  "batch_tokens": BUDGET[task] if "budget" in kind else 0,
                   "lr": HP["lr"], "warmup_steps": HP["warmup"], "mixed_precision": "bf16",
                   "gradient_checkpointing": False, "log_every": 1},
         "log": {"progress": False, "tensorboard": False},

@@ -13,6 +13,7 @@ Registered with transformers' AttentionInterface under `sdpa_varlen`; `model.att
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -51,19 +52,23 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dtype = query.dtype
-    if query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+    upcast = query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    if upcast:
         # measured on torch 2.13 CPU: half-precision SDPA is slower than float32 and caches kernels for every
-        # new sequence length (memory grows by megabytes per length, without bound); float32 does neither
+        # new sequence length (memory grows by megabytes per length, without bound); float32 does neither.
+        # Autocast would cast the inputs straight back to half precision, so it is off around the call.
         query, key, value = query.float(), key.float(), value.float()
     bounds = sequence_bounds(position_ids.expand(query.shape[0], -1))
     rows = []
-    for b, row in enumerate(bounds):
-        if window is not None and max(e - s for s, e in row) > window:
-            raise ValueError(f"{NAME}: a packed sequence is longer than the model's sliding window ({window})")
-        rows.append(torch.cat([
-            F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                           dropout_p=dropout, is_causal=True, scale=scaling)
-            for s, e in row], dim=2))
+    with torch.autocast(query.device.type, enabled=False) if upcast else nullcontext():
+        for b, row in enumerate(bounds):
+            if window is not None and max(e - s for s, e in row) > window:
+                raise ValueError(f"{NAME}: a packed sequence is longer than the model's sliding window ({window})")
+            rows.append(torch.cat([
+                F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
+                                               value[b:b + 1, :, s:e], dropout_p=dropout, is_causal=True,
+                                               scale=scaling)
+                for s, e in row], dim=2))
     return torch.cat(rows).transpose(1, 2).to(dtype).contiguous(), None
 
 

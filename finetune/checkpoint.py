@@ -29,7 +29,8 @@ class TrainerState:
     epoch: int = 0  # epoch of the next micro-batch
     batch_in_epoch: int = 0  # index of the next micro-batch within its epoch
     tokens_seen: int = 0
-    rows_per_batch: int = 0  # global micro-batch (batch_size x processes) of the run that saved it
+    rows_per_batch: int = 0  # global micro-batch (batch_size x processes, or token-budget bins) of the saver
+    batch_tokens: int = 0  # the saver's train.batch_tokens (0: micro-batches were batch_size rows)
     eval_loss: float | None = None  # most recent held-out loss when this state was saved
     best_eval_loss: float | None = None
     best_checkpoint: str | None = None

@@ -90,6 +90,7 @@ class TrainConfig:
     epochs: float = 1.0
     batch_size: int = 8  # per process, per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
+    batch_tokens: int = 0  # with data.packing: micro-batches of whole rows up to this many tokens (0: batch_size rows)
     lr: float = 2e-5
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0
@@ -113,6 +114,7 @@ class TrainConfig:
         _range("train.epochs", self.epochs, lo=0, lo_open=True)
         _range("train.batch_size", self.batch_size, lo=1)
         _range("train.grad_accum", self.grad_accum, lo=1)
+        _range("train.batch_tokens", self.batch_tokens, lo=0)
         _range("train.lr", self.lr, lo=0, lo_open=True)
         _range("train.min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
         _range("train.warmup_steps", self.warmup_steps, lo=0)
@@ -182,6 +184,14 @@ class Recipe:
             raise ConfigError(f"data.packing: needs model.attn_implementation in {', '.join(PACKING_ATTENTION)} "
                               "(attention that honours position_ids boundaries), got "
                               f"{self.model.attn_implementation}")
+        if self.train.batch_tokens:
+            if not self.data.packing:
+                raise ConfigError("train.batch_tokens: token-budget micro-batches need data.packing: true")
+            longest = self.data.max_length * (1 if self.task == "sft" else 2)  # a pair holds two sequences
+            if self.train.batch_tokens < longest:
+                raise ConfigError(f"train.batch_tokens: {self.train.batch_tokens} cannot hold the longest "
+                                  f"{'row' if self.task == 'sft' else 'pair'} ({longest} tokens with "
+                                  f"data.max_length={self.data.max_length}); raise it or lower data.max_length")
         if (self.model.load_in_4bit or self.model.load_in_8bit) and not self.lora.enabled:
             raise ConfigError("model.load_in_4bit/load_in_8bit: quantized weights cannot be trained; set lora.enabled")
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from finetune import checkpoint
 from finetune.config import Recipe, to_yaml
 from finetune.errors import UserError
-from finetune.sampling import EpochBatches, eval_shard
+from finetune.sampling import EpochBatches, TokenBudgetBatches, eval_shard
 from finetune.schedule import warmup_cosine
 from finetune.tasks import Task
 from finetune.tracking import NullTracker, Tracker, read_metrics
@@ -136,10 +136,19 @@ def run(recipe: Recipe, task: Task) -> Result:
     with accelerator.main_process_first():
         model, tokenizer = task.build_model(recipe, accelerator)
         data = task.build_data(recipe, tokenizer)
-    per_epoch = EpochBatches.per_epoch(len(data.train), cfg.batch_size, world)
+    budget = cfg.batch_tokens  # micro-batches of at most this many tokens instead of batch_size rows
+    if budget and data.train_lengths is None:
+        raise UserError(f"train.batch_tokens: the {task.name} task does not support token-budget batches")
+
+    def train_sampler(epoch: int, start: int) -> EpochBatches | TokenBudgetBatches:
+        if budget:
+            return TokenBudgetBatches(data.train_lengths, budget, world, rank, recipe.seed, epoch, start)
+        return EpochBatches(len(data.train), cfg.batch_size, world, rank, recipe.seed, epoch, start)
+
+    per_epoch = len(train_sampler(0, 0))
     if per_epoch == 0:
-        raise UserError(f"data.train: {len(data.train)} rows cannot fill one batch of train.batch_size="
-                         f"{cfg.batch_size} x {world} processes")
+        fill = f"train.batch_tokens={budget}" if budget else f"train.batch_size={cfg.batch_size}"
+        raise UserError(f"data.train: {len(data.train)} rows cannot fill one batch of {fill} x {world} processes")
     if data.eval is not None and len(data.eval) < world:
         raise UserError(f"data.eval: {len(data.eval)} rows, fewer than the {world} processes")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)
@@ -163,16 +172,21 @@ def run(recipe: Recipe, task: Task) -> Result:
 
     # ---- resume: restores model, optimizer, scheduler, scaler, RNG; the data order is positioned, not replayed
     resume_from, state = checkpoint.load_first_readable(accelerator, candidates)
+    units = world if budget else cfg.batch_size * world  # rows (or token-budget bins) per global batch
     if resume_from is not None:
         logger.info("resumed from %s at step %d", resume_from, state.step)
-        if state.rows_per_batch != cfg.batch_size * world:
+        if state.batch_tokens != budget:
+            logger.warning("resuming with train.batch_tokens=%d instead of %d: the batches differ, so the data "
+                           "position restarts at the beginning of epoch %d", budget, state.batch_tokens, state.epoch)
+            state.batch_in_epoch = 0
+        elif state.rows_per_batch != units:
             # other processes or batch size: same row order, so re-cut the consumed prefix into this run's batches
             rows_done = state.batch_in_epoch * state.rows_per_batch
-            state.batch_in_epoch = rows_done // (cfg.batch_size * world)
-            if rows_done % (cfg.batch_size * world):
+            state.batch_in_epoch = rows_done // units
+            if rows_done % units:
                 logger.warning("resuming with %d rows per global batch instead of %d: the data position is rounded "
-                               "down to a whole batch", cfg.batch_size * world, state.rows_per_batch)
-    state.rows_per_batch = cfg.batch_size * world
+                               "down to a whole batch", units, state.rows_per_batch)
+    state.rows_per_batch, state.batch_tokens = units, budget
     tracker = Tracker(out, recipe.log, recipe.to_dict(), state.step if resume_from else None) if main \
         else NullTracker()
 
@@ -188,8 +202,7 @@ def run(recipe: Recipe, task: Task) -> Result:
         """Endless stream of this process's micro-batches, tracking (epoch, batch) for checkpoints."""
         epoch, start = state.epoch, state.batch_in_epoch
         while True:
-            sampler = EpochBatches(len(data.train), cfg.batch_size, world, rank, recipe.seed, epoch, start)
-            for i, batch in enumerate(loader(sampler, data.train), start=start):
+            for i, batch in enumerate(loader(train_sampler(epoch, start), data.train), start=start):
                 yield epoch, i + 1, batch
             epoch, start = epoch + 1, 0
 

@@ -133,6 +133,12 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
     return train, evals, PairCollator(tokenizer.pad_token_id, d.packing)
 
 
+def pair_lengths(pairs: Any) -> list[int]:
+    """Tokens a pair occupies in a batch: the prompt twice (once before each response) plus both responses."""
+    return [2 * len(p) + len(c) + len(r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"],
+                                                            strict=True)]
+
+
 class PairCollator:
     """Batches of B pairs as 2B sequences, chosen first then rejected, for one concatenated forward.
 

@@ -21,6 +21,7 @@ class TaskData:
     train: Any  # a sized, indexable dataset of tokenized rows
     eval: Any | None
     collate: Any  # rows -> batch dict with a `num_items` tensor (target tokens or pairs)
+    train_lengths: list[int] | None = None  # tokens per train row (for token-budget micro-batches)
 
 
 class Task(Protocol):

@@ -21,7 +21,7 @@ import torch
 from finetune import model as model_lib
 from finetune.losses import dpo_loss, sequence_lengths, sequence_logps
 from finetune.model import accepts_logits_to_keep, causal_lm_forward
-from finetune.pairs import build_pair_data
+from finetune.pairs import build_pair_data, pair_lengths
 from finetune.sampling import eval_shard
 from finetune.tasks import LossOutput, TaskData
 
@@ -59,7 +59,8 @@ class DPOTask:
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
         progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)
         self.train, self.evals, self.collate = build_pair_data(recipe, tokenizer, progress)
-        return TaskData(train=self.train, eval=self.evals, collate=self.collate)
+        return TaskData(train=self.train, eval=self.evals, collate=self.collate,
+                        train_lengths=pair_lengths(self.train))
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
         self.keep_logits = accepts_logits_to_keep(model)

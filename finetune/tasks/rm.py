@@ -9,7 +9,7 @@ import torch
 
 from finetune import model as model_lib
 from finetune.losses import bradley_terry_loss
-from finetune.pairs import build_pair_data
+from finetune.pairs import build_pair_data, pair_lengths
 from finetune.tasks import LossOutput, TaskData
 
 logger = logging.getLogger("finetune")
@@ -47,7 +47,7 @@ class RewardModelTask:
         progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)
         train, evals, collate = build_pair_data(recipe, tokenizer, progress)
         self.center = recipe.rm.center_rewards
-        return TaskData(train=train, eval=evals, collate=collate)
+        return TaskData(train=train, eval=evals, collate=collate, train_lengths=pair_lengths(train))
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
         self.token_scores: list[torch.Tensor] = []

@@ -81,7 +81,8 @@ class SFTTask:
             if recipe.train.eval_generate:
                 self.examples = generation_examples(eval_rows, eval_src, d.format, tokenizer,
                                                     recipe.train.eval_generate)
-        return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id, d.packing))
+        return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id, d.packing),
+                        train_lengths=[len(ids) for ids in train["input_ids"]])
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
         self.keep_logits = accepts_logits_to_keep(model)

@@ -4,8 +4,10 @@ Plain SDPA on a packed row builds a (length x length) block-diagonal mask and co
 of them masked out: the work grows with the square of the row, not of its sequences. This implementation finds
 the sequences from `position_ids` (a new one starts wherever the position does not follow the previous one, as
 flash-attention's varlen path does) and runs causal SDPA on each, so attention costs what it would for the
-sequences one by one and never crosses a boundary. Batches with an attention mask (padded eval batches,
-left-padded generation) and KV-cache steps go to transformers' own SDPA path unchanged.
+sequences one by one and never crosses a boundary. A sequence whose positions start above 0 shares the prompt
+of the sequence before it (see `sequence_bounds`): preference pairs run their prompt once. Batches with an
+attention mask (padded eval batches, left-padded generation) and KV-cache steps go to transformers' own SDPA
+path unchanged.
 
 Registered with transformers' AttentionInterface under `sdpa_varlen`; `model.attn_implementation: sdpa` with
 `data.packing: true` uses it.
@@ -22,16 +24,48 @@ import torch.nn.functional as F
 NAME = "sdpa_varlen"
 
 
-def sequence_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per row, the (start, end) of each packed sequence: a sequence starts where position != previous + 1."""
+def sequence_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    """Per row, (start, end, prefix_start, prefix_end) of each packed sequence.
+
+    A sequence starts where position != previous + 1. One that starts at position 0 is a root and has an empty
+    prefix (prefix_end == prefix_start). One that starts at position q > 0 is a branch: it continues the first q
+    tokens of the last root before it, which it attends to as its prefix (a shared prompt: preference pairs lay
+    out `prompt + chosen` then `last prompt token + rejected` at positions q - 1.., so the prompt runs once).
+    """
     starts = torch.ones_like(position_ids, dtype=torch.bool)
     starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     length = position_ids.shape[1]
     out = []
-    for row in starts.cpu():
-        s = row.nonzero().flatten().tolist()
-        out.append(list(zip(s, s[1:] + [length], strict=True)))
+    for row_starts, row_pos in zip(starts.cpu(), position_ids.cpu(), strict=True):
+        s = row_starts.nonzero().flatten().tolist()
+        first = row_pos[s].tolist()
+        bounds, root = [], None
+        for a, b, q in zip(s, s[1:] + [length], first, strict=True):
+            if q == 0:
+                root = a
+            if q > 0 and root is not None:
+                bounds.append((a, b, root, root + q))
+            else:
+                bounds.append((a, b, a, a))
+        out.append(bounds)
     return out
+
+
+def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       bounds: tuple[int, int, int, int],
+                       dropout: float, scaling: float | None) -> torch.Tensor:
+    s, e, ps, pe = bounds
+    q = query[:, :, s:e]
+    if pe == ps:
+        return F.scaled_dot_product_attention(q, key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
+                                              is_causal=True, scale=scaling)
+    # a branch: every token sees the whole prefix, and the branch itself causally
+    k = torch.cat([key[:, :, ps:pe], key[:, :, s:e]], dim=2)
+    v = torch.cat([value[:, :, ps:pe], value[:, :, s:e]], dim=2)
+    n = e - s
+    mask = torch.ones(n, pe - ps + n, dtype=torch.bool, device=q.device)
+    mask[:, pe - ps:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
 
 
 def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -62,13 +96,10 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     rows = []
     with torch.autocast(query.device.type, enabled=False) if upcast else nullcontext():
         for b, row in enumerate(bounds):
-            if window is not None and max(e - s for s, e in row) > window:
+            if window is not None and max(e - s + pe - ps for s, e, ps, pe in row) > window:
                 raise ValueError(f"{NAME}: a packed sequence is longer than the model's sliding window ({window})")
-            rows.append(torch.cat([
-                F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e],
-                                               value[b:b + 1, :, s:e], dropout_p=dropout, is_causal=True,
-                                               scale=scaling)
-                for s, e in row], dim=2))
+            rows.append(torch.cat([_segment_attention(query[b:b + 1], key[b:b + 1], value[b:b + 1], bounds,
+                                                      dropout, scaling) for bounds in row], dim=2))
     return torch.cat(rows).transpose(1, 2).to(dtype).contiguous(), None
 
 

@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from finetune import attention
 from finetune.collate import pad
 from finetune.data import DataError, check_messages, train_eval_rows
 from finetune.losses import IGNORE_INDEX
+from finetune.model import attention_for
 
 logger = logging.getLogger("finetune")
 
@@ -130,7 +132,9 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
     if eval_rows is not None:
         evals, _ = encode_pairs(eval_rows, eval_src, tokenizer, d.max_length, d.max_prompt_length, progress,
                                 uid_start=len(train))
-    return train, evals, PairCollator(tokenizer.pad_token_id, d.packing)
+    # the prompt runs once per pair where the attention understands shared prefixes (sdpa_varlen)
+    share = d.packing and attention_for(recipe.model, d.packing) == attention.NAME
+    return train, evals, PairCollator(tokenizer.pad_token_id, d.packing, share)
 
 
 def pair_lengths(pairs: Any) -> list[int]:
@@ -143,42 +147,63 @@ class PairCollator:
     """Batches of B pairs as 2B sequences, chosen first then rejected, for one concatenated forward.
 
     `labels` mask the prompt and padding, so log-probs cover response tokens only. Padded (default): 2B rows
-    with an attention mask. Packed (`packed=True`, padding-free): the 2B sequences in one row with `position_ids`
-    restarting per sequence, `segment_ids` numbering them token by token, and `sequence_ends` (the index of each
-    one's last token, where a reward model reads its score). When the task has precomputed reference log-probs,
-    `ref_logps` (a (n, 2) tensor indexed by uid) is attached per pair.
+    with an attention mask. Packed (`packed=True`, padding-free): all sequences in one row with `position_ids`
+    restarting per sequence, `segment_ids` numbering them token by token (chosen 0..B-1, rejected B..2B-1), and
+    `sequence_ends` (the index of each one's last token, where a reward model reads its score). With
+    `share_prompt` (needs `sdpa_varlen` attention), a pair is laid out as `prompt + chosen` followed by
+    `last prompt token + rejected` at positions continuing the prompt, so the prompt runs once per pair; the
+    repeated last prompt token is what predicts the first rejected token. When the task has precomputed
+    reference log-probs, `ref_logps` (a (n, 2) tensor indexed by uid) is attached per pair.
     """
 
-    def __init__(self, pad_token_id: int, packed: bool = False):
+    def __init__(self, pad_token_id: int, packed: bool = False, share_prompt: bool = False):
         self.pad_token_id = pad_token_id
-        self.packed = packed
+        self.packed, self.share_prompt = packed, share_prompt
         self.ref_logps: torch.Tensor | None = None
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        seqs, labels = [], []
-        for side in ("chosen", "rejected"):
-            for r in rows:
-                seqs.append(r["prompt"] + r[side])
-                labels.append([IGNORE_INDEX] * len(r["prompt"]) + r[side])
-        batch = self.packed_tensors(seqs, labels) if self.packed else {
-            "input_ids": pad(seqs, self.pad_token_id), "labels": pad(labels, IGNORE_INDEX),
-            "attention_mask": pad([[1] * len(s) for s in seqs], 0)}
+        if self.packed:
+            batch = self.packed_tensors(rows, self.share_prompt)
+        else:
+            seqs, labels = [], []
+            for side in ("chosen", "rejected"):
+                for r in rows:
+                    seqs.append(r["prompt"] + r[side])
+                    labels.append([IGNORE_INDEX] * len(r["prompt"]) + r[side])
+            batch = {"input_ids": pad(seqs, self.pad_token_id), "labels": pad(labels, IGNORE_INDEX),
+                     "attention_mask": pad([[1] * len(s) for s in seqs], 0)}
+        # tokens of both sequences in full, also when the prompt is shared: what the batch represents
         batch.update({"margin": torch.tensor([r["margin"] for r in rows]),
                       "uid": torch.tensor([r["uid"] for r in rows]), "num_items": torch.tensor(len(rows)),
-                      "num_tokens": torch.tensor(sum(len(s) for s in seqs))})
+                      "num_tokens": torch.tensor(sum(2 * len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"])
+                                                     for r in rows))})
         if self.ref_logps is not None:
             batch["ref_logps"] = self.ref_logps[batch["uid"]]
         return batch
 
     @staticmethod
-    def packed_tensors(seqs: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
-        ids, lab, positions, segments = [], [], [], []
-        for i, (s, y) in enumerate(zip(seqs, labels, strict=True)):
-            ids += s
-            lab += [IGNORE_INDEX] + y[1:]  # a sequence's first token is no target of the one before
-            positions += range(len(s))
-            segments += [i] * len(s)
-        ends = torch.tensor([len(s) for s in seqs]).cumsum(0) - 1
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([lab]),
+    def packed_tensors(rows: list[dict[str, Any]], share_prompt: bool) -> dict[str, torch.Tensor]:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        segments: list[int] = []
+        ends = [0] * (2 * len(rows))
+
+        def add(tokens: list[int], targets: list[int], start: int, segment: int) -> None:
+            ids.extend(tokens)
+            labels.extend([IGNORE_INDEX] + targets[1:])  # a sequence's first token is no target of the one before
+            positions.extend(range(start, start + len(tokens)))
+            segments.extend([segment] * len(tokens))
+            ends[segment] = len(ids) - 1
+
+        n = len(rows)
+        for i, r in enumerate(rows):
+            p = r["prompt"]
+            add(p + r["chosen"], [IGNORE_INDEX] * len(p) + r["chosen"], 0, i)
+            if share_prompt and p:
+                add(p[-1:] + r["rejected"], [IGNORE_INDEX] + r["rejected"], len(p) - 1, n + i)
+            else:
+                add(p + r["rejected"], [IGNORE_INDEX] * len(p) + r["rejected"], 0, n + i)
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                 "position_ids": torch.tensor([positions]), "segment_ids": torch.tensor([segments]),
-                "sequence_ends": ends}
+                "sequence_ends": torch.tensor(ends)}

@@ -10,6 +10,7 @@ import torch
 from conftest import python, run_cli
 
 import finetune
+from finetune import attention
 from finetune.builtin import preference_rows
 from finetune.data import DataError
 from finetune.losses import IGNORE_INDEX
@@ -226,14 +227,43 @@ def test_tiny_preference_recipes_end_to_end(tmp_path: Path, task: str):
 def test_packed_pair_collator_numbers_sequences(tok):
     rows = [{"prompt": [1, 2], "chosen": [3, 4], "rejected": [5], "margin": 0.0, "uid": 0},
             {"prompt": [6], "chosen": [7], "rejected": [8, 9, 10], "margin": 1.0, "uid": 1}]
-    b = PairCollator(tok.pad_token_id, packed=True)(rows)
-    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 6, 7, 1, 2, 5, 6, 8, 9, 10]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2, 0, 1, 2, 3]]
-    assert b["segment_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3]]
-    assert b["sequence_ends"].tolist() == [3, 5, 8, 12]
     t = IGNORE_INDEX
-    assert b["labels"].tolist() == [[t, t, 3, 4, t, 7, t, t, 5, t, 8, 9, 10]]
+    b = PairCollator(tok.pad_token_id, packed=True)(rows)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 1, 2, 5, 6, 7, 6, 8, 9, 10]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert b["segment_ids"].tolist() == [[0, 0, 0, 0, 2, 2, 2, 1, 1, 3, 3, 3, 3]]  # chosen 0..B-1, rejected B..
+    assert b["sequence_ends"].tolist() == [3, 8, 6, 12]
+    assert b["labels"].tolist() == [[t, t, 3, 4, t, t, 5, t, 7, t, 8, 9, 10]]
     assert b["num_tokens"] == 13 and b["num_items"] == 2
+    # shared prompt: `prompt + chosen`, then `last prompt token + rejected` continuing the prompt's positions
+    s = PairCollator(tok.pad_token_id, packed=True, share_prompt=True)(rows)
+    assert s["input_ids"].tolist() == [[1, 2, 3, 4, 2, 5, 6, 7, 6, 8, 9, 10]]
+    assert s["position_ids"].tolist() == [[0, 1, 2, 3, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert s["segment_ids"].tolist() == [[0, 0, 0, 0, 2, 2, 1, 1, 3, 3, 3, 3]]
+    assert s["sequence_ends"].tolist() == [3, 7, 5, 11]
+    assert s["labels"].tolist() == [[t, t, 3, 4, t, 5, t, 7, t, 8, 9, 10]]
+    assert s["num_tokens"] == 13  # what the pairs hold, not the shorter row
+    assert attention.sequence_bounds(s["position_ids"]) == [[(0, 4, 0, 0), (4, 6, 0, 1), (6, 8, 6, 6),
+                                                              (8, 12, 8, 8)]]  # a 1-token prompt: a new root
+
+
+def test_shared_prompt_attention_equals_separate_sequences(tiny_dir, tok):
+    """Each pair's chosen and rejected hidden states with the prompt shared equal those of the sequences alone."""
+    from transformers import AutoModelForCausalLM
+
+    attention.register()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa_varlen").eval()
+    rows = encode_pairs(preference_rows("train")[:3], "x", tok, 64, 32, False)[0]
+    rows = [rows[i] for i in range(3)]
+    b = PairCollator(tok.pad_token_id, packed=True, share_prompt=True)(rows)
+    with torch.no_grad():
+        out = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[0]
+        for i, r in enumerate(rows):
+            for side, segment in (("chosen", i), ("rejected", len(rows) + i)):
+                alone = model(input_ids=torch.tensor([r["prompt"] + r[side]])).logits[0]
+                where = (b["segment_ids"][0] == segment).nonzero().flatten()
+                n = len(where)  # the sequence's last n tokens (the shared prompt lives in the chosen segment)
+                torch.testing.assert_close(out[where], alone[-n:], rtol=1e-5, atol=1e-5)
 
 
 def test_sequence_logps_of_packed_segments_equal_rows():
@@ -260,9 +290,10 @@ def test_sequence_logps_of_packed_segments_equal_rows():
     ("dpo", {"lora": {"enabled": True, "r": 4, "dropout": 0.0}}),
     ("dpo", {"dpo": {"precompute_ref_logps": True}}),
     ("dpo", {"dpo": {"loss_type": "ipo"}}),
-], ids=["rm", "rm-lora", "dpo-lora", "dpo-precompute", "dpo-ipo-frozen-ref"])
+    ("dpo", {"model": {"attn_implementation": "eager"}}),  # packed without a shared prompt
+], ids=["rm", "rm-lora", "dpo-lora", "dpo-precompute", "dpo-ipo-frozen-ref", "dpo-eager"])
 def test_packed_pairs_train_like_padded(tmp_path: Path, pair_files, task: str, sections: dict):
-    """Packed pairs (one row, sdpa_varlen) give the padded batches' eval metrics before training and the same
+    """Packed pairs (one row; the prompt shared under sdpa_varlen) give the padded batches' eval metrics before training and the same
     losses and gradient norms while training (later steps drift by float rounding amplified by Adam)."""
     padded = finetune.train(pair_recipe(tmp_path / "a", pair_files, task, **sections))
     packed = finetune.train(pair_recipe(tmp_path / "b", pair_files, task, **sections,

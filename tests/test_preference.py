@@ -293,8 +293,9 @@ def test_sequence_logps_of_packed_segments_equal_rows():
     ("dpo", {"model": {"attn_implementation": "eager"}}),  # packed without a shared prompt
 ], ids=["rm", "rm-lora", "dpo-lora", "dpo-precompute", "dpo-ipo-frozen-ref", "dpo-eager"])
 def test_packed_pairs_train_like_padded(tmp_path: Path, pair_files, task: str, sections: dict):
-    """Packed pairs (one row; the prompt shared under sdpa_varlen) give the padded batches' eval metrics before training and the same
-    losses and gradient norms while training (later steps drift by float rounding amplified by Adam)."""
+    """Packed pairs (one row; the prompt shared under sdpa_varlen) give the padded batches' eval metrics before
+    training and the same losses and gradient norms while training (later steps drift by float rounding
+    amplified by Adam)."""
     padded = finetune.train(pair_recipe(tmp_path / "a", pair_files, task, **sections))
     packed = finetune.train(pair_recipe(tmp_path / "b", pair_files, task, **sections,
                                         data={"packing": True}))

@@ -213,12 +213,15 @@ def child(side: str, kind: str, assets: dict, steps: int, out: Path) -> None:
 
 # ------------------------------------------------------------------ the parent: pairs in A B B A order
 
-# (finetune run, TRL default run, TRL's fastest option or None), FLOPs per token as a multiple of parameters
+# (finetune run, TRL default run, extra runs made once: TRL's fastest option, finetune with a token budget),
+# FLOPs per token as a multiple of parameters
 PAIRS = {
-    "sft_full": ("sft_full_packed", "sft_full", "sft_full_padding_free", 6),
-    "sft_lora": ("sft_lora_packed", "sft_lora", "sft_lora_padding_free", 4),
-    "rm": ("rm_full_packed", "rm_full", None, 6),
-    "dpo_lora": ("dpo_lora_packed", "dpo_lora", None, 6),  # policy fwd+bwd (4N) + reference fwd (2N)
+    "sft_full": ("sft_full_packed", "sft_full", ("trl", "sft_full_padding_free", "finetune", "sft_full_packed_budget"),
+                 6),
+    "sft_lora": ("sft_lora_packed", "sft_lora", ("trl", "sft_lora_padding_free", "finetune", "sft_lora_packed_budget"),
+                 4),
+    "rm": ("rm_full_packed", "rm_full", ("finetune", "rm_full_packed_budget"), 6),
+    "dpo_lora": ("dpo_lora_packed", "dpo_lora", ("finetune", "dpo_lora_packed_budget"), 6),  # policy 4N + ref 2N
 }
 
 
@@ -262,14 +265,15 @@ def main() -> None:
           f"{args.steps} steps, batch {HP['batch_size']} x accumulation {HP['grad_accum']}, BF16, no checkpointing")
     rows, raw = [], {}
     for name in args.only:
-        ours, theirs, fastest, flops_per_param = PAIRS[name]
+        ours, theirs, extra, flops_per_param = PAIRS[name]
         a, b = [], []
         for side, kind, bucket in (("finetune", ours, a), ("trl", theirs, b), ("trl", theirs, b),
                                    ("finetune", ours, a)):
             bucket.append(spawn(side, kind, assets_file, args.steps))
         runs = [("finetune " + ours, a), ("TRL " + theirs, b)]
-        if fastest:
-            runs.append(("TRL " + fastest, [spawn("trl", fastest, assets_file, args.steps)]))
+        for side, kind in zip(extra[::2], extra[1::2], strict=True):
+            label = ("TRL " if side == "trl" else "finetune ") + kind
+            runs.append((label, [spawn(side, kind, assets_file, args.steps)]))
         for label, group in runs:
             tps = sum(r["tokens"] for r in group) / sum(r["train_s"] for r in group)
             rows.append((name, label, tps, mean(group, "peak_rss_gb"), flops_per_param * n_params * tps / peak,
@@ -283,10 +287,13 @@ def main() -> None:
         print(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {fmt(r[3], '.2f')} | {fmt(r[4], '.1%')} | {fmt(r[5], '.0%')} | "
               f"{fmt(r[6], '.3f')} | {fmt(r[7], '.3f')} | {fmt(r[8], '.2f')} |")
     print("\nratios finetune / TRL default (same invocation):")
-    by = {(r[0], r[1].split(" ")[0]): r for r in rows if not r[1].endswith("padding_free")}
+    by = {(r[0], r[1].split(" ")[0]): r for r in rows if not r[1].endswith(("padding_free", "budget"))}
     for name in args.only:
         f, t = by[(name, "finetune")], by[(name, "TRL")]
         print(f"  {name}: tokens/s x{f[2] / t[2]:.2f}, peak RSS x{f[3] / t[3]:.2f}")
+        for r in rows:
+            if r[0] == name and r[1] != f[1] and r[1].startswith("finetune"):
+                print(f"  {name} ({r[1].split(' ')[1]}): tokens/s x{r[2] / t[2]:.2f}, peak RSS x{r[3] / t[3]:.2f}")
     if ("sft_lora", "finetune") in by and ("sft_full", "finetune") in by:
         lora, full = by[("sft_lora", "finetune")], by[("sft_full", "finetune")]
         print(f"  finetune LoRA / finetune full: tokens/s x{lora[2] / full[2]:.2f}, peak RSS x{lora[3] / full[3]:.2f}")

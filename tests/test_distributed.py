@@ -94,3 +94,22 @@ def test_ddp_dpo_precomputed_reference_matches_one_process(tmp_path: Path):
                                rtol=1e-5, atol=1e-4)
     ddp = [e["loss"] for e in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "loss" in e]
     assert ddp == pytest.approx([e["loss"] for e in single.history if "loss" in e], rel=1e-5)
+
+
+def test_ddp_packed_pairs_on_a_token_budget_match_one_process(tmp_path: Path):
+    """Reward model, packed pairs with a shared prompt, token-budget micro-batches: 2 processes x 1 micro-batch
+    see the same bins per step as 1 process x 2 micro-batches, so losses and grad norms match."""
+    common = ["train.max_steps=3", "train.warmup_steps=0", "seed=0", "data.packing=true", "train.batch_tokens=384",
+              "data.eval=null", "train.epochs=1"]
+    proc = run_cli(shutil.which("accelerate"), "launch", *DDP, "finetune", "rm", "recipes/tiny_rm.yaml",
+                   f"output_dir={tmp_path / 'ddp'}", "train.grad_accum=1", "log.progress=false", *common,
+                   env={"ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = [e for e in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "loss" in e]
+    single = finetune.train("recipes/tiny_rm.yaml", output_dir=str(tmp_path / "one"), **parse_overrides(common),
+                            **{"train.grad_accum": 2, "log.progress": False})
+    one = [e for e in single.history if "loss" in e]
+    assert len(ddp) == len(one) == 3
+    assert [e["loss"] for e in ddp] == pytest.approx([e["loss"] for e in one], rel=1e-5)
+    assert [e["grad_norm"] for e in ddp] == pytest.approx([e["grad_norm"] for e in one], rel=1e-4)
+    assert [e["tokens_seen"] for e in ddp] == [e["tokens_seen"] for e in one]

@@ -52,8 +52,11 @@ def test_packed_equals_padded(tiny_dir, attn: str):
 
 def test_sequence_bounds_from_position_ids():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
-    assert attention.sequence_bounds(pos) == [[(0, 3), (3, 5), (5, 9)], [(0, 9)]]
-    assert attention.sequence_bounds(torch.tensor([[5, 6, 0]])) == [[(0, 2), (2, 3)]]
+    assert attention.sequence_bounds(pos) == [[(0, 3, 0, 0), (3, 5, 3, 3), (5, 9, 5, 5)], [(0, 9, 0, 0)]]
+    # no root before it: a sequence starting above 0 has no prefix to share
+    assert attention.sequence_bounds(torch.tensor([[5, 6, 0]])) == [[(0, 2, 0, 0), (2, 3, 2, 2)]]
+    # a branch at position 2 shares the first two tokens of the root before it
+    assert attention.sequence_bounds(torch.tensor([[0, 1, 2, 3, 2, 3]])) == [[(0, 4, 0, 0), (4, 6, 0, 2)]]
 
 
 def test_varlen_attention_equals_sequences_alone(tiny_dir):

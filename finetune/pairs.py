@@ -137,10 +137,15 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
     return train, evals, PairCollator(tokenizer.pad_token_id, d.packing, share)
 
 
+def pair_tokens(prompt: list[int], chosen: list[int], rejected: list[int]) -> int:
+    """Tokens a pair holds: the prompt twice (once before each response) plus both responses."""
+    return 2 * len(prompt) + len(chosen) + len(rejected)
+
+
 def pair_lengths(pairs: Any) -> list[int]:
-    """Tokens a pair occupies in a batch: the prompt twice (once before each response) plus both responses."""
-    return [2 * len(p) + len(c) + len(r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"],
-                                                            strict=True)]
+    """`pair_tokens` of every pair of a tokenized dataset (read by columns)."""
+    return [pair_tokens(p, c, r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"],
+                                                      strict=True)]
 
 
 class PairCollator:
@@ -175,7 +180,7 @@ class PairCollator:
         # tokens of both sequences in full, also when the prompt is shared: what the batch represents
         batch.update({"margin": torch.tensor([r["margin"] for r in rows]),
                       "uid": torch.tensor([r["uid"] for r in rows]), "num_items": torch.tensor(len(rows)),
-                      "num_tokens": torch.tensor(sum(2 * len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"])
+                      "num_tokens": torch.tensor(sum(pair_tokens(r["prompt"], r["chosen"], r["rejected"])
                                                      for r in rows))})
         if self.ref_logps is not None:
             batch["ref_logps"] = self.ref_logps[batch["uid"]]

@@ -51,6 +51,19 @@ def sequence_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int, int
     return out
 
 
+_last_bounds: tuple[torch.Tensor, int, list] | None = None
+
+
+def _bounds_once_per_forward(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    """`sequence_bounds`, computed once per forward: every layer receives the same `position_ids` tensor, and
+    finding the bounds reads it back to the CPU (a device sync per layer on GPUs). Keyed on the tensor itself
+    and its version counter, so a new or modified tensor is read again."""
+    global _last_bounds
+    if _last_bounds is None or _last_bounds[0] is not position_ids or _last_bounds[1] != position_ids._version:
+        _last_bounds = (position_ids, position_ids._version, sequence_bounds(position_ids))
+    return _last_bounds[2]
+
+
 def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        bounds: tuple[int, int, int, int],
                        dropout: float, scaling: float | None) -> torch.Tensor:
@@ -92,14 +105,18 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         # new sequence length (memory grows by megabytes per length, without bound); float32 does neither.
         # Autocast would cast the inputs straight back to half precision, so it is off around the call.
         query, key, value = query.float(), key.float(), value.float()
-    bounds = sequence_bounds(position_ids.expand(query.shape[0], -1))
+    if position_ids.shape[0] not in (1, query.shape[0]):
+        raise ValueError(f"{NAME}: position_ids has {position_ids.shape[0]} rows for a batch of {query.shape[0]}")
+    bounds = _bounds_once_per_forward(position_ids)
+    if len(bounds) == 1:  # one row of positions shared by the whole batch
+        bounds = bounds * query.shape[0]
     rows = []
     with torch.autocast(query.device.type, enabled=False) if upcast else nullcontext():
         for b, row in enumerate(bounds):
             if window is not None and max(e - s + pe - ps for s, e, ps, pe in row) > window:
                 raise ValueError(f"{NAME}: a packed sequence is longer than the model's sliding window ({window})")
-            rows.append(torch.cat([_segment_attention(query[b:b + 1], key[b:b + 1], value[b:b + 1], bounds,
-                                                      dropout, scaling) for bounds in row], dim=2))
+            rows.append(torch.cat([_segment_attention(query[b:b + 1], key[b:b + 1], value[b:b + 1], segment,
+                                                      dropout, scaling) for segment in row], dim=2))
     return torch.cat(rows).transpose(1, 2).to(dtype).contiguous(), None
 
 

@@ -59,6 +59,14 @@ def test_sequence_bounds_from_position_ids():
     assert attention.sequence_bounds(torch.tensor([[0, 1, 2, 3, 2, 3]])) == [[(0, 4, 0, 0), (4, 6, 0, 2)]]
 
 
+def test_bounds_are_read_again_for_a_new_or_modified_position_tensor():
+    pos = torch.tensor([[0, 1, 0, 1]])
+    assert attention._bounds_once_per_forward(pos) == [[(0, 2, 0, 0), (2, 4, 2, 2)]]
+    pos[0, 2:] = torch.tensor([2, 3])  # in place: one sequence now
+    assert attention._bounds_once_per_forward(pos) == [[(0, 4, 0, 0)]]
+    assert attention._bounds_once_per_forward(torch.tensor([[0, 0, 1, 2]])) == [[(0, 1, 0, 0), (1, 4, 1, 1)]]
+
+
 def test_varlen_attention_equals_sequences_alone(tiny_dir):
     """Each packed sequence's hidden states equal those of the sequence run alone (and a padded batch and
     generation still work through the fallback path)."""

@@ -99,11 +99,13 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dtype = query.dtype
-    upcast = query.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    half = (torch.bfloat16, torch.float16)
+    upcast = query.device.type == "cpu" and (dtype in half or torch.is_autocast_enabled("cpu"))
     if upcast:
         # measured on torch 2.13 CPU: half-precision SDPA is slower than float32 and caches kernels for every
         # new sequence length (memory grows by megabytes per length, without bound); float32 does neither.
-        # Autocast would cast the inputs straight back to half precision, so it is off around the call.
+        # Under autocast the inputs often arrive as float32 already (Llama's rotary embedding promotes them), but
+        # autocast would cast them to half precision inside SDPA: it is off around the call.
         query, key, value = query.float(), key.float(), value.float()
     if position_ids.shape[0] not in (1, query.shape[0]):
         raise ValueError(f"{NAME}: position_ids has {position_ids.shape[0]} rows for a batch of {query.shape[0]}")

@@ -94,6 +94,31 @@ def test_varlen_attention_equals_sequences_alone(tiny_dir):
         assert torch.equal(gen, expected)
 
 
+def test_varlen_attention_runs_float32_under_cpu_autocast(tiny_dir, monkeypatch):
+    """Under bf16 autocast on CPU the per-sequence SDPA runs in float32 with autocast off: half-precision SDPA
+    there is slower and grows memory for every new sequence length. Llama's rotary embedding hands the
+    attention float32 inputs under autocast, so checking the input dtype alone is not enough (it was, once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    attention.register()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa_varlen")
+    packed = CausalLMCollator(tok.pad_token_id, packed=True)(rows(tok, 3))
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", torch.bfloat16):
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+    assert logits.dtype == torch.bfloat16  # the rest of the model still runs in bf16
+    assert len(seen) == 3 * model.config.num_hidden_layers
+    assert set(seen) == {(torch.float32, torch.float32, False)}
+
+
 def test_packing_with_sdpa_loads_varlen_attention():
     from finetune.config import ModelConfig
     from finetune.model import attention_for

@@ -108,6 +108,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     compile: bool = False  # torch.compile the model (inductor); pays off on GPUs and for LoRA, costs a warm-up
+    trim_memory: bool = False  # CPU: return freed heap pages to the OS after each backward (lower RSS, slower)
 
     def __post_init__(self) -> None:
         _range("train.max_steps", self.max_steps, lo=0)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from finetune import checkpoint
 from finetune.config import Recipe, to_yaml
 from finetune.errors import UserError
+from finetune.memory import heap_trimmer
 from finetune.sampling import EpochBatches, TokenBudgetBatches, eval_shard
 from finetune.schedule import warmup_cosine
 from finetune.tasks import Task
@@ -242,6 +243,7 @@ def run(recipe: Recipe, task: Task) -> Result:
     # ---- the steps
     final_eval = log_eval(0) if state.step == 0 else {}
     stream = micro_batches()
+    trim = heap_trimmer(accelerator.device) if cfg.trim_memory else None
     model.train()
     progress = tqdm(total=total_steps, initial=state.step, desc=task.name, dynamic_ncols=True,
                     disable=not (main and recipe.log.progress))
@@ -264,6 +266,8 @@ def run(recipe: Recipe, task: Task) -> Result:
                 with nullcontext() if sync_now else accelerator.no_sync(model):
                     result = task.loss(model, batch)
                     accelerator.backward(result.loss_sum * world / n_items.clamp(min=1))
+                if trim is not None:  # this micro-batch's activations are free now
+                    trim()
                 for k, v in {"loss": result.loss_sum, **result.metric_sums}.items():
                     step_sums[k] = step_sums.get(k, 0) + v.detach().float()
                 tokens_since += int(batch["num_tokens"])

@@ -271,3 +271,32 @@ def test_compile_option_trains_the_same(tmp_path: Path, chat_files):
     compiled = finetune.train(small_recipe(tmp_path / "b", train), **{"train.max_steps": 2, "train.compile": True})
     assert [e["loss"] for e in steps(compiled)] == pytest.approx([e["loss"] for e in steps(plain)], rel=1e-4)
     assert (tmp_path / "b" / "model" / "model.safetensors").is_file()
+
+
+def test_trim_memory_trains_the_same_and_trims_after_each_backward(tmp_path: Path, chat_files, monkeypatch):
+    import finetune.loop
+    from finetune.memory import heap_trimmer
+
+    calls = []
+
+    def counting(device):
+        release = heap_trimmer(device)
+        assert release is not None  # glibc on this Linux CPU
+        return lambda: calls.append(release())
+
+    monkeypatch.setattr(finetune.loop, "heap_trimmer", counting)
+    train, _ = chat_files
+    overrides = {"train.grad_accum": 2, "train.batch_size": 4, "train.mixed_precision": "bf16"}
+    plain = finetune.train(small_recipe(tmp_path / "a", train), **overrides)
+    assert calls == []
+    trimmed = finetune.train(small_recipe(tmp_path / "b", train), **overrides, **{"train.trim_memory": True})
+    assert len(calls) == 3 * 2  # steps x micro-batches
+    assert [e["loss"] for e in steps(trimmed)] == [e["loss"] for e in steps(plain)]
+
+
+def test_trim_memory_is_ignored_with_a_warning_off_cpu(caplog):
+    from finetune.memory import heap_trimmer
+
+    with caplog.at_level("WARNING", logger="finetune"):
+        assert heap_trimmer(torch.device("cuda")) is None
+    assert "train.trim_memory" in caplog.text and "cuda" in caplog.text

@@ -161,7 +161,12 @@ def run(recipe: Recipe, task: Task) -> Result:
                 n_trainable / 1e6, n_params / 1e6)
 
     # ---- optimizer and warmup-cosine schedule (a pure function of the step, stepped once per optimizer step)
-    from finetune.model import param_groups
+    from finetune.model import param_groups, store_frozen_linears_in
+
+    if cfg.mixed_precision != "no" and accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED"):
+        # frozen weights (LoRA's base) kept in the compute dtype autocast would cast them to at every step;
+        # FSDP and DeepSpeed manage parameter dtypes themselves
+        store_frozen_linears_in(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision])
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)

@@ -300,3 +300,22 @@ def test_trim_memory_is_ignored_with_a_warning_off_cpu(caplog):
     with caplog.at_level("WARNING", logger="finetune"):
         assert heap_trimmer(torch.device("cuda")) is None
     assert "train.trim_memory" in caplog.text and "cuda" in caplog.text
+
+
+def test_frozen_lora_base_stored_in_bf16_trains_bitwise_the_same(tmp_path: Path, chat_files, monkeypatch):
+    """Under bf16 autocast, LoRA's frozen base weights are kept in bf16 (what autocast computes with anyway):
+    the same losses bitwise as casting them at every step, and the tied embedding stays float32."""
+    import finetune.model
+
+    train, _ = chat_files
+    overrides = {"train.mixed_precision": "bf16", "lora.enabled": True, "lora.r": 4}
+    stored = finetune.train(small_recipe(tmp_path / "a", train), **overrides)
+    model = stored.model.get_base_model()
+    assert model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    monkeypatch.setattr(finetune.model, "store_frozen_linears_in", lambda model, dtype: 0)
+    cast = finetune.train(small_recipe(tmp_path / "b", train), **overrides)
+    assert cast.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float32
+    assert [e["loss"] for e in steps(stored)] == [e["loss"] for e in steps(cast)]
+    assert stored.metrics["train_grad_norm"] == cast.metrics["train_grad_norm"]

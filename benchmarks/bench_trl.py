@@ -31,14 +31,17 @@ MODEL = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_a
              num_key_value_heads=6, max_position_embeddings=1024, tie_word_embeddings=True)
 VOCAB = 8192
 HP = dict(batch_size=8, grad_accum=2, lr=5e-4, warmup=3, max_length=512, seed=0)
-BUDGET = {"sft": 1700, "rm": 2560, "dpo": 2560}  # ~ batch_size x the data's mean row (pair) length, in tokens
 
 
 # ------------------------------------------------------------------ shared fixtures (made once per invocation)
 
 
-def make_assets(folder: Path) -> dict[str, str]:
-    """A random-init Llama with the builtin tokenizer, chat data of 20-450 tokens, and preference pairs."""
+def make_assets(folder: Path, lengths: str = "uniform") -> dict[str, str]:
+    """A random-init Llama with the builtin tokenizer, chat data of 20-450 tokens, and preference pairs.
+
+    `lengths`: word counts drawn uniformly (TRL pads about a third of each batch), or `longtail`: one
+    log-uniform draw per row scales all its parts over the same ranges, so many rows are short and few long, as
+    in real chat data (TRL pads about half; the issue's own TRL measurements saw 61-68%)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -55,12 +58,21 @@ def make_assets(folder: Path) -> dict[str, str]:
 
     rng = random.Random(0)
 
+    scale = 0.0  # longtail: one log-uniform draw per row sets the length of all its parts
+
     def words(lo: int, hi: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+        n = rng.randint(lo, hi) if lengths == "uniform" else round(lo * (hi / lo) ** scale)
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    def row_scale() -> None:
+        nonlocal scale
+        if lengths == "longtail":  # (uniform draws nothing here: its data stay those of earlier results)
+            scale = rng.random()
 
     def chat(n: int) -> list[dict]:
         rows = []
         for _ in range(n):
+            row_scale()
             prompt, answer = "Repeat the last words: " + words(8, 200), words(2, 150)
             rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
         return rows
@@ -68,18 +80,29 @@ def make_assets(folder: Path) -> dict[str, str]:
     def pairs(n: int) -> list[dict]:
         out = []
         for _ in range(n):
+            row_scale()
             user = {"role": "user", "content": "Say something: " + words(8, 150)}
             out.append({"chosen": [user, {"role": "assistant", "content": words(2, 100)}],
                         "rejected": [user, {"role": "assistant", "content": words(2, 100)}]})
         return out
 
-    paths = {}
-    for name, rows in (("sft_train", chat(600)), ("sft_eval", chat(48)), ("pref_train", pairs(600)),
-                       ("pref_eval", pairs(48))):
+    paths: dict = {}
+    sets = {"sft_train": chat(600), "sft_eval": chat(48), "pref_train": pairs(600), "pref_eval": pairs(48)}
+    for name, rows in sets.items():
         path = folder / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths[name] = str(path)
     paths["model"] = str(folder / "model")
+
+    # token budgets of the `_budget` runs: batch_size times the mean row (pair) length, so a step holds about
+    # the tokens of batch_size rows as on the other side
+    def tokens(messages: list) -> int:
+        return len(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+    sft = sum(tokens(r["messages"]) for r in sets["sft_train"]) / len(sets["sft_train"])
+    pair = sum(tokens(r["chosen"]) + tokens(r["rejected"]) for r in sets["pref_train"]) / len(sets["pref_train"])
+    paths["budget"] = {"sft": int(round(HP["batch_size"] * sft, -1)),
+                       "pairs": max(int(round(HP["batch_size"] * pair, -1)), 2 * HP["max_length"])}
     return paths
 
 
@@ -115,7 +138,7 @@ def run_finetune(kind: str, assets: dict, steps: int) -> dict:
                  "packing": "packed" in kind},
         # "budget": micro-batches of whole rows up to the tokens of batch_size average rows (same tokens per step)
         "train": {"max_steps": steps, "batch_size": HP["batch_size"], "grad_accum": HP["grad_accum"],
-                  "batch_tokens": BUDGET[task] if "budget" in kind else 0,
+                  "batch_tokens": assets["budget"]["sft" if task == "sft" else "pairs"] if "budget" in kind else 0,
                   "lr": HP["lr"], "warmup_steps": HP["warmup"], "mixed_precision": "bf16",
                   "gradient_checkpointing": False, "log_every": 1, "trim_memory": "trim" in kind},
         "log": {"progress": False, "tensorboard": False},
@@ -248,6 +271,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--only", nargs="*", choices=list(PAIRS), default=list(PAIRS))
+    parser.add_argument("--lengths", choices=("uniform", "longtail"), default="uniform",
+                        help="row length distribution of the data (see make_assets)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -257,7 +282,7 @@ def main() -> None:
         return
 
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
-    assets = make_assets(folder)
+    assets = make_assets(folder, args.lengths)
     assets_file = folder / "assets.json"
     assets_file.write_text(json.dumps(assets))
     from transformers import AutoModelForCausalLM
@@ -265,7 +290,9 @@ def main() -> None:
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(assets["model"]).parameters())
     peak = matmul_peak()
     print(f"model: {n_params / 1e6:.1f}M parameters; bf16 matmul peak measured now: {peak / 1e9:.0f} GFLOP/s; "
-          f"{args.steps} steps, batch {HP['batch_size']} x accumulation {HP['grad_accum']}, BF16, no checkpointing")
+          f"token budgets {assets['budget']}; "
+          f"{args.lengths} lengths, {args.steps} steps, batch {HP['batch_size']} x accumulation {HP['grad_accum']}, "
+          "BF16, no checkpointing")
     rows, raw = [], {}
     for name in args.only:
         ours, theirs, extra, flops_per_param = PAIRS[name]

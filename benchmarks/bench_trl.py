@@ -140,7 +140,8 @@ def run_finetune(kind: str, assets: dict, steps: int) -> dict:
         "train": {"max_steps": steps, "batch_size": HP["batch_size"], "grad_accum": HP["grad_accum"],
                   "batch_tokens": assets["budget"]["sft" if task == "sft" else "pairs"] if "budget" in kind else 0,
                   "lr": HP["lr"], "warmup_steps": HP["warmup"], "mixed_precision": "bf16",
-                  "gradient_checkpointing": False, "log_every": 1, "trim_memory": "trim" in kind},
+                  "gradient_checkpointing": False, "log_every": 1, "trim_memory": "trim" in kind,
+                  "compile": "compile" in kind},
         "log": {"progress": False, "tensorboard": False},
     }
     result = finetune.train(recipe)

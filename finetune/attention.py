@@ -116,6 +116,15 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         # Under autocast the inputs often arrive as float32 already (Llama's rotary embedding promotes them), but
         # autocast would cast them to half precision inside SDPA: it is off around the call.
         query, key, value = query.float(), key.float(), value.float()
+    out = _packed_attention(query, key, value, position_ids, dropout, scaling, window, upcast)
+    return out.transpose(1, 2).to(dtype).contiguous(), None
+
+
+# Eager under torch.compile (the projections around it still compile): the sequences are data that the loop
+# runs over, and the bounds cache is Python state that a traced graph would freeze into constants.
+@torch.compiler.disable
+def _packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor,
+                      dropout: float, scaling: float | None, window: int | None, upcast: bool) -> torch.Tensor:
     if position_ids.shape[0] not in (1, query.shape[0]):
         raise ValueError(f"{NAME}: position_ids has {position_ids.shape[0]} rows for a batch of {query.shape[0]}")
     bounds = _bounds_once_per_forward(position_ids)
@@ -127,7 +136,7 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
             if window is not None and max(e - s + pe - ps for s, e, ps, pe in row) > window:
                 raise ValueError(f"{NAME}: a packed sequence is longer than the model's sliding window ({window})")
             rows.append(_row_attention(q, k, v, row, dropout, scaling))
-    return torch.cat(rows).transpose(1, 2).to(dtype).contiguous(), None
+    return torch.cat(rows)
 
 
 def _mask_only_for_padding(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:

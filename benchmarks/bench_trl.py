@@ -101,6 +101,10 @@ def make_assets(folder: Path, lengths: str = "uniform") -> dict[str, str]:
 
     sft = sum(tokens(r["messages"]) for r in sets["sft_train"]) / len(sets["sft_train"])
     pair = sum(tokens(r["chosen"]) + tokens(r["rejected"]) for r in sets["pref_train"]) / len(sets["pref_train"])
+    # with the prompt shared (packed pairs under sdpa_varlen) a pair runs prompt + chosen + 1 + rejected tokens of
+    # the 2 x prompt + chosen + rejected it counts; MFU of those runs is scaled by this share
+    prompt = sum(tokens(r["chosen"][:1]) for r in sets["pref_train"]) / len(sets["pref_train"])
+    paths["pair_executed_share"] = (pair - prompt + 1) / pair
     paths["budget"] = {"sft": int(round(HP["batch_size"] * sft, -1)),
                        "pairs": max(int(round(HP["batch_size"] * pair, -1)), 2 * HP["max_length"])}
     return paths
@@ -307,7 +311,9 @@ def main() -> None:
             runs.append((label, [spawn(side, kind, assets_file, args.steps)]))
         for label, group in runs:
             tps = sum(r["tokens"] for r in group) / sum(r["train_s"] for r in group)
-            rows.append((name, label, tps, mean(group, "peak_rss_gb"), flops_per_param * n_params * tps / peak,
+            executed = assets["pair_executed_share"] if name in ("rm", "dpo_lora") and "packed" in label else 1.0
+            mfu = flops_per_param * n_params * tps * executed / peak
+            rows.append((name, label, tps, mean(group, "peak_rss_gb"), mfu,
                          mean(group, "padding_share"), mean(group, "train_loss"), mean(group, "eval_loss"),
                          mean(group, "eval_accuracy")))
         raw[name] = {"finetune": a, "trl": b}

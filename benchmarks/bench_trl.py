@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,7 +37,7 @@ HP = dict(batch_size=8, grad_accum=2, lr=5e-4, warmup=3, max_length=512, seed=0)
 # ------------------------------------------------------------------ shared fixtures (made once per invocation)
 
 
-def make_assets(folder: Path, lengths: str = "uniform") -> dict[str, str]:
+def make_assets(folder: Path, lengths: str = "uniform") -> dict[str, Any]:
     """A random-init Llama with the builtin tokenizer, chat data of 20-450 tokens, and preference pairs.
 
     `lengths`: word counts drawn uniformly (TRL pads about a third of each batch), or `longtail`: one
@@ -86,7 +87,7 @@ def make_assets(folder: Path, lengths: str = "uniform") -> dict[str, str]:
                         "rejected": [user, {"role": "assistant", "content": words(2, 100)}]})
         return out
 
-    paths: dict = {}
+    paths: dict[str, Any] = {}
     sets = {"sft_train": chat(600), "sft_eval": chat(48), "pref_train": pairs(600), "pref_eval": pairs(48)}
     for name, rows in sets.items():
         path = folder / f"{name}.jsonl"

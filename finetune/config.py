@@ -109,6 +109,7 @@ class TrainConfig:
     log_every: int = 1
     compile: bool = False  # torch.compile the model (inductor); pays off on GPUs and for LoRA, costs a warm-up
     trim_memory: bool = False  # CPU: return freed heap pages to the OS after each backward (lower RSS, slower)
+    fused_linear_loss: bool = False  # sft/dpo: output projection + log-softmax by chunks (pays with large vocabs)
 
     def __post_init__(self) -> None:
         _range("train.max_steps", self.max_steps, lo=0)
@@ -193,6 +194,9 @@ class Recipe:
                 raise ConfigError(f"train.batch_tokens: {self.train.batch_tokens} cannot hold the longest "
                                   f"{'row' if self.task == 'sft' else 'pair'} ({longest} tokens with "
                                   f"data.max_length={self.data.max_length}); raise it or lower data.max_length")
+        if self.train.fused_linear_loss and self.task == "rm":
+            raise ConfigError("train.fused_linear_loss: only sft and dpo compute a vocabulary loss; the rm task's "
+                              "head has one output")
         if (self.model.load_in_4bit or self.model.load_in_8bit) and not self.lora.enabled:
             raise ConfigError("model.load_in_4bit/load_in_8bit: quantized weights cannot be trained; set lora.enabled")
 

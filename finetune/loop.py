@@ -161,12 +161,11 @@ def run(recipe: Recipe, task: Task) -> Result:
                 n_trainable / 1e6, n_params / 1e6)
 
     # ---- optimizer and warmup-cosine schedule (a pure function of the step, stepped once per optimizer step)
-    from finetune.model import param_groups, store_frozen_linears_in
+    from finetune.model import frozen_weights_dtype, param_groups, restore_float32, store_frozen_linears_in
 
-    if cfg.mixed_precision != "no" and accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED"):
-        # frozen weights (LoRA's base) kept in the compute dtype autocast would cast them to at every step;
-        # FSDP and DeepSpeed manage parameter dtypes themselves
-        store_frozen_linears_in(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.mixed_precision])
+    frozen_dtype = frozen_weights_dtype(cfg.mixed_precision, accelerator.distributed_type.name)
+    # frozen weights (LoRA's base) kept in the dtype autocast casts them to at each step; float32 again at the end
+    frozen_cast = [] if frozen_dtype is None else store_frozen_linears_in(model, frozen_dtype)
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
@@ -234,7 +233,8 @@ def run(recipe: Recipe, task: Task) -> Result:
         items = max(sums.pop("items"), 1.0)
         metrics = {f"eval_{k}": v / items for k, v in sums.items()}
         model.train()
-        metrics.update(task.extra_eval(recipe, accelerator, model))
+        with accelerator.autocast():  # e.g. generation, which does not go through the wrapped forward
+            metrics.update(task.extra_eval(recipe, accelerator, model))
         return metrics
 
     def log_eval(step: int) -> dict[str, float]:
@@ -321,6 +321,7 @@ def run(recipe: Recipe, task: Task) -> Result:
         logger.warning("stopped at step %d of %d; run the same command again (resume: auto) to continue",
                        state.step, total_steps)
     tracker.close()
+    restore_float32(frozen_cast)  # the returned model runs outside autocast too, e.g. in a notebook
     accelerator.wait_for_everyone()  # all processes leave together (avoids rare aborts at exit)
     accelerator.end_training()
     metrics = {f"train_{k}": v for k, v in last_train.items()} | final_eval

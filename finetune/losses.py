@@ -6,6 +6,8 @@ training loop can normalise by the number of target items across all micro-batch
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +56,67 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
 
 
+class _LinearTokenLogps(torch.autograd.Function):
+    """log p(target) of `hidden @ weight.T`, chunk by chunk over tokens; backward recomputes each chunk's logits,
+    so no (tokens, vocab) tensor outlives a chunk in either direction."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                dtype: torch.dtype) -> torch.Tensor:
+        h, w = hidden.to(dtype), weight.to(dtype)
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        logps = torch.empty(h.shape[0], dtype=wide, device=h.device)
+        lse = torch.empty_like(logps)
+        for s in range(0, h.shape[0], chunk):
+            logits = (h[s:s + chunk] @ w.T).to(wide)
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            logps[s:s + chunk] = logits.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(h, w, targets, lse)
+        ctx.chunk, ctx.dtypes = chunk, (hidden.dtype, weight.dtype)
+        return logps
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        h, w, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=lse.dtype, device=w.device) if need_w else None
+        for s in range(0, h.shape[0], ctx.chunk):
+            g = grad[s:s + ctx.chunk, None].to(lse.dtype)
+            # d logp_y / d logits = onehot(y) - softmax(logits), scaled by the incoming gradient
+            d = torch.exp((h[s:s + ctx.chunk] @ w.T).to(lse.dtype) - lse[s:s + ctx.chunk, None]).mul_(-g)
+            d = d.scatter_add_(-1, targets[s:s + ctx.chunk, None], g).to(h.dtype)
+            if need_h:
+                grad_h[s:s + ctx.chunk] = d @ w
+            if need_w:
+                grad_w.add_(d.T @ h[s:s + ctx.chunk])  # summed wide across chunks, without a wide temporary
+        return (None if grad_h is None else grad_h.to(ctx.dtypes[0]),
+                None if grad_w is None else grad_w.to(ctx.dtypes[1]), None, None, None)
+
+
+def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk_logits: int = 2**25) -> torch.Tensor:
+    """log p(target) under the output projection, fused with it: (n, hidden) states, a (vocab, hidden) weight
+    and (n,) targets give (n,) float32 log-probs,
+
+    logp_i = (h_i W^T)[y_i] - logsumexp(h_i W^T),
+
+    computed by chunks of `chunk_logits // vocab` tokens and recomputed by chunks in backward (one extra
+    projection), so the full (n, vocab) logits and their gradient never exist: with a 128k vocabulary that is
+    0.5 MB per token in bfloat16 saved. The cross-entropy sum is `-linear_token_logps(...).sum()`. Under autocast
+    the projection runs in the autocast dtype, as `F.linear` would; the softmax is taken in float32 (float64
+    inputs stay float64). Gradients flow to `hidden` and to `weight` (when it requires them).
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + 0 * weight.sum()
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else hidden.dtype
+    dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else dtype
+    chunk = max(1, chunk_logits // weight.shape[0])
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearTokenLogps.apply(hidden, weight, targets, chunk, dtype)
+
+
 def target_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Boolean (batch, seq) mask of the positions whose logits predict a target (position t predicts t+1):
     pass it as a model's `logits_to_keep` so logits are computed only where the loss needs them."""
@@ -83,8 +146,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     targets = labels[:, 1:]
     mask = targets != ignore_index
     picked = logits if logits.ndim == 2 else logits[:, :-1][mask]
-    per_token = token_logps(picked, targets[mask])
-    index, n = _sequence_index(labels, mask, segment_ids)
+    return per_sequence(token_logps(picked, targets[mask]), labels, ignore_index, average, segment_ids)
+
+
+def per_sequence(per_token: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                 average: bool = False, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sequence sum (or mean) of per-target-token values given in `target_positions` order (e.g. the log-probs
+    of `linear_token_logps`); sequences as for `sequence_logps`."""
+    index, n = _sequence_index(labels, labels[:, 1:] != ignore_index, segment_ids)
     total = per_token.new_zeros(n).index_add(0, index, per_token)
     return total / sequence_lengths(labels, ignore_index, segment_ids).clamp(min=1) if average else total
 

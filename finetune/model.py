@@ -11,7 +11,7 @@ from finetune.builtin import ensure_builtin_model, is_builtin
 from finetune.config import LoraConfig, ModelConfig
 from finetune.errors import UserError
 from finetune.hub import hub_reachable
-from finetune.losses import target_positions
+from finetune.losses import linear_token_logps, target_positions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -120,10 +120,13 @@ def enable_gradient_checkpointing(model: Any, lora: bool) -> None:
 
 
 def build(cfg_model: ModelConfig, cfg_lora: LoraConfig, gradient_checkpointing: bool, device: torch.device,
-          kind: str = "causal_lm", packed: bool = False) -> tuple[Any, Any]:
-    """Tokenizer and trainable model for a task: loaded, LoRA-wrapped if enabled, checkpointed if asked."""
+          kind: str = "causal_lm", packed: bool = False, fused_head: bool = False) -> tuple[Any, Any]:
+    """Tokenizer and trainable model for a task: loaded, LoRA-wrapped if enabled, checkpointed if asked;
+    `fused_head`: its output layer can return log p(target) fused with the projection (see `output_head`)."""
     tokenizer = load_tokenizer(cfg_model)
     model = load_model(cfg_model, tokenizer, device, kind, packed)
+    if fused_head:  # before any wrapping, so FSDP wraps the swapped class
+        make_fused_head(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg_lora.enabled)
     if cfg_lora.enabled:
@@ -131,24 +134,39 @@ def build(cfg_model: ModelConfig, cfg_lora: LoraConfig, gradient_checkpointing: 
     return model, tokenizer
 
 
-def store_frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Keep frozen float32 linear weights (LoRA's base) in the autocast compute dtype; returns how many tensors.
+def frozen_weights_dtype(mixed_precision: str, distributed_type: str) -> torch.dtype | None:
+    """The dtype to store frozen weights in for `store_frozen_linears_in`: autocast's compute dtype, or None
+    (no mixed precision; FSDP and DeepSpeed manage parameter dtypes themselves)."""
+    if mixed_precision == "no" or distributed_type in ("FSDP", "DEEPSPEED"):
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+
+def store_frozen_linears_in(model: torch.nn.Module, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Keep frozen float32 linear weights (LoRA's base) in the autocast compute dtype; returns those it cast.
 
     Under autocast every linear layer computes with its weight cast to `dtype`, recast at every forward; a
     frozen weight never changes, so storing it cast once gives bitwise the same results, half its memory, and
     no cast per step (measured: a LoRA micro-batch 5-8% faster on the benchmark model). Weights shared with
-    another kind of module (an embedding tied to the output layer) and trainable ones stay float32."""
+    another kind of module (an embedding tied to the output layer) and trainable ones stay float32. Outside
+    autocast such a model no longer runs (float32 inputs, half-precision weights): `restore_float32` undoes it."""
     shared = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear)
               for p in m.parameters(recurse=False)}
-    count = 0
+    cast = []
     for m in model.modules():
         if not isinstance(m, torch.nn.Linear):
             continue
         for p in m.parameters(recurse=False):
             if not p.requires_grad and p.dtype == torch.float32 and id(p) not in shared:
                 p.data = p.data.to(dtype)
-                count += 1
-    return count
+                cast.append(p)
+    return cast
+
+
+def restore_float32(params: list[torch.nn.Parameter]) -> None:
+    """Undo `store_frozen_linears_in` (the values stay rounded to the compute dtype they were trained with)."""
+    for p in params:
+        p.data = p.data.float()
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -164,11 +182,7 @@ def accepts_logits_to_keep(model: Any) -> bool:
     """Whether the causal LM's forward can compute logits at selected positions only (transformers >= 4.50)."""
     import inspect
 
-    from accelerate.utils import extract_model_from_parallel
-
-    inner = extract_model_from_parallel(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
 
 
 def causal_lm_forward(model: Any, batch: dict[str, torch.Tensor], keep_logits: bool) -> torch.Tensor:
@@ -179,3 +193,59 @@ def causal_lm_forward(model: Any, batch: dict[str, torch.Tensor], keep_logits: b
         kwargs["logits_to_keep"] = target_positions(batch["labels"])
     return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                  position_ids=batch.get("position_ids"), **kwargs).logits
+
+
+class TargetLogpsHead(torch.nn.Linear):
+    """A causal LM's output layer that, while `targets` is set, returns log p(target) for each row it is given
+    (`losses.linear_token_logps`: the projection fused with the log-softmax, by chunks) instead of logits."""
+
+    targets: torch.Tensor | None = None
+
+    @torch.compiler.disable  # the chunk loop depends on each batch's target count
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.targets is None:  # generation, or anything else that wants logits
+            return super().forward(hidden)
+        return linear_token_logps(hidden.reshape(-1, hidden.shape[-1]), self.weight, self.targets)
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model under any DDP/FSDP/compile and peft wrapping."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def make_fused_head(model: Any) -> None:
+    """Turn the model's output layer into a `TargetLogpsHead` (same parameters), or explain why it cannot be."""
+    head = model.get_output_embeddings()
+    why = None
+    if not accepts_logits_to_keep(model):
+        why = f"{type(model).__name__}'s forward cannot select positions (no logits_to_keep)"
+    elif type(head) is not torch.nn.Linear or head.bias is not None:
+        why = f"its output layer is a {type(head).__name__}{' with a bias' if head.bias is not None else ''}, " \
+              "not a plain Linear"
+    elif getattr(model.config, "final_logit_softcapping", None):
+        why = "its logits are soft-capped after the output layer"
+    if why:
+        raise ModelError(f"train.fused_linear_loss: not available for this model: {why}; set it to false")
+    head.__class__ = TargetLogpsHead
+
+
+def output_head(model: Any) -> TargetLogpsHead:
+    """The fused output layer of a model built with `fused_head=True`, under any wrapping."""
+    head = unwrap(model).get_output_embeddings()
+    assert isinstance(head, TargetLogpsHead), "the model was not built with fused_head=True"
+    return head
+
+
+def target_logps(model: Any, batch: dict[str, torch.Tensor], head: TargetLogpsHead) -> torch.Tensor:
+    """(n_targets,) log p(target) of a padded or packed batch's target tokens, in `target_positions` order,
+    computed by the fused output layer `head` of `model`: the batch's vocabulary logits never exist at once."""
+    keep = target_positions(batch["labels"])
+    head.targets = batch["labels"][:, 1:][keep[:, :-1]]
+    try:
+        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                     position_ids=batch.get("position_ids"), use_cache=False, logits_to_keep=keep).logits
+    finally:
+        head.targets = None

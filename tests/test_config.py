@@ -48,6 +48,7 @@ def test_unknown_section(tmp_path: Path):
     ("model:\n  trust_remote_code: maybe\n", "model.trust_remote_code: expected true/false"),
     ("train: 3\n", "train: expected a mapping"),
     ("model:\n  load_in_4bit: true\n", "set lora.enabled"),
+    ("task: rm\ntrain:\n  fused_linear_loss: true\n", "train.fused_linear_loss: only sft and dpo"),
     ("- a\n- b\n", "expected a mapping of recipe sections"),
 ])
 def test_bad_values_name_the_key(tmp_path: Path, text: str, expected: str):

@@ -62,6 +62,18 @@ def test_fsdp_shards_matches_one_process_and_exports(tmp_path: Path, chat_files)
     assert [e["lr"] for e in after] == pytest.approx([e["lr"] for e in fsdp[4:]])
 
 
+def test_fsdp_fused_linear_loss_matches_one_process(tmp_path: Path, chat_files):
+    """The fused output layer under FSDP (its weight unsharded inside the root's forward and backward) trains
+    like one unfused process."""
+    train, evals = chat_files
+    launch_fsdp(tmp_path / "fsdp", train, evals, "train.fused_linear_loss=true")
+    single = one_process(tmp_path / "one", train, evals)
+    fsdp = [e for e in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "loss" in e]
+    ref = [e for e in single.history if "loss" in e]
+    assert [e["loss"] for e in fsdp] == pytest.approx([e["loss"] for e in ref], rel=1e-5)
+    assert [e["grad_norm"] for e in fsdp] == pytest.approx([e["grad_norm"] for e in ref], rel=1e-4)
+
+
 def test_fsdp_lora_adapter_export_is_complete(tmp_path: Path, chat_files, tiny_dir):
     from peft import PeftModel
     from safetensors.torch import load_file

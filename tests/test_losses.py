@@ -1,7 +1,16 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.losses import IGNORE_INDEX, causal_lm_loss, sequence_logps, target_positions
+from finetune.losses import (
+    IGNORE_INDEX,
+    causal_lm_loss,
+    linear_token_logps,
+    per_sequence,
+    sequence_logps,
+    target_positions,
+    token_logps,
+)
 
 
 def batch(seed: int = 0):
@@ -63,3 +72,60 @@ def test_kept_rows_give_the_same_results():
     torch.testing.assert_close(kept_total, total)
     assert kept_count == count and kept.shape[0] == count
     torch.testing.assert_close(sequence_logps(kept, labels), sequence_logps(logits, labels))
+
+
+def projection(n: int = 45, hidden: int = 12, vocab: int = 37, dtype: torch.dtype = torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(vocab, hidden, generator=g, dtype=dtype, requires_grad=True)
+    return h, w, torch.randint(0, vocab, (n,), generator=g), torch.randn(n, generator=g, dtype=dtype)
+
+
+def grads(fn, *inputs) -> tuple:
+    for x in inputs:
+        x.grad = None
+    return tuple(torch.autograd.grad(fn(), [x for x in inputs if x.requires_grad]))
+
+
+@pytest.mark.parametrize("tokens_per_chunk", [1, 7, 45, 100])
+def test_linear_token_logps_equals_logits_then_log_softmax(tokens_per_chunk: int):
+    """Values and gradients (hidden and weight) equal the unfused projection + log-softmax, whatever the chunks."""
+    h, w, t, g = projection()
+    fused = lambda: (linear_token_logps(h, w, t, chunk_logits=37 * tokens_per_chunk) * g).sum()  # noqa: E731
+    plain = lambda: (torch.log_softmax(h @ w.T, -1).gather(-1, t[:, None]).squeeze(-1) * g).sum()  # noqa: E731
+    torch.testing.assert_close(fused(), plain())
+    for a, b in zip(grads(fused, h, w), grads(plain, h, w), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_linear_token_logps_gradcheck_and_frozen_weight():
+    h, w, t, _ = projection(n=9, hidden=5, vocab=6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: linear_token_logps(a, b, t, chunk_logits=6 * 4), (h, w))
+    frozen = w.detach()  # LoRA's base: only the hidden states get a gradient
+    (gh,) = torch.autograd.grad(linear_token_logps(h, frozen, t, chunk_logits=6 * 4).sum(), [h])
+    (ref,) = torch.autograd.grad(token_logps(h @ frozen.T, t).sum(), [h])
+    torch.testing.assert_close(gh, ref)
+
+
+def test_linear_token_logps_under_bf16_autocast_matches_autocast_linear():
+    """The projection in bf16 as F.linear under autocast, the softmax in float32: identical values; gradients
+    within bf16 rounding (the weight's is summed over chunks in float32 instead of one bf16 product)."""
+    h, w, t, g = projection(n=64, hidden=32, vocab=50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = linear_token_logps(h, w, t, chunk_logits=50 * 16)
+        plain = token_logps(F.linear(h, w), t)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(torch.autograd.grad((fused * g).sum(), [h, w]), torch.autograd.grad((plain * g).sum(), [h, w]),
+                    strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02 * b.abs().max().item())
+
+
+def test_per_sequence_of_token_logps_is_sequence_logps():
+    logits, labels = batch()
+    mask = target_positions(labels)
+    per_token = token_logps(logits[mask], labels[:, 1:][mask[:, :-1]])
+    torch.testing.assert_close(per_sequence(per_token, labels), sequence_logps(logits, labels))
+    torch.testing.assert_close(per_sequence(per_token, labels, average=True),
+                               sequence_logps(logits, labels, average=True))

@@ -310,3 +310,47 @@ def test_packed_pairs_train_like_padded(tmp_path: Path, pair_files, task: str, s
     assert [e["loss"] for e in b] == pytest.approx([e["loss"] for e in a], rel=1e-4)
     assert [e["grad_norm"] for e in b] == pytest.approx([e["grad_norm"] for e in a], rel=1e-3)
     assert packed.metrics["eval_loss"] == pytest.approx(padded.metrics["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("sections", [
+    {"lora": {"enabled": True, "r": 4, "dropout": 0.0}},
+    {"train": {"mixed_precision": "bf16"}},
+    {"data": {"packing": True}, "dpo": {"loss_type": "ipo"}},
+], ids=["lora-adapter-off-reference", "bf16-frozen-copy", "packed-ipo"])
+def test_dpo_fused_linear_loss_trains_like_logits_then_loss(tmp_path: Path, pair_files, monkeypatch, sections):
+    """train.fused_linear_loss in DPO: policy and reference log-probs through the fused output layer (the
+    reference copy's own, or the policy's with the adapter off) give the unfused run's losses and metrics."""
+    from test_training import fused_spy
+
+    plain = finetune.train(pair_recipe(tmp_path / "a", pair_files, "dpo", **sections))
+    calls = fused_spy(monkeypatch)
+    train = {**sections.get("train", {}), "fused_linear_loss": True}
+    fused = finetune.train(pair_recipe(tmp_path / "b", pair_files, "dpo", **{**sections, "train": train}))
+    assert len(calls) >= 3 * 2  # policy and reference, every step
+    tol = 1e-3 if "train" in sections else 1e-5
+    assert losses(fused) == pytest.approx(losses(plain), rel=tol)
+    for key in ("eval_loss", "eval_rewards/margin", "eval_logps/chosen"):
+        assert fused.metrics[key] == pytest.approx(plain.metrics[key], rel=10 * tol, abs=1e-4), key
+
+
+def test_dpo_frozen_reference_copy_stored_in_bf16(tmp_path: Path, pair_files, monkeypatch):
+    """Under bf16 the frozen reference copy's linear weights are stored in bf16 once (autocast would cast them at
+    every forward): the same losses bitwise as without."""
+    import finetune.model
+    from finetune.tasks.dpo import DPOTask
+
+    seen = []
+    prepare = DPOTask.prepare
+
+    def recording(self, recipe, accelerator, model):
+        prepare(self, recipe, accelerator, model)
+        seen.append(self.ref_model.model.layers[0].mlp.up_proj.weight.dtype)
+
+    monkeypatch.setattr(DPOTask, "prepare", recording)
+    sections = {"train": {"mixed_precision": "bf16"}}
+    stored = finetune.train(pair_recipe(tmp_path / "a", pair_files, "dpo", **sections))
+    monkeypatch.setattr(finetune.model, "store_frozen_linears_in", lambda model, dtype: [])
+    cast = finetune.train(pair_recipe(tmp_path / "b", pair_files, "dpo", **sections))
+    assert seen == [torch.bfloat16, torch.float32]
+    assert losses(stored) == losses(cast)
+    assert stored.metrics["eval_loss"] == cast.metrics["eval_loss"]

@@ -308,18 +308,85 @@ def test_trim_memory_is_ignored_with_a_warning_off_cpu(caplog):
 
 def test_frozen_lora_base_stored_in_bf16_trains_bitwise_the_same(tmp_path: Path, chat_files, monkeypatch):
     """Under bf16 autocast, LoRA's frozen base weights are kept in bf16 (what autocast computes with anyway):
-    the same losses bitwise as casting them at every step, and the tied embedding stays float32."""
+    the same losses bitwise as casting them at every step; the tied embedding stays float32. Generation (exact
+    match) runs under autocast too, and the returned model is float32 again, usable outside autocast."""
     import finetune.model
 
-    train, _ = chat_files
-    overrides = {"train.mixed_precision": "bf16", "lora.enabled": True, "lora.r": 4}
-    stored = finetune.train(small_recipe(tmp_path / "a", train), **overrides)
+    train, evals = chat_files
+    overrides = {"train.mixed_precision": "bf16", "lora.enabled": True, "lora.r": 4, "train.eval_generate": 4}
+    cast_during_training = []
+
+    def recording(model, dtype):
+        cast = store(model, dtype)
+        cast_during_training.extend((p, p.dtype) for p in cast)
+        return cast
+
+    store = finetune.model.store_frozen_linears_in
+    monkeypatch.setattr(finetune.model, "store_frozen_linears_in", recording)
+    stored = finetune.train(small_recipe(tmp_path / "a", train, evals), **overrides)
     model = stored.model.get_base_model()
-    assert model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
-    assert model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    q = model.model.layers[0].self_attn.q_proj
+    assert any(p is q.base_layer.weight for p, _ in cast_during_training)
+    assert {dtype for _, dtype in cast_during_training} == {torch.bfloat16}
+    assert q.base_layer.weight.dtype == q.lora_A["default"].weight.dtype == torch.float32  # restored at the end
     assert model.get_input_embeddings().weight.dtype == torch.float32
-    monkeypatch.setattr(finetune.model, "store_frozen_linears_in", lambda model, dtype: 0)
-    cast = finetune.train(small_recipe(tmp_path / "b", train), **overrides)
-    assert cast.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float32
+    assert "eval_accuracy" in stored.metrics
+    stored.model.generate(input_ids=torch.tensor([[2, 40, 41]]), max_new_tokens=2, do_sample=False)
+
+    monkeypatch.setattr(finetune.model, "store_frozen_linears_in", lambda model, dtype: [])
+    cast = finetune.train(small_recipe(tmp_path / "b", train, evals), **overrides)
     assert [e["loss"] for e in steps(stored)] == [e["loss"] for e in steps(cast)]
     assert stored.metrics["train_grad_norm"] == cast.metrics["train_grad_norm"]
+    assert stored.metrics["eval_loss"] == cast.metrics["eval_loss"]
+
+
+def fused_spy(monkeypatch, tokens_per_chunk: int = 5) -> list[int]:
+    """Force several chunks per batch through the fused output layer and count its calls (rows per call)."""
+    import finetune.model
+    from finetune.losses import linear_token_logps
+
+    calls = []
+
+    def spy(hidden, weight, targets):
+        calls.append(hidden.shape[0])
+        return linear_token_logps(hidden, weight, targets, chunk_logits=weight.shape[0] * tokens_per_chunk)
+
+    monkeypatch.setattr(finetune.model, "linear_token_logps", spy)
+    return calls
+
+
+@pytest.mark.parametrize("overrides", [{}, {"data.packing": True},
+                                       {"lora.enabled": True, "lora.r": 4, "train.mixed_precision": "bf16"}],
+                         ids=["padded", "packed", "lora-bf16"])
+def test_fused_linear_loss_trains_like_logits_then_loss(tmp_path: Path, chat_files, monkeypatch, overrides: dict):
+    """train.fused_linear_loss: the output projection and log-softmax by chunks give the unfused run's losses,
+    gradient norms and eval loss; greedy generation (logits) still works through the same layer."""
+    train, evals = chat_files
+    sections = {"train.grad_accum": 2, "train.batch_size": 4, "train.eval_generate": 4, **overrides}
+    plain = finetune.train(small_recipe(tmp_path / "a", train, evals), **sections)
+    calls = fused_spy(monkeypatch)
+    fused = finetune.train(small_recipe(tmp_path / "b", train, evals), **sections,
+                           **{"train.fused_linear_loss": True})
+    assert len(calls) >= 3 * 2 and min(calls) > 5  # every micro-batch, in several chunks
+    tol = 2e-3 if "train.mixed_precision" in overrides else 1e-5
+    assert [e["loss"] for e in steps(fused)] == pytest.approx([e["loss"] for e in steps(plain)], rel=tol)
+    assert [e["grad_norm"] for e in steps(fused)] == pytest.approx([e["grad_norm"] for e in steps(plain)],
+                                                                   rel=10 * tol)
+    assert fused.metrics["eval_loss"] == pytest.approx(plain.metrics["eval_loss"], rel=tol)
+    assert fused.metrics["eval_accuracy"] == plain.metrics["eval_accuracy"]
+
+
+def test_fused_linear_loss_refuses_an_output_layer_it_cannot_fuse(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model import ModelError, make_fused_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    head = model.get_output_embeddings()
+    model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with pytest.raises(ModelError, match="train.fused_linear_loss: .*with a bias"):
+        make_fused_head(model)
+    model.config.final_logit_softcapping = 30.0
+    model.lm_head = head
+    with pytest.raises(ModelError, match="soft-capped"):
+        make_fused_head(model)

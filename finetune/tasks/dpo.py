@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from finetune import model as model_lib
-from finetune.losses import dpo_loss, sequence_lengths, sequence_logps
-from finetune.model import accepts_logits_to_keep, causal_lm_forward
+from finetune.losses import dpo_loss, per_sequence, sequence_lengths, sequence_logps
+from finetune.model import accepts_logits_to_keep, causal_lm_forward, target_logps
 from finetune.pairs import build_pair_data, pair_lengths
 from finetune.sampling import eval_shard
 from finetune.tasks import LossOutput, TaskData
@@ -47,11 +47,14 @@ class DPOTask:
         self.ref_model: Any = None
         self.lora = False
         self.keep_logits = False
+        self.head: Any = None  # fused output layers, with train.fused_linear_loss
+        self.ref_head: Any = None
 
     def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
         self.cfg, self.lora = recipe.dpo, recipe.lora.enabled
         model, tokenizer = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing,
-                                           accelerator.device, packed=recipe.data.packing)
+                                           accelerator.device, packed=recipe.data.packing,
+                                           fused_head=recipe.train.fused_linear_loss)
         if not self.lora and not self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         return model, tokenizer
@@ -65,7 +68,14 @@ class DPOTask:
     def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
         self.keep_logits = accepts_logits_to_keep(model)
         if self.ref_model is not None:
+            frozen_dtype = model_lib.frozen_weights_dtype(recipe.train.mixed_precision,
+                                                          accelerator.distributed_type.name)
+            if frozen_dtype is not None:  # the whole copy is frozen: cast once instead of at every forward
+                model_lib.store_frozen_linears_in(self.ref_model, frozen_dtype)
             self.ref_model = accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+        if recipe.train.fused_linear_loss:
+            self.head = model_lib.output_head(model)
+            self.ref_head = None if self.ref_model is None else model_lib.output_head(self.ref_model)
         if self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
             # runs before any checkpoint is loaded, so `model` is still the initial policy = the reference
             self.collate.ref_logps = self.cached_reference(recipe, accelerator, model)
@@ -78,11 +88,17 @@ class DPOTask:
             return batch["ref_logps"]
         with torch.no_grad():
             if self.ref_model is not None:
-                logits = causal_lm_forward(self.ref_model, batch, self.keep_logits)
-            else:
-                with self.adapter_off(model):
-                    logits = causal_lm_forward(model, batch, self.keep_logits)
-        return sequence_logps(logits, batch["labels"], segment_ids=batch.get("segment_ids")).view(2, -1).T
+                return self.pair_logps(self.ref_model, batch, self.ref_head)
+            with self.adapter_off(model):
+                return self.pair_logps(model, batch, self.head)
+
+    def pair_logps(self, model: Any, batch: dict[str, torch.Tensor], head: Any) -> torch.Tensor:
+        """(pairs, 2) summed log-probs of chosen and rejected (one forward over both; prompts masked out)."""
+        segments = batch.get("segment_ids")
+        if head is not None:  # train.fused_linear_loss
+            return per_sequence(target_logps(model, batch, head), batch["labels"], segment_ids=segments).view(2, -1).T
+        logits = causal_lm_forward(model, batch, self.keep_logits)
+        return sequence_logps(logits, batch["labels"], segment_ids=segments).view(2, -1).T
 
     def adapter_off(self, model: Any) -> Any:
         from accelerate.utils import extract_model_from_parallel
@@ -130,9 +146,7 @@ class DPOTask:
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossOutput:
         simpo = self.cfg.loss_type == "simpo"
         ref = None if simpo else self.reference_logps(model, batch)
-        # chosen and rejected rows in one forward; prompt tokens are masked out of the log-probs
-        logits = causal_lm_forward(model, batch, self.keep_logits)
-        policy = sequence_logps(logits, batch["labels"], segment_ids=batch.get("segment_ids")).view(2, -1).T
+        policy = self.pair_logps(model, batch, self.head)
         if self.cfg.loss_type in LENGTH_AVERAGED:
             lengths = sequence_lengths(batch["labels"], segment_ids=batch.get("segment_ids"))
             lengths = lengths.clamp(min=1).view(2, -1).T

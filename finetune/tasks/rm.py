@@ -24,10 +24,7 @@ def pair_reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[st
 
 def score_head(model: Any) -> torch.nn.Module:
     """The scalar head (`score`, as on transformers' *ForSequenceClassification causal LMs) under any wrapping."""
-    from accelerate.utils import extract_model_from_parallel
-
-    inner = extract_model_from_parallel(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    inner = model_lib.unwrap(model)
     head = getattr(inner, "score", None)
     if not isinstance(head, torch.nn.Module):
         raise model_lib.ModelError(f"data.packing: the reward model {type(inner).__name__} has no `score` head to "

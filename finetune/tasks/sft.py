@@ -11,7 +11,7 @@ from finetune import model as model_lib
 from finetune.collate import CausalLMCollator, pad
 from finetune.data import column_names, detect_format, encode_dataset, prompt_and_completion, take, train_eval_rows
 from finetune.losses import causal_lm_loss
-from finetune.model import accepts_logits_to_keep, causal_lm_forward
+from finetune.model import accepts_logits_to_keep, causal_lm_forward, output_head, target_logps
 from finetune.tasks import LossOutput, TaskData
 
 logger = logging.getLogger("finetune")
@@ -62,10 +62,12 @@ class SFTTask:
         self.tokenizer: Any = None
         self.examples: list[tuple[list, str]] = []
         self.keep_logits = False
+        self.head: Any = None  # the fused output layer, with train.fused_linear_loss
 
     def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
         model, self.tokenizer = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing,
-                                                accelerator.device, packed=recipe.data.packing)
+                                                accelerator.device, packed=recipe.data.packing,
+                                                fused_head=recipe.train.fused_linear_loss)
         return model, self.tokenizer
 
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
@@ -86,8 +88,11 @@ class SFTTask:
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
         self.keep_logits = accepts_logits_to_keep(model)
+        self.head = output_head(model) if recipe.train.fused_linear_loss else None
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossOutput:
+        if self.head is not None:
+            return LossOutput(loss_sum=-target_logps(model, batch, self.head).sum())
         logits = causal_lm_forward(model, batch, self.keep_logits)
         loss_sum, _ = causal_lm_loss(logits, batch["labels"])
         return LossOutput(loss_sum=loss_sum)

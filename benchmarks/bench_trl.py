@@ -146,7 +146,7 @@ def run_finetune(kind: str, assets: dict, steps: int) -> dict:
                   "batch_tokens": assets["budget"]["sft" if task == "sft" else "pairs"] if "budget" in kind else 0,
                   "lr": HP["lr"], "warmup_steps": HP["warmup"], "mixed_precision": "bf16",
                   "gradient_checkpointing": False, "log_every": 1, "trim_memory": "trim" in kind,
-                  "compile": "compile" in kind},
+                  "compile": "compile" in kind, "fused_linear_loss": "fused" in kind},
         "log": {"progress": False, "tensorboard": False},
     }
     result = finetune.train(recipe)
@@ -244,10 +244,12 @@ def child(side: str, kind: str, assets: dict, steps: int, out: Path) -> None:
 
 # (finetune run, TRL default run, extra runs made once: TRL's fastest option, finetune with a token budget),
 # FLOPs per token as a multiple of parameters
-# ("_trim": train.trim_memory, handing freed heap pages back to the OS after each backward)
+# ("_trim": train.trim_memory, handing freed heap pages back to the OS after each backward; "_fused":
+# train.fused_linear_loss, which pays with large vocabularies, see bench_loss.py, not at this one's 8192)
 PAIRS = {
     "sft_full": ("sft_full_packed", "sft_full", ("trl", "sft_full_padding_free", "finetune", "sft_full_packed_budget",
-                                                 "finetune", "sft_full_packed_budget_trim"), 6),
+                                                 "finetune", "sft_full_packed_budget_trim", "finetune",
+                                                 "sft_full_packed_fused"), 6),
     "sft_lora": ("sft_lora_packed", "sft_lora", ("trl", "sft_lora_padding_free", "finetune", "sft_lora_packed_budget",
                                                  "finetune", "sft_lora_packed_budget_trim"), 4),
     "rm": ("rm_full_packed", "rm_full",
@@ -325,7 +327,8 @@ def main() -> None:
         print(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {fmt(r[3], '.2f')} | {fmt(r[4], '.1%')} | {fmt(r[5], '.0%')} | "
               f"{fmt(r[6], '.3f')} | {fmt(r[7], '.3f')} | {fmt(r[8], '.2f')} |")
     print("\nratios finetune / TRL default (same invocation):")
-    by = {(r[0], r[1].split(" ")[0]): r for r in rows if not r[1].endswith(("padding_free", "budget", "trim"))}
+    variants = ("padding_free", "budget", "trim", "fused")
+    by = {(r[0], r[1].split(" ")[0]): r for r in rows if not r[1].endswith(variants)}
     for name in args.only:
         f, t = by[(name, "finetune")], by[(name, "TRL")]
         print(f"  {name}: tokens/s x{f[2] / t[2]:.2f}, peak RSS x{f[3] / t[3]:.2f}")

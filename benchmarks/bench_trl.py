@@ -37,12 +37,13 @@ HP = dict(batch_size=8, grad_accum=2, lr=5e-4, warmup=3, max_length=512, seed=0)
 # ------------------------------------------------------------------ shared fixtures (made once per invocation)
 
 
-def make_assets(folder: Path, lengths: str = "uniform") -> dict[str, Any]:
+def make_assets(folder: Path, lengths: str = "uniform", model: dict | None = None) -> dict[str, Any]:
     """A random-init Llama with the builtin tokenizer, chat data of 20-450 tokens, and preference pairs.
 
     `lengths`: word counts drawn uniformly (TRL pads about a third of each batch), or `longtail`: one
     log-uniform draw per row scales all its parts over the same ranges, so many rows are short and few long, as
-    in real chat data (TRL pads about half; the issue's own TRL measurements saw 61-68%)."""
+    in real chat data (TRL pads about half; the issue's own TRL measurements saw 61-68%). `model`: the Llama's
+    shape instead of MODEL."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -50,7 +51,7 @@ def make_assets(folder: Path, lengths: str = "uniform") -> dict[str, Any]:
 
     tok = build_tokenizer()
     config = LlamaConfig(vocab_size=VOCAB, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         bos_token_id=None, **MODEL)
+                         bos_token_id=None, **(model or MODEL))
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

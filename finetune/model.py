@@ -235,7 +235,9 @@ def make_fused_head(model: Any) -> None:
 def output_head(model: Any) -> TargetLogpsHead:
     """The fused output layer of a model built with `fused_head=True`, under any wrapping."""
     head = unwrap(model).get_output_embeddings()
-    assert isinstance(head, TargetLogpsHead), "the model was not built with fused_head=True"
+    if not isinstance(head, TargetLogpsHead):  # e.g. wrapped by peft since lora.target_modules names it
+        raise ModelError(f"train.fused_linear_loss: the output layer became a {type(head).__name__} (is it in "
+                         "lora.target_modules or lora.modules_to_save?); it must stay a plain Linear")
     return head
 
 

@@ -265,12 +265,12 @@ def test_large_export_is_sharded_with_an_index(tmp_path: Path, chat_files):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("packing", [False, True])
-def test_compile_option_trains_the_same(tmp_path: Path, chat_files, packing: bool):
+@pytest.mark.parametrize("packing,fused", [(False, False), (True, False), (True, True)])
+def test_compile_option_trains_the_same(tmp_path: Path, chat_files, packing: bool, fused: bool):
     """Also packed: sdpa_varlen runs eagerly inside the compiled model (its per-sequence bounds are data; traced,
-    they were frozen into the graph and the second batch failed)."""
+    they were frozen into the graph and the second batch failed); and so does the fused output layer."""
     train, _ = chat_files
-    base = {"train.max_steps": 3, "data.packing": packing}
+    base = {"train.max_steps": 3, "data.packing": packing, "train.fused_linear_loss": fused}
     plain = finetune.train(small_recipe(tmp_path / "a", train), **base)
     compiled = finetune.train(small_recipe(tmp_path / "b", train), **base, **{"train.compile": True})
     assert [e["loss"] for e in steps(compiled)] == pytest.approx([e["loss"] for e in steps(plain)], rel=1e-4)
@@ -390,3 +390,12 @@ def test_fused_linear_loss_refuses_an_output_layer_it_cannot_fuse(tiny_dir):
     model.lm_head = head
     with pytest.raises(ModelError, match="soft-capped"):
         make_fused_head(model)
+
+
+def test_fused_linear_loss_refuses_a_lora_wrapped_output_layer(tmp_path: Path, chat_files):
+    from finetune.model import ModelError
+
+    train, _ = chat_files
+    with pytest.raises(ModelError, match="train.fused_linear_loss: the output layer became a .*lora.target_modules"):
+        finetune.train(small_recipe(tmp_path, train), **{"train.fused_linear_loss": True, "lora.enabled": True,
+                                                         "lora.target_modules": ["q_proj", "lm_head"]})

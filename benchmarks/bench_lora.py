@@ -1,0 +1,59 @@
+"""finetune LoRA vs finetune full fine-tuning, per token, at two model sizes, in one invocation.
+
+    python benchmarks/bench_lora.py --steps 4
+
+LoRA skips the frozen weights' gradients (one of the three GEMMs of every linear layer) and their optimizer
+state; attention, norms, the loss and LoRA's own rank-r products cost it as much as full fine-tuning. How much
+the skipped part weighs depends on the model's size, so both runs are made on the benchmark's 10M-parameter
+Llama (bench_trl.py) and on a 100M-parameter one (hidden 1024, 8 layers), same data, packed, BF16, LoRA r=16
+on all linear layers. Each run is its own process, A B B A per size; printed: non-padding tokens/s, peak RSS
+and the ratios LoRA / full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_trl import MODEL, make_assets, spawn  # noqa: E402
+
+SIZES = {"10M": MODEL,
+         "100M": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                      num_key_value_heads=16, max_position_embeddings=1024, tie_word_embeddings=True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--sizes", nargs="*", choices=list(SIZES), default=list(SIZES))
+    args = parser.parse_args()
+    print(f"{args.steps} steps per run, batch 8 x accumulation 2, packed, BF16, no checkpointing")
+    print("| model | run | tokens/s | peak RSS GB | train loss |\n|---|---|---|---|---|")
+    ratios = []
+    for size in args.sizes:
+        folder = Path(tempfile.mkdtemp(prefix="bench-lora-"))
+        assets_file = folder / "assets.json"
+        assets_file.write_text(json.dumps(make_assets(folder, model=SIZES[size])))
+        runs: dict[str, list[dict]] = {"sft_full_packed": [], "sft_lora_packed": []}
+        for kind in ("sft_full_packed", "sft_lora_packed", "sft_lora_packed", "sft_full_packed"):
+            runs[kind].append(spawn("finetune", kind, assets_file, args.steps))
+        figures = {}
+        for kind, group in runs.items():
+            tps = sum(r["tokens"] for r in group) / sum(r["train_s"] for r in group)
+            rss = sum(r["peak_rss_gb"] for r in group) / len(group)
+            figures[kind] = (tps, rss)
+            print(f"| {size} | {kind} | {tps:.0f} | {rss:.2f} | {group[-1]['train_loss']:.3f} |")
+        (lora_tps, lora_rss), (full_tps, full_rss) = figures["sft_lora_packed"], figures["sft_full_packed"]
+        ratios.append((size, lora_tps / full_tps, lora_rss / full_rss))
+    print("\nratios LoRA / full (same invocation):")
+    for size, t, m in ratios:
+        print(f"  {size}: tokens/s x{t:.2f}, peak RSS x{m:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -107,8 +107,8 @@ def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     the projection runs in the autocast dtype, as `F.linear` would; the softmax is taken in float32 (float64
     inputs stay float64). Gradients flow to `hidden` and to `weight` (when it requires them).
     """
-    if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32) + 0 * weight.sum()
+    if hidden.shape[0] == 0:  # still part of the graph, as empty logits would be (DDP expects every gradient)
+        return hidden.new_zeros(0, dtype=torch.float32) + 0 * (hidden.sum() + weight.sum())
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else hidden.dtype
     dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else dtype

@@ -107,6 +107,14 @@ def test_linear_token_logps_gradcheck_and_frozen_weight():
     torch.testing.assert_close(gh, ref)
 
 
+def test_linear_token_logps_of_no_targets_keeps_zero_gradients():
+    h, w, t, _ = projection(n=0)
+    out = linear_token_logps(h, w, t)
+    assert out.shape == (0,)
+    gh, gw = torch.autograd.grad(out.sum(), [h, w])
+    assert not gh.any() and not gw.any()
+
+
 def test_linear_token_logps_under_bf16_autocast_matches_autocast_linear():
     """The projection in bf16 as F.linear under autocast, the softmax in float32: identical values; gradients
     within bf16 rounding (the weight's is summed over chunks in float32 instead of one bf16 product)."""

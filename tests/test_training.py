@@ -374,6 +374,13 @@ def test_fused_linear_loss_trains_like_logits_then_loss(tmp_path: Path, chat_fil
                                                                    rel=10 * tol)
     assert fused.metrics["eval_loss"] == pytest.approx(plain.metrics["eval_loss"], rel=tol)
     assert fused.metrics["eval_accuracy"] == plain.metrics["eval_accuracy"]
+    if "lora.enabled" not in overrides:  # the swapped output layer exports as a plain model
+        from transformers import AutoModelForCausalLM
+
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "model").eval()
+        ids = torch.tensor([[2, 40, 41, 42]])
+        fused.model.eval()
+        torch.testing.assert_close(reloaded(ids).logits, fused.model(ids).logits)
 
 
 def test_fused_linear_loss_refuses_an_output_layer_it_cannot_fuse(tiny_dir):

@@ -11,7 +11,7 @@ from finetune.builtin import ensure_builtin_model, is_builtin
 from finetune.config import LoraConfig, ModelConfig
 from finetune.errors import UserError
 from finetune.hub import hub_reachable
-from finetune.losses import linear_token_logps, target_positions
+from finetune.losses import IGNORE_INDEX, linear_token_logps, target_positions
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -244,10 +244,9 @@ def output_head(model: Any) -> TargetLogpsHead:
 def target_logps(model: Any, batch: dict[str, torch.Tensor], head: TargetLogpsHead) -> torch.Tensor:
     """(n_targets,) log p(target) of a padded or packed batch's target tokens, in `target_positions` order,
     computed by the fused output layer `head` of `model`: the batch's vocabulary logits never exist at once."""
-    keep = target_positions(batch["labels"])
-    head.targets = batch["labels"][:, 1:][keep[:, :-1]]
+    targets = batch["labels"][:, 1:]
+    head.targets = targets[targets != IGNORE_INDEX]  # the order of the rows logits_to_keep selects
     try:
-        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                     position_ids=batch.get("position_ids"), use_cache=False, logits_to_keep=keep).logits
+        return causal_lm_forward(model, batch, keep_logits=True)  # make_fused_head checked logits_to_keep
     finally:
         head.targets = None

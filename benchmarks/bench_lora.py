@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trl import MODEL, make_assets, spawn  # noqa: E402
+from bench_trl import MODEL, make_assets, mean, spawn  # noqa: E402
 
 SIZES = {"10M": MODEL,
          "100M": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -45,7 +45,7 @@ def main() -> None:
         figures = {}
         for kind, group in runs.items():
             tps = sum(r["tokens"] for r in group) / sum(r["train_s"] for r in group)
-            rss = sum(r["peak_rss_gb"] for r in group) / len(group)
+            rss = mean(group, "peak_rss_gb")
             figures[kind] = (tps, rss)
             print(f"| {size} | {kind} | {tps:.0f} | {rss:.2f} | {group[-1]['train_loss']:.3f} |")
         (lora_tps, lora_rss), (full_tps, full_rss) = figures["sft_lora_packed"], figures["sft_full_packed"]

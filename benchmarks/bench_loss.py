@@ -22,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_trl import mean  # noqa: E402
 
 
 def rss_gb() -> float:
@@ -86,7 +89,7 @@ def main() -> None:
         label = "trained" if trained == "1" else "frozen (LoRA)"
         means = {}
         for kind, group in runs.items():
-            means[kind] = {k: sum(r[k] for r in group) / len(group) for k in group[0]}
+            means[kind] = {k: mean(group, k) for k in group[0]}
             m = means[kind]
             print(f"| {label} | {kind} | {m['seconds']:.2f} | {m['peak_above_inputs_gb']:.2f} | {m['loss']:.4f} |")
         ratios.append((label, means["fused"]["seconds"] / means["unfused"]["seconds"],

@@ -302,7 +302,7 @@ def main() -> None:
           f"token budgets {assets['budget']}; "
           f"{args.lengths} lengths, {args.steps} steps, batch {HP['batch_size']} x accumulation {HP['grad_accum']}, "
           "BF16, no checkpointing")
-    rows, raw = [], {}
+    rows, raw, headline = [], {}, set()  # headline: (pair, label) of the A B B A runs the ratios compare
     for name in args.only:
         ours, theirs, extra, flops_per_param = PAIRS[name]
         a, b = [], []
@@ -310,6 +310,7 @@ def main() -> None:
                                    ("finetune", ours, a)):
             bucket.append(spawn(side, kind, assets_file, args.steps))
         runs = [("finetune " + ours, a), ("TRL " + theirs, b)]
+        headline.update((name, label) for label, _ in runs)
         for side, kind in zip(extra[::2], extra[1::2], strict=True):
             label = ("TRL " if side == "trl" else "finetune ") + kind
             runs.append((label, [spawn(side, kind, assets_file, args.steps)]))
@@ -328,8 +329,7 @@ def main() -> None:
         print(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {fmt(r[3], '.2f')} | {fmt(r[4], '.1%')} | {fmt(r[5], '.0%')} | "
               f"{fmt(r[6], '.3f')} | {fmt(r[7], '.3f')} | {fmt(r[8], '.2f')} |")
     print("\nratios finetune / TRL default (same invocation):")
-    variants = ("padding_free", "budget", "trim", "fused")
-    by = {(r[0], r[1].split(" ")[0]): r for r in rows if not r[1].endswith(variants)}
+    by = {(r[0], r[1].split(" ")[0]): r for r in rows if (r[0], r[1]) in headline}
     for name in args.only:
         f, t = by[(name, "finetune")], by[(name, "TRL")]
         print(f"  {name}: tokens/s x{f[2] / t[2]:.2f}, peak RSS x{f[3] / t[3]:.2f}")

@@ -63,3 +63,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
 
 def python() -> str:
     return sys.executable
+
+
+def fused_spy(monkeypatch, tokens_per_chunk: int = 5) -> list[int]:
+    """Force several chunks per batch through the fused output layer and count its calls (rows per call)."""
+    import finetune.model
+    from finetune.losses import linear_token_logps
+
+    calls = []
+
+    def spy(hidden, weight, targets):
+        calls.append(hidden.shape[0])
+        return linear_token_logps(hidden, weight, targets, chunk_logits=weight.shape[0] * tokens_per_chunk)
+
+    monkeypatch.setattr(finetune.model, "linear_token_logps", spy)
+    return calls

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import python, run_cli
+from conftest import fused_spy, python, run_cli
 
 import finetune
 from finetune import attention
@@ -320,8 +320,6 @@ def test_packed_pairs_train_like_padded(tmp_path: Path, pair_files, task: str, s
 def test_dpo_fused_linear_loss_trains_like_logits_then_loss(tmp_path: Path, pair_files, monkeypatch, sections):
     """train.fused_linear_loss in DPO: policy and reference log-probs through the fused output layer (the
     reference copy's own, or the policy's with the adapter off) give the unfused run's losses and metrics."""
-    from test_training import fused_spy
-
     plain = finetune.train(pair_recipe(tmp_path / "a", pair_files, "dpo", **sections))
     calls = fused_spy(monkeypatch)
     train = {**sections.get("train", {}), "fused_linear_loss": True}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_recipe
+from conftest import fused_spy, small_recipe
 
 import finetune
 from finetune.errors import UserError
@@ -338,21 +338,6 @@ def test_frozen_lora_base_stored_in_bf16_trains_bitwise_the_same(tmp_path: Path,
     assert [e["loss"] for e in steps(stored)] == [e["loss"] for e in steps(cast)]
     assert stored.metrics["train_grad_norm"] == cast.metrics["train_grad_norm"]
     assert stored.metrics["eval_loss"] == cast.metrics["eval_loss"]
-
-
-def fused_spy(monkeypatch, tokens_per_chunk: int = 5) -> list[int]:
-    """Force several chunks per batch through the fused output layer and count its calls (rows per call)."""
-    import finetune.model
-    from finetune.losses import linear_token_logps
-
-    calls = []
-
-    def spy(hidden, weight, targets):
-        calls.append(hidden.shape[0])
-        return linear_token_logps(hidden, weight, targets, chunk_logits=weight.shape[0] * tokens_per_chunk)
-
-    monkeypatch.setattr(finetune.model, "linear_token_logps", spy)
-    return calls
 
 
 @pytest.mark.parametrize("overrides", [{}, {"data.packing": True},

@@ -198,16 +198,20 @@ def run(recipe: Recipe, task: Task) -> Result:
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
 
-    def loader(batch_sampler: Any, dataset: Any) -> torch.utils.data.DataLoader:
+    def loader(batch_sampler: Any, dataset: Any, stream: int) -> torch.utils.data.DataLoader:
+        # Its own generator: each new iterator draws its workers' base seed from it; from the global RNG (the
+        # default) that draw would shift dropout's random numbers, and a resumed run creates a loader where
+        # the uninterrupted one did not, so resuming would not be exact. `stream`: a distinct seed per loader.
+        seeds = torch.Generator().manual_seed(hash((recipe.seed, rank, stream)) % 2**63)
         return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=data.collate,
                                            num_workers=recipe.data.num_workers, worker_init_fn=_seed_worker,
-                                           pin_memory=accelerator.device.type == "cuda")
+                                           generator=seeds, pin_memory=accelerator.device.type == "cuda")
 
     def micro_batches() -> Any:
         """Endless stream of this process's micro-batches, tracking (epoch, batch) for checkpoints."""
         epoch, start = state.epoch, state.batch_in_epoch
         while True:
-            for i, batch in enumerate(loader(train_sampler(epoch, start), data.train), start=start):
+            for i, batch in enumerate(loader(train_sampler(epoch, start), data.train, epoch), start=start):
                 yield epoch, i + 1, batch
             epoch, start = epoch + 1, 0
 
@@ -218,7 +222,7 @@ def run(recipe: Recipe, task: Task) -> Result:
         model.eval()
         batches, n_real = eval_shard(len(data.eval), cfg.batch_size, world, rank)
         totals: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(loader(batches, data.eval)):
+        for i, batch in enumerate(loader(batches, data.eval, -1)):
             batch = to_device(batch)
             result = task.loss(model, batch)
             if i >= n_real:

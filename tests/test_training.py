@@ -109,11 +109,15 @@ def test_bf16_then_fp32_in_one_process(tmp_path: Path, chat_files):
     assert lb != lf and lb == pytest.approx(lf, rel=0.05)  # autocast really ran, and trains the same thing
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, chat_files):
-    """Checkpoints every 2 steps; delete the later ones (as if the run died after step 2) and resume."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-dropout"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, chat_files, lora: bool):
+    """Checkpoints every 2 steps; delete the later ones (as if the run died after step 2) and resume.
+    With LoRA dropout every step draws from the restored RNG, so it must be exactly where the save left it
+    (creating a data loader must not draw from it: the resumed run creates one the uninterrupted run did not)."""
     train, evals = chat_files
     recipe = small_recipe(tmp_path, train, evals, train={"max_steps": 6, "save_every": 2, "keep_checkpoints": 5,
-                                                          "eval_every": 3})
+                                                          "eval_every": 3},
+                          lora={"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.1})
     full = finetune.train(recipe)
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002", "step-0000004", "step-0000006"]

@@ -129,8 +129,11 @@ def run(recipe: Recipe, task: Task) -> Result:
     if main:
         if not candidates and recipe.overwrite_output_dir:  # starting over: old checkpoints must not be resumed
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(to_yaml(recipe))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "recipe.yaml").write_text(to_yaml(recipe))
+        except OSError as e:  # before any model is loaded: a run that cannot save must not start
+            raise UserError(f"output_dir: cannot write to {out}: {e.strerror or e}") from None
     accelerator.wait_for_everyone()
 
     # ---- model and data (the main process goes first so caches are written once)

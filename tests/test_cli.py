@@ -52,3 +52,10 @@ def test_wrong_task_for_recipe_and_missing_file():
     assert proc.returncode == 2 and "recipes/nope.yaml: recipe file not found" in proc.stderr
     proc = run_cli(python(), "-m", "finetune", "dpo", "recipes/tiny_sft.yaml", "--print-config")
     assert proc.returncode == 2 and "run `finetune sft ...`" in proc.stderr
+
+
+def test_unwritable_output_dir_is_a_one_line_error(tmp_path: Path):
+    (tmp_path / "a_file").write_text("")
+    proc = run_cli(python(), "-m", "finetune", "sft", "recipes/tiny_sft.yaml", f"output_dir={tmp_path}/a_file/run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"finetune: error: output_dir: cannot write to {tmp_path}")

@@ -205,7 +205,7 @@ def run(recipe: Recipe, task: Task) -> Result:
         # Its own generator: each new iterator draws its workers' base seed from it; from the global RNG (the
         # default) that draw would shift dropout's random numbers, and a resumed run creates a loader where
         # the uninterrupted one did not, so resuming would not be exact. `stream`: a distinct seed per loader.
-        seeds = torch.Generator().manual_seed(hash((recipe.seed, rank, stream)) % 2**63)
+        seeds = torch.Generator().manual_seed((recipe.seed * 1_000_003 + rank * 10_007 + stream + 1) % 2**63)
         return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=data.collate,
                                            num_workers=recipe.data.num_workers, worker_init_fn=_seed_worker,
                                            generator=seeds, pin_memory=accelerator.device.type == "cuda")

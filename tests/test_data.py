@@ -134,3 +134,24 @@ def test_builtin_test_split_is_held_out():
 def test_hub_dataset_offline_is_a_clear_error():
     with pytest.raises(DataError, match="hub cannot be reached"):
         load_rows("someone/some-dataset", "train")
+
+
+@pytest.mark.parametrize("fmt, max_length", [("chat", 64), ("chat", 24), ("prompt_completion", 64),
+                                             ("prompt_completion", 6)])
+def test_tokens_and_labels_match_trl_sft_trainer(tok, tiny_dir, tmp_path: Path, fmt: str, max_length: int):
+    """TRL as the oracle: its SFTTrainer's prepared rows (completion-only / assistant-only loss, truncation,
+    fully masked rows dropped) have the same input ids and labels as ours, row for row."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    chat = task_rows("train")[:30] + [{"messages": CONVO}]
+    rows = chat if fmt == "chat" else [{"prompt": r["messages"][0]["content"],
+                                        "completion": " " + r["messages"][1]["content"]} for r in chat[:30]]
+    args = SFTConfig(output_dir=str(tmp_path), max_length=max_length, assistant_only_loss=fmt == "chat",
+                     report_to="none", bf16=False)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dir), args=args,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    ours, stats = encode_dataset(rows, "mem", fmt, tok, max_length, True, progress=False)
+    assert len(ours) > 0 and (max_length == 64 or stats.truncated > 0 and stats.dropped_no_target > 0)
+    assert trainer.train_dataset["input_ids"] == ours["input_ids"]
+    assert trainer.train_dataset["labels"] == ours["labels"]

@@ -95,6 +95,33 @@ def test_malformed_pairs_name_the_row(tok, row, message):
         encode_pairs([row], "pairs.jsonl", tok, 32, 16, progress=False)
 
 
+@pytest.mark.parametrize("kind", ["conversational", "strings"])
+def test_pair_tokens_match_trl_dpo_and_reward_trainers(tok, tiny_dir, tmp_path: Path, kind: str):
+    """TRL as the oracle: DPOTrainer's prompt/chosen/rejected ids and RewardTrainer's whole-sequence ids of the
+    same rows equal ours (conversational rows split their shared leading messages into the prompt)."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+    rows = preference_rows("train")[:24]
+    if kind == "strings":
+        rows = [{"prompt": r["chosen"][0]["content"], "chosen": " " + r["chosen"][1]["content"],
+                 "rejected": " " + r["rejected"][1]["content"]} for r in rows]
+    ours = [encode_pair(r, tok, 1024, 512, f"row {i}") for i, r in enumerate(rows)]
+    common = dict(report_to="none", bf16=False, max_length=None)
+    dpo = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dir), processing_class=tok,
+                     args=DPOConfig(output_dir=str(tmp_path / "dpo"), **common),
+                     train_dataset=datasets.Dataset.from_list(rows))
+    assert dpo.train_dataset["prompt_ids"] == [p["prompt"] for p in ours]
+    assert dpo.train_dataset["chosen_ids"] == [p["chosen"] for p in ours]
+    assert dpo.train_dataset["rejected_ids"] == [p["rejected"] for p in ours]
+    rm = RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1),
+                       processing_class=tok, args=RewardConfig(output_dir=str(tmp_path / "rm"), **common),
+                       train_dataset=datasets.Dataset.from_list(rows))
+    assert rm.train_dataset["chosen_ids"] == [p["prompt"] + p["chosen"] for p in ours]
+    assert rm.train_dataset["rejected_ids"] == [p["prompt"] + p["rejected"] for p in ours]
+
+
 def test_collator_masks_prompts_and_stacks_chosen_first(tok):
     rows = [encode_pair(r, tok, 64, 32, "x") | {"uid": i} for i, r in enumerate(preference_rows("train")[:3])]
     batch = PairCollator(tok.pad_token_id)(rows)

@@ -115,6 +115,10 @@ def run(recipe: Recipe, task: Task) -> Result:
                               dynamo_backend="inductor" if cfg.compile else "no")
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate would silently train in float32 (no fp16 autocast or loss scaler on CPU)
+        raise UserError("train.mixed_precision: fp16 needs a GPU (on CPU Accelerate does not autocast to fp16); "
+                        "use bf16 or no")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > world:  # Accelerate's silent trap: N launched processes, each training alone
         raise UserError(f"{launched} processes were launched but Accelerate set up {world} (no distributed "

@@ -86,7 +86,12 @@ def load_model(cfg: ModelConfig, tokenizer: Any, device: torch.device, kind: str
         cls, kwargs["num_labels"] = AutoModelForSequenceClassification, 1
     else:
         cls = AutoModelForCausalLM
-    model = _from_pretrained(cls, cfg, resolve(cfg.name_or_path), **kwargs)
+    try:
+        model = _from_pretrained(cls, cfg, resolve(cfg.name_or_path), **kwargs)
+    except (ImportError, ValueError) as e:  # e.g. flash_attention_2 without its package, or a misspelt name
+        if "attn_implementation" not in str(e) and "Attention" not in str(e):
+            raise
+        raise ModelError(f"model.attn_implementation: {str(e).splitlines()[0]}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # training never needs the KV cache; generation asks for it explicitly
     return model

@@ -396,3 +396,13 @@ def test_fused_linear_loss_refuses_a_lora_wrapped_output_layer(tmp_path: Path, c
     with pytest.raises(ModelError, match="train.fused_linear_loss: the output layer became a .*lora.target_modules"):
         finetune.train(small_recipe(tmp_path, train), **{"train.fused_linear_loss": True, "lora.enabled": True,
                                                          "lora.target_modules": ["q_proj", "lm_head"]})
+
+
+@pytest.mark.parametrize("name, says", [("flash_attention_2", "FlashAttention2"), ("nonsense", "nonsense")])
+def test_unusable_attention_implementation_is_a_one_line_error(tmp_path: Path, chat_files, name: str, says: str):
+    from finetune.errors import UserError
+
+    train, _ = chat_files
+    with pytest.raises(UserError, match=f"^model.attn_implementation: .*{says}") as caught:
+        finetune.train(small_recipe(tmp_path, train, model={"attn_implementation": name}))
+    assert "\n" not in str(caught.value)

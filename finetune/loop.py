@@ -144,6 +144,12 @@ def run(recipe: Recipe, task: Task) -> Result:
     with accelerator.main_process_first():
         model, tokenizer = task.build_model(recipe, accelerator)
         data = task.build_data(recipe, tokenizer)
+    from finetune.model import unwrap
+
+    positions = getattr(unwrap(model).config, "max_position_embeddings", None)
+    if positions and recipe.data.max_length > positions:
+        logger.warning("data.max_length=%d is more than the model's max_position_embeddings=%d: longer sequences "
+                       "reach positions it was not trained for", recipe.data.max_length, positions)
     budget = cfg.batch_tokens  # micro-batches of at most this many tokens instead of batch_size rows
     if budget and data.train_lengths is None:
         raise UserError(f"train.batch_tokens: the {task.name} task does not support token-budget batches")

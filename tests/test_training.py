@@ -406,3 +406,12 @@ def test_unusable_attention_implementation_is_a_one_line_error(tmp_path: Path, c
     with pytest.raises(UserError, match=f"^model.attn_implementation: .*{says}") as caught:
         finetune.train(small_recipe(tmp_path, train, model={"attn_implementation": name}))
     assert "\n" not in str(caught.value)
+
+
+def test_max_length_beyond_the_models_positions_is_warned(tmp_path: Path, chat_files, caplog):
+    train, _ = chat_files
+    finetune.train(small_recipe(tmp_path / "a", train, data={"max_length": 600}, train={"max_steps": 1}))
+    assert "data.max_length=600 is more than the model's max_position_embeddings=512" in caplog.text
+    caplog.clear()
+    finetune.train(small_recipe(tmp_path / "b", train, data={"max_length": 512}, train={"max_steps": 1}))
+    assert "max_position_embeddings" not in caplog.text

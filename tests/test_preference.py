@@ -123,6 +123,53 @@ def test_pair_tokens_match_trl_dpo_and_reward_trainers(tok, tiny_dir, tmp_path: 
     assert rm.train_dataset["rejected_ids"] == [p["prompt"] + p["rejected"] for p in ours]
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "packed-shared-prompt"])
+def test_dpo_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, loss_type: str, layout: str):
+    """TRL as the oracle end to end: DPOTrainer.compute_loss of a perturbed policy against the initial model on
+    8 pairs equals our DPO task's loss on the same pairs (log-probs, prompt masking, IPO's length averaging),
+    however our batch is laid out."""
+    import copy
+
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from finetune.config import DPOConfig as OurDPOConfig
+    from finetune.tasks.dpo import DPOTask
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    policy = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    rows = preference_rows("train")[:8]
+    args = DPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, max_length=None, beta=0.1,
+                     loss_type=[loss_type], per_device_eval_batch_size=8)
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok,
+                         train_dataset=datasets.Dataset.from_list(rows))
+    with torch.no_grad():
+        theirs = trainer.compute_loss(trainer.model, next(iter(trainer.get_eval_dataloader(trainer.train_dataset))))
+
+    task = DPOTask()
+    task.cfg, task.keep_logits = OurDPOConfig(beta=0.1, loss_type=loss_type), True
+    task.ref_model = ref
+    if layout == "packed-shared-prompt":  # the prompt runs once per pair: needs sdpa_varlen
+        attention.register()
+        varlen = {"attn_implementation": attention.NAME}
+        task.ref_model = AutoModelForCausalLM.from_pretrained(tiny_dir, **varlen).eval()
+        moved = policy.state_dict()
+        policy = AutoModelForCausalLM.from_pretrained(tiny_dir, **varlen)
+        policy.load_state_dict(moved)
+    collate = PairCollator(tok.pad_token_id, packed=layout != "padded", share_prompt=layout.endswith("prompt"))
+    pairs = [dict(encode_pair(r, tok, 1024, 512, f"row {i}"), uid=i) for i, r in enumerate(rows)]
+    with torch.no_grad():
+        ours = task.loss(policy, collate(pairs)).loss_sum / len(pairs)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    assert abs(theirs.item() - (0.6931 if loss_type == "sigmoid" else 25.0)) > 1e-3  # the policy moved
+
+
 def test_collator_masks_prompts_and_stacks_chosen_first(tok):
     rows = [encode_pair(r, tok, 64, 32, "x") | {"uid": i} for i, r in enumerate(preference_rows("train")[:3])]
     batch = PairCollator(tok.pad_token_id)(rows)

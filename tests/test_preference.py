@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -168,6 +169,38 @@ def test_dpo_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, los
         ours = task.loss(policy, collate(pairs)).loss_sum / len(pairs)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
     assert abs(theirs.item() - (0.6931 if loss_type == "sigmoid" else 25.0)) > 1e-3  # the policy moved
+
+
+@pytest.mark.parametrize("center", [0.0, 0.01])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_reward_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, packed: bool, center: float):
+    """TRL as the oracle end to end: RewardTrainer.compute_loss of a reward model with a random head on 8 pairs
+    equals our reward task's loss (with and without reward centring), padded or packed."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from finetune.tasks.rm import RewardModelTask
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1).eval()
+    model.config.pad_token_id = tok.pad_token_id
+    rows = preference_rows("train")[:8]
+    args = RewardConfig(output_dir=str(tmp_path), report_to="none", bf16=False, max_length=None,
+                        per_device_eval_batch_size=8, center_rewards_coefficient=center or None)
+    trainer = RewardTrainer(model=model, args=args, processing_class=tok,
+                            train_dataset=datasets.Dataset.from_list(rows))
+    with torch.no_grad():
+        theirs = trainer.compute_loss(model, next(iter(trainer.get_eval_dataloader(trainer.train_dataset))))
+
+    task = RewardModelTask()
+    task.center = center
+    task.prepare(SimpleNamespace(data=SimpleNamespace(packing=packed)), None, model)
+    pairs = [dict(encode_pair(r, tok, 1024, 512, f"row {i}"), uid=i) for i, r in enumerate(rows)]
+    with torch.no_grad():
+        ours = task.loss(model, PairCollator(tok.pad_token_id, packed=packed)(pairs)).loss_sum / len(pairs)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    assert abs(theirs.item() - 0.6931) > 1e-3  # the random head tells the pairs apart a little
 
 
 def test_collator_masks_prompts_and_stacks_chosen_first(tok):

@@ -155,3 +155,36 @@ def test_tokens_and_labels_match_trl_sft_trainer(tok, tiny_dir, tmp_path: Path, 
     assert len(ours) > 0 and (max_length == 64 or stats.truncated > 0 and stats.dropped_no_target > 0)
     assert trainer.train_dataset["input_ids"] == ours["input_ids"]
     assert trainer.train_dataset["labels"] == ours["labels"]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_sft_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, packed: bool):
+    """TRL as the oracle end to end: SFTTrainer.compute_loss (mean over assistant tokens) of the tiny model on 8
+    chat rows equals our SFT task's summed loss over the batch's target count, padded or packed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune import attention
+    from finetune.collate import CausalLMCollator
+    from finetune.tasks.sft import SFTTask
+
+    rows = task_rows("train")[:7] + [{"messages": CONVO}]
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    args = SFTConfig(output_dir=str(tmp_path), max_length=64, assistant_only_loss=True, report_to="none",
+                     bf16=False, per_device_eval_batch_size=8)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tok)
+    with torch.no_grad():
+        theirs = trainer.compute_loss(model, next(iter(trainer.get_eval_dataloader(trainer.train_dataset))))
+
+    if packed:
+        attention.register()
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation=attention.NAME).eval()
+    task = SFTTask()
+    task.keep_logits = True
+    ours_rows, _ = encode_dataset(rows, "mem", "chat", tok, 64, True, progress=False)
+    batch = CausalLMCollator(tok.pad_token_id, packed=packed)(list(ours_rows))
+    with torch.no_grad():
+        ours = task.loss(model, batch).loss_sum / batch["num_items"]
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)

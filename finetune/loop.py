@@ -105,6 +105,16 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def _diverged(grad_norm: Any, accelerator: Any) -> torch.Tensor:
+    """1.0 on the device if the step's gradient norm is nan or inf: the optimizer has then made the weights nan.
+    0.0 under fp16's loss scaler (it skips such steps itself) and under DeepSpeed (it reports a float or None)."""
+    if accelerator.scaler is not None or not isinstance(grad_norm, torch.Tensor):
+        return torch.zeros((), device=accelerator.device)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor, which cannot join a plain all-reduce
+        grad_norm = grad_norm.full_tensor()
+    return (~torch.isfinite(grad_norm)).float().to(accelerator.device)
+
+
 def run(recipe: Recipe, task: Task) -> Result:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -321,10 +331,20 @@ def run(recipe: Recipe, task: Task) -> Result:
 
             if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps:
                 final_eval = log_eval(state.step)
-            flags = accelerator.reduce(torch.tensor([int(signals.requested), int(signals.save_now)],
-                                                    device=accelerator.device), "sum").tolist()
+            # one reduction per step (it syncs anyway): a signal on any process, and a diverged update
+            dev = accelerator.device
+            flags = accelerator.reduce(torch.stack([torch.tensor(float(signals.requested), device=dev),
+                                                    torch.tensor(float(signals.save_now), device=dev),
+                                                    _diverged(grad_norm, accelerator)]), "sum").tolist()
             stopped, save_now = flags[0] > 0, flags[1] > 0
             signals.save_now = False
+            if flags[2]:
+                progress.close()
+                kept = checkpoint.complete_checkpoints(out / "checkpoints")
+                last = f"{kept[0]} is the last checkpoint" if kept else "no checkpoint was saved before"
+                raise UserError(f"step {state.step}: the gradient norm is {float(grad_norm)}: training diverged; "
+                                f"stopped without saving ({last}); lower train.lr, keep train.max_grad_norm on, "
+                                "or look for broken rows")
             if (cfg.save_every and state.step % cfg.save_every == 0) or stopped or save_now:
                 path = checkpoint.save(accelerator, out / "checkpoints", state, cfg.keep_checkpoints)
                 logger.info("saved checkpoint %s", path)

@@ -415,3 +415,30 @@ def test_max_length_beyond_the_models_positions_is_warned(tmp_path: Path, chat_f
     caplog.clear()
     finetune.train(small_recipe(tmp_path / "b", train, data={"max_length": 512}, train={"max_steps": 1}))
     assert "max_position_embeddings" not in caplog.text
+
+
+def test_a_diverged_run_stops_before_saving_and_keeps_the_last_checkpoint(tmp_path: Path, chat_files,
+                                                                           monkeypatch):
+    from finetune.errors import UserError
+    from finetune.tasks import LossOutput
+    from finetune.tasks.sft import SFTTask
+
+    real, train_calls = SFTTask.loss, []
+
+    def poisoned(self, model, batch):  # the third training micro-batch's loss is nan, as after an overflow
+        out = real(self, model, batch)
+        if model.training:
+            train_calls.append(1)
+            if len(train_calls) == 3:
+                return LossOutput(loss_sum=out.loss_sum * float("nan"), metric_sums=out.metric_sums)
+        return out
+
+    monkeypatch.setattr(SFTTask, "loss", poisoned)
+    train, evals = chat_files
+    recipe = small_recipe(tmp_path, train, evals, train={"max_steps": 5, "save_every": 2})
+    with pytest.raises(UserError, match=r"^step 3: the gradient norm is nan: training diverged; stopped without "
+                                        r"saving \(.*step-0000002 is the last checkpoint\)") as caught:
+        finetune.train(recipe)
+    assert "\n" not in str(caught.value)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"]
+    assert not (tmp_path / "model").exists()

@@ -206,6 +206,9 @@ def run(recipe: Recipe, task: Task) -> Result:
     units = world if budget else cfg.batch_size * world  # rows (or token-budget bins) per global batch
     if resume_from is not None:
         logger.info("resumed from %s at step %d", resume_from, state.step)
+        if state.step >= total_steps:
+            logger.warning("the checkpoint is at step %d, the run has %d steps: nothing left to train; the model "
+                           "is exported as it is (raise train.max_steps or epochs to go on)", state.step, total_steps)
         if state.batch_tokens != budget:
             logger.warning("resuming with train.batch_tokens=%d instead of %d: the batches differ, so the data "
                            "position restarts at the beginning of epoch %d", budget, state.batch_tokens, state.epoch)

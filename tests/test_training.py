@@ -442,3 +442,14 @@ def test_a_diverged_run_stops_before_saving_and_keeps_the_last_checkpoint(tmp_pa
     assert "\n" not in str(caught.value)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"]
     assert not (tmp_path / "model").exists()
+
+
+def test_resuming_past_max_steps_says_there_is_nothing_left(tmp_path: Path, chat_files, caplog):
+    train, _ = chat_files
+    finetune.train(small_recipe(tmp_path, train, train={"max_steps": 4, "save_every": 2}))
+    caplog.clear()
+    result = finetune.train(small_recipe(tmp_path, train, train={"max_steps": 2, "save_every": 2}))
+    assert result.steps == 4 and "step 4, the run has 2 steps: nothing left to train" in caplog.text
+    caplog.clear()
+    finetune.train(small_recipe(tmp_path, train, train={"max_steps": 5, "save_every": 2}))
+    assert "nothing left to train" not in caplog.text

@@ -33,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("output", help="where to save the merged model")
     m.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    m.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it already holds files")
     return p
 
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "merge":
             from finetune.merge import merge_adapter
 
-            merge_adapter(args.adapter, args.output, args.base, args.dtype)
+            merge_adapter(args.adapter, args.output, args.base, args.dtype, args.overwrite)
             return 0
         overrides = parse_overrides(args.overrides)
         declared = read_yaml(args.recipe).get("task", args.command)

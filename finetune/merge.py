@@ -12,14 +12,28 @@ from finetune.errors import UserError
 logger = logging.getLogger("finetune")
 
 
+def check_output(adapter_dir: Path, output_dir: Path, overwrite: bool) -> None:
+    """The merged model replaces `output_dir` as a whole: refuse what that would wrongly delete."""
+    out = output_dir.resolve()
+    for inside, what in ((adapter_dir.resolve(), "the adapter"), (Path.cwd().resolve(), "the current directory")):
+        if out == inside or out in inside.parents:
+            raise UserError(f"{output_dir}: the merged model would replace it, and it holds {what}; choose a new "
+                            "directory")
+    if output_dir.is_file() or (output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite):
+        raise UserError(f"{output_dir}: already exists and is not empty; choose a new directory, or pass "
+                        "--overwrite to replace it")
+
+
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | None = None,
-                  dtype: str = "float32") -> Path:
-    """Load the base named in the adapter's config (or `base`), merge the adapter into it, save to `output_dir`."""
+                  dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Load the base named in the adapter's config (or `base`), merge the adapter into it, save to `output_dir`
+    (which must be new or empty unless `overwrite`, and never one that holds the adapter)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    check_output(adapter_dir, output_dir, overwrite)
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise UserError(f"{adapter_dir}: not a LoRA adapter directory (no adapter_config.json)")

@@ -171,7 +171,7 @@ def test_tiny_sft_learns(tmp_path: Path):
     assert evals[-1]["eval_loss"] <= 0.5 * evals[0]["eval_loss"]
 
 
-def test_merge_folds_the_adapter_into_the_base(tmp_path: Path, chat_files):
+def test_merge_folds_the_adapter_into_the_base(tmp_path: Path, chat_files, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from finetune.cli import main
@@ -185,6 +185,18 @@ def test_merge_folds_the_adapter_into_the_base(tmp_path: Path, chat_files):
     result.model.eval()
     torch.testing.assert_close(merged(ids).logits, result.model(ids).logits, rtol=1e-4, atol=1e-5)
     assert main(["merge", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    # the output is replaced as a whole: never a directory holding the adapter or the current one, and an
+    # existing non-empty one only with --overwrite (the current directory is a temporary one here, so that a
+    # regression deletes nothing outside the test)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for output in (result.model_dir, tmp_path / "run", work, tmp_path):
+        assert main(["merge", str(result.model_dir), str(output)]) == 2
+    assert (result.model_dir / "adapter_config.json").is_file() and (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert main(["merge", str(result.model_dir), str(tmp_path / "merged")]) == 2
+    assert main(["merge", str(result.model_dir), str(tmp_path / "merged"), "--overwrite"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
 
 
 def test_keeps_last_k_and_the_best_and_skips_a_truncated_checkpoint(tmp_path: Path, chat_files):

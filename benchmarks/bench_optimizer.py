@@ -4,16 +4,23 @@
 
 On CPU torch's default AdamW runs a chain of elementwise operations per parameter tensor (its multi-tensor
 `foreach` path is the default only on GPUs); `fused=True` does the whole update in one kernel. Random gradients
-on every parameter of the benchmark's 10M-parameter Llama (bench_trl.py) and of a 111M-parameter one; each
+on every parameter of bench_lora.py's two Llamas (the benchmark's 10M one and a 100M one); each
 variant warms up for 3 steps, then the mean of 10 steps is printed with the ratio to fused.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_lora import SIZES  # noqa: E402
+from bench_trl import VOCAB  # noqa: E402
 
 
 def step_ms(model: torch.nn.Module, steps: int, **kwargs) -> float:
@@ -32,18 +39,17 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sizes = {"10M": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6),
-             "111M": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per AdamW step (mean of {args.steps})")
     print("| model | default | foreach | fused | default / fused |\n|---|---|---|---|---|")
-    for name, shape in sizes.items():
+    for name, shape in SIZES.items():  # bench_lora's two sizes: the benchmark model and a 100M one
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, tie_word_embeddings=True, **shape))
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **shape))
         for p in model.parameters():
             p.grad = torch.randn_like(p)
         ms = {kind: step_ms(model, args.steps, **kwargs) for kind, kwargs in
               (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True}))}
-        print(f"| {name} | {ms['default']:.1f} | {ms['foreach']:.1f} | {ms['fused']:.1f} | "
+        n = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"| {name} ({n:.0f}M parameters) | {ms['default']:.1f} | {ms['foreach']:.1f} | {ms['fused']:.1f} | "
               f"{ms['default'] / ms['fused']:.1f}x |")
 
 

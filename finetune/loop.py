@@ -154,7 +154,7 @@ def run(recipe: Recipe, task: Task) -> Result:
     with accelerator.main_process_first():
         model, tokenizer = task.build_model(recipe, accelerator)
         data = task.build_data(recipe, tokenizer)
-    from finetune.model import unwrap
+    from finetune.model import frozen_weights_dtype, param_groups, restore_float32, store_frozen_linears_in, unwrap
 
     positions = getattr(unwrap(model).config, "max_position_embeddings", None)
     if positions and recipe.data.max_length > positions:
@@ -184,8 +184,6 @@ def run(recipe: Recipe, task: Task) -> Result:
                 n_trainable / 1e6, n_params / 1e6)
 
     # ---- optimizer and warmup-cosine schedule (a pure function of the step, stepped once per optimizer step)
-    from finetune.model import frozen_weights_dtype, param_groups, restore_float32, store_frozen_linears_in
-
     frozen_dtype = frozen_weights_dtype(cfg.mixed_precision, accelerator.distributed_type.name)
     # frozen weights (LoRA's base) kept in the dtype autocast casts them to at each step; float32 again at the end
     frozen_cast = [] if frozen_dtype is None else store_frozen_linears_in(model, frozen_dtype)

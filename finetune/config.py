@@ -33,6 +33,7 @@ class ModelConfig:
     revision: str | None = None
     dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16 | auto
     attn_implementation: str = "sdpa"  # eager | sdpa | sdpa_varlen | flash_attention_2 | ...
+    liger_kernel: bool = False  # CUDA: liger-kernel's Triton RMSNorm, SwiGLU and RoPE in place of the model's
     trust_remote_code: bool = False  # never on unless a recipe asks for it
     load_in_4bit: bool = False  # QLoRA: NF4 weights through bitsandbytes
     load_in_8bit: bool = False

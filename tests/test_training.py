@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -418,6 +419,48 @@ def test_unusable_attention_implementation_is_a_one_line_error(tmp_path: Path, c
     with pytest.raises(UserError, match=f"^model.attn_implementation: .*{says}") as caught:
         finetune.train(small_recipe(tmp_path, train, model={"attn_implementation": name}))
     assert "\n" not in str(caught.value)
+
+
+def test_liger_kernel_needs_a_gpu_and_the_package(tmp_path: Path, chat_files, tiny_dir: Path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model import apply_liger
+
+    train, _ = chat_files
+    with pytest.raises(UserError, match="^model.liger_kernel: its Triton kernels need a CUDA GPU, and this process "
+                                        "runs on cpu$"):
+        finetune.train(small_recipe(tmp_path, train, model={"liger_kernel": True}))
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed, even where it is
+    with pytest.raises(UserError, match=r"^model.liger_kernel: needs the liger-kernel package; pip install"):
+        apply_liger(AutoModelForCausalLM.from_pretrained(tiny_dir), torch.device("cuda"))
+
+
+def test_liger_kernel_patches_norms_mlps_and_rope_but_keeps_the_forward(tiny_dir: Path, monkeypatch):
+    """Where liger-kernel is installed (not in CI: it pulls in Triton, 1 GB): what it patches. Its kernels
+    themselves only run on CUDA."""
+    pytest.importorskip("liger_kernel")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.models.llama import modeling_llama
+
+    from finetune.model import apply_liger
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # liger patches the module: undo after
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    for cls in (AutoModelForCausalLM, AutoModelForSequenceClassification):
+        model = cls.from_pretrained(tiny_dir)
+        forward = model.forward
+        apply_liger(model, torch.device("cuda"))
+        layer = model.model.layers[0]
+        assert "Liger" in repr(layer.mlp.forward) and "Liger" in repr(layer.input_layernorm.forward)
+        assert "Liger" in repr(model.model.norm.forward)
+        assert "liger" in modeling_llama.apply_rotary_pos_emb.__module__
+        assert model.forward == forward  # no fused linear cross-entropy: our losses get the logits/hidden states
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert type(lora.base_model.model.model.layers[0].mlp.gate_proj).__name__ == "Linear"  # peft's, wrapped
+    model.config.model_type = "no-such-model"
+    with pytest.raises(UserError, match="^model.liger_kernel: liger-kernel has no kernels for model type"):
+        apply_liger(model, torch.device("cuda"))
 
 
 def test_max_length_beyond_the_models_positions_is_warned(tmp_path: Path, chat_files, caplog):

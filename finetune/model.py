@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -124,11 +125,12 @@ def enable_gradient_checkpointing(model: Any, lora: bool) -> None:
         model.enable_input_require_grads()
 
 
-def apply_liger(model: Any, device: torch.device) -> None:
-    """liger-kernel's Triton kernels in place of the model's RMSNorm, SwiGLU MLP and rotary embedding, through
-    transformers' own integration (what its Trainer's `use_liger_kernel` calls). Liger's fused linear
-    cross-entropy stays off: it replaces the model's forward with one that needs the labels, and
-    `train.fused_linear_loss` keeps the logits from being materialised for every task here instead."""
+def liger_applier(device: torch.device) -> Callable[[Any], None]:
+    """For `model.liger_kernel`: checked before any model loads, a function that puts liger-kernel's Triton
+    kernels in place of a model's RMSNorm, SwiGLU MLP and rotary embedding, through transformers' own
+    integration (what its Trainer's `use_liger_kernel` calls). Liger's fused linear cross-entropy stays off: it
+    replaces the model's forward with one that needs the labels; `train.fused_linear_loss` keeps the logits from
+    being materialised for every task here instead."""
     if device.type != "cuda":
         raise ModelError(f"model.liger_kernel: its Triton kernels need a CUDA GPU, and this process runs on "
                          f"{device.type}")
@@ -137,20 +139,25 @@ def apply_liger(model: Any, device: torch.device) -> None:
         from transformers.integrations.liger import apply_liger_kernel
     except ImportError:
         raise ModelError("model.liger_kernel: needs the liger-kernel package; pip install 'finetune[liger]'") from None
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # liger would only log this and change nothing
-        raise ModelError(f"model.liger_kernel: liger-kernel has no kernels for model type {model_type!r}")
-    apply_liger_kernel(model, {"fused_linear_cross_entropy": False, "cross_entropy": False})
+
+    def apply(model: Any) -> None:
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # liger would only log this and change nothing
+            raise ModelError(f"model.liger_kernel: liger-kernel has no kernels for model type {model_type!r}")
+        apply_liger_kernel(model, {"fused_linear_cross_entropy": False, "cross_entropy": False})
+
+    return apply
 
 
 def build(cfg_model: ModelConfig, cfg_lora: LoraConfig, gradient_checkpointing: bool, device: torch.device,
           kind: str = "causal_lm", packed: bool = False, fused_head: bool = False) -> tuple[Any, Any]:
     """Tokenizer and trainable model for a task: loaded, LoRA-wrapped if enabled, checkpointed if asked;
     `fused_head`: its output layer can return log p(target) fused with the projection (see `output_head`)."""
+    liger = liger_applier(device) if cfg_model.liger_kernel else None  # refused before a large model loads
     tokenizer = load_tokenizer(cfg_model)
     model = load_model(cfg_model, tokenizer, device, kind, packed)
-    if cfg_model.liger_kernel:  # on the transformers model: liger patches its norms and MLPs by their names
-        apply_liger(model, device)
+    if liger:  # on the transformers model: liger patches its norms and MLPs by their names
+        liger(model)
     if fused_head:  # before any wrapping, so FSDP wraps the swapped class
         make_fused_head(model)
     if gradient_checkpointing:

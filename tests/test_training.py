@@ -421,10 +421,8 @@ def test_unusable_attention_implementation_is_a_one_line_error(tmp_path: Path, c
     assert "\n" not in str(caught.value)
 
 
-def test_liger_kernel_needs_a_gpu_and_the_package(tmp_path: Path, chat_files, tiny_dir: Path, monkeypatch):
-    from transformers import AutoModelForCausalLM
-
-    from finetune.model import apply_liger
+def test_liger_kernel_needs_a_gpu_and_the_package(tmp_path: Path, chat_files, monkeypatch):
+    from finetune.model import liger_applier
 
     train, _ = chat_files
     with pytest.raises(UserError, match="^model.liger_kernel: its Triton kernels need a CUDA GPU, and this process "
@@ -432,7 +430,7 @@ def test_liger_kernel_needs_a_gpu_and_the_package(tmp_path: Path, chat_files, ti
         finetune.train(small_recipe(tmp_path, train, model={"liger_kernel": True}))
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed, even where it is
     with pytest.raises(UserError, match=r"^model.liger_kernel: needs the liger-kernel package; pip install"):
-        apply_liger(AutoModelForCausalLM.from_pretrained(tiny_dir), torch.device("cuda"))
+        liger_applier(torch.device("cuda"))
 
 
 def test_liger_kernel_patches_norms_mlps_and_rope_but_keeps_the_forward(tiny_dir: Path, monkeypatch):
@@ -443,14 +441,14 @@ def test_liger_kernel_patches_norms_mlps_and_rope_but_keeps_the_forward(tiny_dir
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.models.llama import modeling_llama
 
-    from finetune.model import apply_liger
+    from finetune.model import liger_applier
 
     for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # liger patches the module: undo after
         monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
     for cls in (AutoModelForCausalLM, AutoModelForSequenceClassification):
         model = cls.from_pretrained(tiny_dir)
         forward = model.forward
-        apply_liger(model, torch.device("cuda"))
+        liger_applier(torch.device("cuda"))(model)
         layer = model.model.layers[0]
         assert "Liger" in repr(layer.mlp.forward) and "Liger" in repr(layer.input_layernorm.forward)
         assert "Liger" in repr(model.model.norm.forward)
@@ -460,7 +458,7 @@ def test_liger_kernel_patches_norms_mlps_and_rope_but_keeps_the_forward(tiny_dir
     assert type(lora.base_model.model.model.layers[0].mlp.gate_proj).__name__ == "Linear"  # peft's, wrapped
     model.config.model_type = "no-such-model"
     with pytest.raises(UserError, match="^model.liger_kernel: liger-kernel has no kernels for model type"):
-        apply_liger(model, torch.device("cuda"))
+        liger_applier(torch.device("cuda"))(model)
 
 
 def test_max_length_beyond_the_models_positions_is_warned(tmp_path: Path, chat_files, caplog):

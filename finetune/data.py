@@ -65,11 +65,18 @@ def read_json_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def load_rows(source: str, split: str) -> Any:
-    """Rows from a builtin name, a local JSONL/JSON/Parquet file, or a hub dataset name.
+    """Rows from a builtin name, a local JSONL/JSON/Parquet file, or a hub dataset name; at least one.
 
     JSON files become a list of dicts (exact types, row numbers in errors); Parquet and hub datasets stay
     `datasets.Dataset`s. Both are sized and yield dict rows.
     """
+    rows = _read_rows(source, split)
+    if len(rows) == 0:
+        raise DataError(f"{source}: no rows")
+    return rows
+
+
+def _read_rows(source: str, split: str) -> Any:
     import datasets
 
     if is_builtin(source):
@@ -85,6 +92,10 @@ def load_rows(source: str, split: str) -> Any:
         if suffix != ".parquet":
             raise DataError(f"{source}: expected a .jsonl, .json or .parquet file")
         try:
+            import pyarrow.parquet
+
+            if pyarrow.parquet.ParquetFile(path).metadata.num_rows == 0:  # datasets would say "no data" for "train"
+                return []
             return datasets.load_dataset("parquet", data_files=str(path), split="train")
         except Exception as e:  # pyarrow raises many types for malformed files
             raise DataError(f"{source}: could not be read as Parquet: {str(e).splitlines()[0]}") from None

@@ -122,6 +122,12 @@ def test_local_files_and_missing_ones(tmp_path: Path):
         load_rows(str(tmp_path / "missing.jsonl"), "train")
     with pytest.raises(DataError, match="unknown builtin dataset"):
         load_rows("builtin:nope", "train")
+    for empty in ("e.jsonl", "e.json", "e.parquet"):  # would be misreported as data of an unknown format
+        (tmp_path / empty).write_text("\n" if empty != "e.json" else "[]")
+        if empty == "e.parquet":
+            datasets.Dataset.from_dict({"text": []}).to_parquet(str(tmp_path / empty))
+        with pytest.raises(DataError, match=f"^{tmp_path / empty}: no rows$"):
+            load_rows(str(tmp_path / empty), "train")
 
 
 def test_builtin_test_split_is_held_out():

@@ -150,11 +150,20 @@ def run(recipe: Recipe, task: Task) -> Result:
             raise UserError(f"output_dir: cannot write to {out}: {e.strerror or e}") from None
     accelerator.wait_for_everyone()
 
-    # ---- model and data (the main process goes first so caches are written once)
+    # ---- data, then model (the main process goes first so caches are written once)
+    from finetune.model import (
+        frozen_weights_dtype,
+        load_tokenizer,
+        param_groups,
+        restore_float32,
+        store_frozen_linears_in,
+        unwrap,
+    )
+
     with accelerator.main_process_first():
-        model, tokenizer = task.build_model(recipe, accelerator)
-        data = task.build_data(recipe, tokenizer)
-    from finetune.model import frozen_weights_dtype, param_groups, restore_float32, store_frozen_linears_in, unwrap
+        tokenizer = load_tokenizer(recipe.model)
+        data = task.build_data(recipe, tokenizer)  # first: a bad row is refused before a large model loads
+        model = task.build_model(recipe, accelerator, tokenizer)
 
     positions = getattr(unwrap(model).config, "max_position_embeddings", None)
     if positions and recipe.data.max_length > positions:

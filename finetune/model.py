@@ -33,6 +33,9 @@ def resolve(name: str) -> str:
 def _from_pretrained(cls: Any, cfg: ModelConfig, path: str, **kwargs: Any) -> Any:
     import os
 
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"model.name_or_path: {path} is a directory without a config.json (expected a model saved "
+                         "with save_pretrained)")
     local_only = not os.path.isdir(path) and not hub_reachable()
     try:
         return cls.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
@@ -48,7 +51,14 @@ def _from_pretrained(cls: Any, cfg: ModelConfig, path: str, **kwargs: Any) -> An
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, cfg, resolve(cfg.name_or_path))
+    path = resolve(cfg.name_or_path)
+    try:
+        tokenizer = _from_pretrained(AutoTokenizer, cfg, path)
+    except ModelError:
+        raise
+    except ValueError as e:  # e.g. a model directory saved without its tokenizer files
+        raise ModelError(f"model.name_or_path: cannot load a tokenizer from {path!r} (are its tokenizer files "
+                         f"there?): {str(e).splitlines()[0].rstrip(': ')}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError(f"model.name_or_path: the tokenizer of {cfg.name_or_path!r} has neither a pad nor an "
@@ -150,11 +160,10 @@ def liger_applier(device: torch.device) -> Callable[[Any], None]:
 
 
 def build(cfg_model: ModelConfig, cfg_lora: LoraConfig, gradient_checkpointing: bool, device: torch.device,
-          kind: str = "causal_lm", packed: bool = False, fused_head: bool = False) -> tuple[Any, Any]:
-    """Tokenizer and trainable model for a task: loaded, LoRA-wrapped if enabled, checkpointed if asked;
-    `fused_head`: its output layer can return log p(target) fused with the projection (see `output_head`)."""
+          tokenizer: Any, kind: str = "causal_lm", packed: bool = False, fused_head: bool = False) -> Any:
+    """The trainable model for a task: loaded, LoRA-wrapped if enabled, checkpointed if asked; `fused_head`: its
+    output layer can return log p(target) fused with the projection (see `output_head`)."""
     liger = liger_applier(device) if cfg_model.liger_kernel else None  # refused before a large model loads
-    tokenizer = load_tokenizer(cfg_model)
     model = load_model(cfg_model, tokenizer, device, kind, packed)
     if liger:  # on the transformers model: liger patches its norms and MLPs by their names
         liger(model)
@@ -164,7 +173,7 @@ def build(cfg_model: ModelConfig, cfg_lora: LoraConfig, gradient_checkpointing: 
         enable_gradient_checkpointing(model, cfg_lora.enabled)
     if cfg_lora.enabled:
         model = apply_lora(model, cfg_lora, "SEQ_CLS" if kind == "seq_cls" else "CAUSAL_LM", gradient_checkpointing)
-    return model, tokenizer
+    return model
 
 
 def frozen_weights_dtype(mixed_precision: str, distributed_type: str) -> torch.dtype | None:

@@ -318,7 +318,7 @@ def test_dpo_lora_reference_is_the_base_model_with_one_copy(tmp_path: Path, pair
 
     recipe = load_recipe(pair_recipe(tmp_path / "x", pair_files, "dpo", lora={"enabled": True, "r": 4}))
     built = DPOTask()
-    model, _ = built.build_model(recipe, SimpleNamespace(device=torch.device("cpu")))
+    model = built.build_model(recipe, SimpleNamespace(device=torch.device("cpu")), _tok(tiny_dir))
     assert built.ref_model is None
     assert sum(1 for m in model.modules() if type(m).__name__ == "LlamaForCausalLM") == 1
 

@@ -461,6 +461,30 @@ def test_liger_kernel_patches_norms_mlps_and_rope_but_keeps_the_forward(tiny_dir
         liger_applier(torch.device("cuda"))(model)
 
 
+def test_a_bad_row_is_refused_before_the_model_loads(tmp_path: Path, chat_files, monkeypatch):
+    import finetune.model
+
+    train, _ = chat_files
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(train.read_text() + json.dumps({"messages": [{"role": "user", "content": 7}]}) + "\n")
+    monkeypatch.setattr(finetune.model, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(UserError, match=f"^{bad}: row \\d+: expected messages\\[0\\].content"):
+        finetune.train(small_recipe(tmp_path / "out", bad))
+
+
+@pytest.mark.parametrize("files, says", [((), "is a directory without a config.json"),
+                                         (("config.json",), "cannot load a tokenizer from .* tokenizer files")])
+def test_a_model_directory_missing_files_is_a_one_line_error(tmp_path: Path, chat_files, tiny_dir: Path,
+                                                              files: tuple, says: str):
+    train, _ = chat_files
+    (tmp_path / "m").mkdir()
+    for name in files:
+        shutil.copy(tiny_dir / name, tmp_path / "m" / name)
+    with pytest.raises(UserError, match=f"^model.name_or_path: .*{says}") as caught:
+        finetune.train(small_recipe(tmp_path / "out", train, model={"name_or_path": str(tmp_path / "m")}))
+    assert "\n" not in str(caught.value)
+
+
 def test_max_length_beyond_the_models_positions_is_warned(tmp_path: Path, chat_files, caplog):
     train, _ = chat_files
     finetune.train(small_recipe(tmp_path / "a", train, data={"max_length": 600}, train={"max_steps": 1}))

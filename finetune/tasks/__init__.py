@@ -27,11 +27,11 @@ class TaskData:
 class Task(Protocol):
     name: str
 
-    def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
-        """The trainable model (LoRA applied if asked) and its tokenizer."""
-
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
-        """Tokenized train/eval datasets and the collator."""
+        """Tokenized train/eval datasets and the collator (called first: bad rows fail before a model loads)."""
+
+    def build_model(self, recipe: Any, accelerator: Any, tokenizer: Any) -> Any:
+        """The trainable model (LoRA applied if asked)."""
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
         """Anything needed once the model is wrapped (e.g. a reference model)."""

@@ -50,20 +50,19 @@ class DPOTask:
         self.head: Any = None  # fused output layers, with train.fused_linear_loss
         self.ref_head: Any = None
 
-    def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
-        self.cfg, self.lora = recipe.dpo, recipe.lora.enabled
-        model, tokenizer = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing,
-                                           accelerator.device, packed=recipe.data.packing,
-                                           fused_head=recipe.train.fused_linear_loss)
-        if not self.lora and not self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        return model, tokenizer
-
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
         progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)
         self.train, self.evals, self.collate = build_pair_data(recipe, tokenizer, progress)
         return TaskData(train=self.train, eval=self.evals, collate=self.collate,
                         train_lengths=pair_lengths(self.train))
+
+    def build_model(self, recipe: Any, accelerator: Any, tokenizer: Any) -> Any:
+        self.cfg, self.lora = recipe.dpo, recipe.lora.enabled
+        model = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,
+                                tokenizer, packed=recipe.data.packing, fused_head=recipe.train.fused_linear_loss)
+        if not self.lora and not self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        return model
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
         self.keep_logits = accepts_logits_to_keep(model)

@@ -35,16 +35,16 @@ def score_head(model: Any) -> torch.nn.Module:
 class RewardModelTask:
     name = "rm"
 
-    def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
-        # the pad token is set on the config, so the head scores each row's last non-pad token
-        return model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,
-                               kind="seq_cls", packed=recipe.data.packing)
-
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
         progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)
         train, evals, collate = build_pair_data(recipe, tokenizer, progress)
         self.center = recipe.rm.center_rewards
         return TaskData(train=train, eval=evals, collate=collate, train_lengths=pair_lengths(train))
+
+    def build_model(self, recipe: Any, accelerator: Any, tokenizer: Any) -> Any:
+        # the pad token is set on the config, so the head scores each row's last non-pad token
+        return model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,
+                               tokenizer, kind="seq_cls", packed=recipe.data.packing)
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
         self.token_scores: list[torch.Tensor] = []

@@ -64,14 +64,8 @@ class SFTTask:
         self.keep_logits = False
         self.head: Any = None  # the fused output layer, with train.fused_linear_loss
 
-    def build_model(self, recipe: Any, accelerator: Any) -> tuple[Any, Any]:
-        model, self.tokenizer = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing,
-                                                accelerator.device, packed=recipe.data.packing,
-                                                fused_head=recipe.train.fused_linear_loss)
-        return model, self.tokenizer
-
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
-        d = recipe.data
+        d, self.tokenizer = recipe.data, tokenizer
         progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)  # off on non-main processes
         train_rows, train_src, eval_rows, eval_src = train_eval_rows(d, recipe.seed)
         train, _ = encode_dataset(train_rows, train_src, d.format, tokenizer, d.max_length, d.completion_only_loss,
@@ -85,6 +79,10 @@ class SFTTask:
                                                     recipe.train.eval_generate)
         return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id, d.packing),
                         train_lengths=[len(ids) for ids in train["input_ids"]])
+
+    def build_model(self, recipe: Any, accelerator: Any, tokenizer: Any) -> Any:
+        return model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,
+                               tokenizer, packed=recipe.data.packing, fused_head=recipe.train.fused_linear_loss)
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
         self.keep_logits = accepts_logits_to_keep(model)

@@ -41,6 +41,9 @@ def setup_logging() -> None:
     """finetune's own messages at INFO; other libraries only warn."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
     logging.getLogger("finetune").setLevel(logging.INFO)
+    # peft imports bitsandbytes on every LoRA run or merge; on CPUs with AVX512-BF16 it then warns that a faster
+    # 4-bit kernel needs the `kernels` package, which matters only to QLoRA on a CPU
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

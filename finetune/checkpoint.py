@@ -115,7 +115,9 @@ def load_first_readable(accelerator: Any, candidates: list[Path]) -> tuple[Path 
         except Exception as e:  # a damaged checkpoint must not stop the run while an older one is good
             logger.warning("skipping unreadable checkpoint %s: %s", path, str(e).splitlines()[0] if str(e) else e)
     if candidates:
-        raise UserError(f"no readable checkpoint among {', '.join(str(p) for p in candidates)}")
+        raise UserError(f"no readable checkpoint among {', '.join(str(p) for p in candidates)} (saved by a run with "
+                        "another model, task or LoRA setting? Point output_dir elsewhere, or set "
+                        "resume: false and overwrite_output_dir: true to start over)")
     return None, TrainerState()
 
 

@@ -142,6 +142,11 @@ def test_resume_false_refuses_existing_checkpoints(tmp_path: Path, chat_files):
         finetune.train(recipe, resume=False)
     again = finetune.train(recipe, resume=False, overwrite_output_dir=True)
     assert again.steps == 2
+    # the same output directory after switching LoRA on: its checkpoints cannot be restored into this model
+    with pytest.raises(UserError, match=r"^no readable checkpoint among .*step-0000002 \(saved by a run with another "
+                                        r"model, task or LoRA setting\? .*resume: false and overwrite_output_dir"):
+        finetune.train(recipe, lora={"enabled": True})
+    assert finetune.train(recipe, lora={"enabled": True}, resume=False, overwrite_output_dir=True).steps == 2
 
 
 @pytest.mark.slow

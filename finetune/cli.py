@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training starts, or a second one during it (the first saves)
+        print("finetune: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

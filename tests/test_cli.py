@@ -60,3 +60,15 @@ def test_unwritable_output_dir_is_a_one_line_error(tmp_path: Path):
     proc = run_cli(python(), "-m", "finetune", "sft", "recipes/tiny_sft.yaml", f"output_dir={tmp_path}/a_file/run")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"finetune: error: output_dir: cannot write to {tmp_path}")
+
+
+def test_ctrl_c_before_training_is_one_line_and_exit_130(tmp_path: Path, monkeypatch, capsys):
+    import finetune.loop
+    from finetune.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.loop, "run", interrupted)  # as if Ctrl-C came while the model loads
+    assert main(["sft", "recipes/tiny_sft.yaml", f"output_dir={tmp_path}"]) == 130
+    assert capsys.readouterr().err.strip() == "finetune: interrupted"

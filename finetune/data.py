@@ -44,7 +44,10 @@ class EncodeStats:
 
 def read_json_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file (or a JSON list), parsed by Python so each row keeps its own types and line number."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark (Windows editors) is dropped
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected JSON lines") from None
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -65,7 +68,8 @@ def read_json_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def load_rows(source: str, split: str) -> Any:
-    """Rows from a builtin name, a local JSONL/JSON/Parquet file, or a hub dataset name; at least one.
+    """Rows from a builtin name, a local JSONL/JSON/Parquet file or directory of them, or a hub dataset name; at
+    least one.
 
     JSON files become a list of dicts (exact types, row numbers in errors); Parquet and hub datasets stay
     `datasets.Dataset`s. Both are sized and yield dict rows.
@@ -99,6 +103,12 @@ def _read_rows(source: str, split: str) -> Any:
             return datasets.load_dataset("parquet", data_files=str(path), split="train")
         except Exception as e:  # pyarrow raises many types for malformed files
             raise DataError(f"{source}: could not be read as Parquet: {str(e).splitlines()[0]}") from None
+    if path.is_dir():  # data files (e.g. a dataset repository cloned locally): datasets reads them and their splits
+        try:
+            return datasets.load_dataset(str(path), split=split)
+        except Exception as e:
+            raise DataError(f"{source}: a directory that datasets could not load split {split!r} from: "
+                            f"{str(e).splitlines()[0]}") from None
     if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/")):
         raise DataError(f"{source}: file not found")
     if not hub_reachable():

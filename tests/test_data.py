@@ -130,6 +130,29 @@ def test_local_files_and_missing_ones(tmp_path: Path):
             load_rows(str(tmp_path / empty), "train")
 
 
+def test_byte_order_mark_and_non_utf8_files(tmp_path: Path):
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')  # as Windows editors save
+    assert load_rows(str(tmp_path / "bom.jsonl"), "train") == [{"text": "a"}, {"text": "b"}]
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=f"^{tmp_path / 'latin1.jsonl'}: not UTF-8 text \\(byte 13\\)"):
+        load_rows(str(tmp_path / "latin1.jsonl"), "train")
+
+
+def test_a_directory_of_data_files_with_split_names(tmp_path: Path):
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    for name, texts in [("train-00000-of-00002.jsonl", ["a", "b"]), ("train-00001-of-00002.jsonl", ["c"]),
+                        ("test-00000-of-00001.jsonl", ["t"])]:
+        (repo / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert sorted(load_rows(str(tmp_path / "repo"), "train")["text"]) == ["a", "b", "c"]
+    assert load_rows(str(tmp_path / "repo"), "test")["text"] == ["t"]
+    with pytest.raises(DataError, match="repo: a directory that datasets could not load split 'validation' from"):
+        load_rows(str(tmp_path / "repo"), "validation")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: a directory that datasets could not load split 'train' from"):
+        load_rows(str(tmp_path / "empty"), "train")
+
+
 def test_builtin_test_split_is_held_out():
     train = {r["messages"][0]["content"] for r in task_rows("train")}
     test = [r["messages"][0]["content"] for r in task_rows("test")]

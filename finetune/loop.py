@@ -86,11 +86,13 @@ class _DropTiedWeightNotice(logging.Filter):
 logging.getLogger("accelerate.utils.other").addFilter(_DropTiedWeightNotice())
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(warnings: bool = True) -> None:
+    """No progress bars from transformers and datasets (loading, saving) and, unless `warnings`, no warnings."""
     import datasets
     import transformers
 
-    transformers.utils.logging.set_verbosity_error()
+    if not warnings:
+        transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
 
@@ -136,6 +138,8 @@ def run(recipe: Recipe, task: Task) -> Result:
                         "(see accelerate_configs/cpu_ddp.yaml)")
     if not main:  # only the main process logs and shows progress
         logger.setLevel(logging.ERROR)
+        quiet_libraries(warnings=False)
+    elif not recipe.log.progress:  # e.g. output going to a log file: no bars at all, the libraries' included
         quiet_libraries()
     set_seed(recipe.seed)  # python, numpy, torch (all devices); data order has its own seeded generator
     out = Path(recipe.output_dir)

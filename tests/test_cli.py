@@ -33,6 +33,7 @@ def test_python_dash_m_and_console_script(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "model" / "adapter_config.json").is_file()
     assert "kernels-community" not in proc.stderr  # bitsandbytes' CPU 4-bit hint, noise without QLoRA
+    assert "%|" not in proc.stderr  # log.progress=false: no progress bar, transformers' loading/saving ones neither
     script = shutil.which("finetune")
     assert script, "the finetune console script should be installed"
     helped = run_cli(script, "sft", "--help")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,20 @@ def read_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
 
 
+@contextmanager
+def writing(tmp: Path, what: str, root: Path) -> Iterator[None]:
+    """Writes into `tmp`; an OSError there (a full disk, a lost mount) removes `tmp`, so a failed save does not
+    keep the space it took, and stops the run with one line that names the last complete checkpoint."""
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = complete_checkpoints(root)
+        raise UserError(f"{what} failed: {e.strerror or e}; the last complete checkpoint "
+                        f"({last[0] if last else 'none yet'}) is untouched: fix that and run again to resume") \
+            from None
+
+
 def save(accelerator: Any, root: Path, state: TrainerState, keep: int) -> Path:
     """Write a checkpoint of the current state on every process; return its final directory."""
     final = step_dir(root, state.step)
@@ -60,13 +76,15 @@ def save(accelerator: Any, root: Path, state: TrainerState, keep: int) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing(tmp, f"saving checkpoint {final.name}", root):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if state.eval_loss is not None and (state.best_eval_loss is None or state.eval_loss <= state.best_eval_loss):
             state.best_eval_loss, state.best_checkpoint = state.eval_loss, final.name
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-        (tmp / MARKER).write_text("")
+        with writing(tmp, f"saving checkpoint {final.name}", root):
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+            (tmp / MARKER).write_text("")
         old = root / f".old-{final.name}"
         if final.exists():  # the same step saved again (e.g. after resuming from it): swap, then delete
             final.rename(old)
@@ -151,7 +169,8 @@ def load_shards_unsharded(accelerator: Any, path: Path) -> None:
                    "streams (dropout) are not those of the original processes", path)
 
 
-def export_model(accelerator: Any, model: Any, tokenizer: Any, target: Path, max_shard_size: str = "5GB") -> None:
+def export_model(accelerator: Any, model: Any, tokenizer: Any, target: Path, checkpoints: Path,
+                 max_shard_size: str = "5GB") -> None:
     """Save the final model (or LoRA adapter) with its tokenizer, loadable by `from_pretrained`; atomic.
     Weights larger than `max_shard_size` are split into shards with an index, as on the hub."""
     state_dict = accelerator.get_state_dict(model)  # gathers full tensors from shards under FSDP
@@ -160,8 +179,9 @@ def export_model(accelerator: Any, model: Any, tokenizer: Any, target: Path, max
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
         shards = {} if hasattr(unwrapped, "peft_config") else {"max_shard_size": max_shard_size}  # adapters: one file
-        unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True, **shards)
-        tokenizer.save_pretrained(str(tmp))
+        with writing(tmp, f"exporting the model to {target}", checkpoints):
+            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True, **shards)
+            tokenizer.save_pretrained(str(tmp))
         old = target.parent / f".old-{target.name}"
         if target.exists():
             target.rename(old)

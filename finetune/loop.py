@@ -369,7 +369,7 @@ def run(recipe: Recipe, task: Task) -> Result:
     # ---- export the final model (or adapter) with its tokenizer
     model_dir = out / "model"
     if not stopped:
-        checkpoint.export_model(accelerator, model, tokenizer, model_dir)
+        checkpoint.export_model(accelerator, model, tokenizer, model_dir, out / "checkpoints")
         logger.info("saved the model to %s", model_dir)
     else:
         logger.warning("stopped at step %d of %d; run the same command again (resume: auto) to continue",

@@ -278,7 +278,8 @@ def test_large_export_is_sharded_with_an_index(tmp_path: Path, chat_files):
     train, _ = chat_files
     result = finetune.train(small_recipe(tmp_path / "run", train))
     tok = AutoTokenizer.from_pretrained(result.model_dir)
-    export_model(Accelerator(), result.model, tok, tmp_path / "sharded", max_shard_size="1MB")
+    export_model(Accelerator(), result.model, tok, tmp_path / "sharded", tmp_path / "checkpoints",
+                 max_shard_size="1MB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
@@ -497,6 +498,43 @@ def test_max_length_beyond_the_models_positions_is_warned(tmp_path: Path, chat_f
     caplog.clear()
     finetune.train(small_recipe(tmp_path / "b", train, data={"max_length": 512}, train={"max_steps": 1}))
     assert "max_position_embeddings" not in caplog.text
+
+
+def test_a_full_disk_while_saving_frees_the_partial_save_and_keeps_the_last_checkpoint(tmp_path: Path, chat_files,
+                                                                                        monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    train, _ = chat_files
+    recipe = small_recipe(tmp_path, train, train={"max_steps": 4, "save_every": 2})
+    save_state, saves = Accelerator.save_state, []
+
+    def fills_the_disk(self, output_dir, **kwargs):
+        saves.append(output_dir)
+        if len(saves) == 2:  # the second checkpoint: part of it is written, then the disk is full
+            Path(output_dir).mkdir(parents=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", fills_the_disk)
+    root = tmp_path / "checkpoints"
+    with pytest.raises(UserError, match=f"^saving checkpoint step-0000004 failed: No space left on device; the last "
+                                        f"complete checkpoint \\({root / 'step-0000002'}\\) is untouched"):
+        finetune.train(recipe)
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000002"]  # the partial save is gone
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+
+    def no_room(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", no_room)  # the export, after the weights
+    with pytest.raises(UserError, match=f"^exporting the model to {tmp_path / 'model'} failed: No space left on "
+                                        f"device; the last complete checkpoint \\({root / 'step-0000004'}\\)"):
+        finetune.train(recipe)
+    assert not (tmp_path / "model").exists() and not (tmp_path / ".tmp-model").exists()
 
 
 def test_a_diverged_run_stops_before_saving_and_keeps_the_last_checkpoint(tmp_path: Path, chat_files,

@@ -16,9 +16,24 @@ EXAMPLES = """examples:
 """
 
 
+def versions() -> str:
+    """finetune's version and those of the libraries it trains with (from package metadata: nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{n} {of(n)}" for n in ("torch", "transformers", "accelerate", "peft", "datasets", "trl"))
+    return f"finetune {of('finetune')} ({libraries})"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="Fine-tune language models with one Accelerate loop.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=versions(), help="versions, for bug reports")
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join((*TASKS, "merge")) + "}")
     helps = {"sft": "supervised fine-tuning (full or LoRA/QLoRA)", "rm": "reward model (Bradley-Terry)",
              "dpo": "direct preference optimisation"}

@@ -73,3 +73,18 @@ def test_ctrl_c_before_training_is_one_line_and_exit_130(tmp_path: Path, monkeyp
     monkeypatch.setattr(finetune.loop, "run", interrupted)  # as if Ctrl-C came while the model loads
     assert main(["sft", "recipes/tiny_sft.yaml", f"output_dir={tmp_path}"]) == 130
     assert capsys.readouterr().err.strip() == "finetune: interrupted"
+
+
+def test_version_names_finetune_and_its_libraries(capsys):
+    import torch
+    import transformers
+
+    import finetune
+    from finetune.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert out.startswith(f"finetune {finetune.__version__} (torch {torch.__version__}, transformers "
+                          f"{transformers.__version__}, ")

@@ -262,7 +262,9 @@ def run(recipe: Recipe, task: Task) -> Result:
         model.eval()
         batches, n_real = eval_shard(len(data.eval), cfg.batch_size, world, rank)
         totals: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(loader(batches, data.eval, -1)):
+        shown = tqdm(loader(batches, data.eval, -1), desc="eval", total=len(batches), leave=False,
+                     dynamic_ncols=True, disable=not (main and recipe.log.progress))
+        for i, batch in enumerate(shown):
             batch = to_device(batch)
             result = task.loss(model, batch)
             if i >= n_real:

@@ -37,12 +37,15 @@ def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit:
 
 @torch.no_grad()
 def exact_match(model: Any, tokenizer: Any, examples: list[tuple[list, str]], max_new_tokens: int,
-                batch_size: int, device: torch.device) -> tuple[int, int]:
+                batch_size: int, device: torch.device, progress: bool = False) -> tuple[int, int]:
     """Greedy-decode each prompt; count answers equal to the reference after stripping whitespace."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     correct = 0
-    for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc="generate", leave=False, dynamic_ncols=True, disable=not progress):
         chunk = examples[start:start + batch_size]
         ids = pad([p for p, _ in chunk], tokenizer.pad_token_id, left=True).to(device)
         mask = pad([[1] * len(p) for p, _ in chunk], 0, left=True).to(device)
@@ -100,6 +103,7 @@ class SFTTask:
             return {}  # FSDP: generation would need identical forward counts on every rank
         mine = self.examples[accelerator.process_index::accelerator.num_processes]
         correct, total = exact_match(accelerator.unwrap_model(model), self.tokenizer, mine,
-                                     recipe.train.max_new_tokens, recipe.train.batch_size * 4, accelerator.device)
+                                     recipe.train.max_new_tokens, recipe.train.batch_size * 4, accelerator.device,
+                                     recipe.log.progress and accelerator.is_main_process)
         counts = accelerator.reduce(torch.tensor([correct, total], device=accelerator.device), "sum")
         return {"eval_accuracy": counts[0].item() / max(1, counts[1].item())}

@@ -50,6 +50,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
+def last_saved(root: Path) -> str:
+    """For error messages: where a stopped run can resume from."""
+    kept = complete_checkpoints(root)
+    return f"the last complete checkpoint, {kept[0]}, is untouched" if kept else "no checkpoint was saved yet"
+
+
 def read_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
 
@@ -62,10 +68,8 @@ def writing(tmp: Path, what: str, root: Path) -> Iterator[None]:
         yield
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        last = complete_checkpoints(root)
-        raise UserError(f"{what} failed: {e.strerror or e}; the last complete checkpoint "
-                        f"({last[0] if last else 'none yet'}) is untouched: fix that and run again to resume") \
-            from None
+        raise UserError(f"{what} failed: {e.strerror or e}; {last_saved(root)}: fix that and run again to "
+                        "resume") from None
 
 
 def save(accelerator: Any, root: Path, state: TrainerState, keep: int) -> Path:

@@ -12,7 +12,8 @@ import os
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -105,6 +106,18 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+@contextmanager
+def _explain_oom(step: int, tokens: int, checkpoints: Path) -> Iterator[None]:
+    """A micro-batch that does not fit in GPU memory: one line with the recipe keys that make it fit."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise UserError(f"step {step}: out of GPU memory on a micro-batch of {tokens} tokens "
+                        f"({checkpoint.last_saved(checkpoints)}); lower train.batch_size (or train.batch_tokens, "
+                        "data.max_length), or turn on train.gradient_checkpointing, train.fused_linear_loss or "
+                        "lora.enabled") from None
 
 
 def _diverged(grad_norm: Any, accelerator: Any) -> torch.Tensor:
@@ -314,7 +327,8 @@ def run(recipe: Recipe, task: Task) -> Result:
             step_sums: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(batches):
                 sync_now = i == len(batches) - 1
-                with nullcontext() if sync_now else accelerator.no_sync(model):
+                with nullcontext() if sync_now else accelerator.no_sync(model), \
+                        _explain_oom(state.step + 1, int(batch["num_tokens"]), out / "checkpoints"):
                     result = task.loss(model, batch)
                     accelerator.backward(result.loss_sum * world / n_items.clamp(min=1))
                 if trim is not None:  # this micro-batch's activations are free now
@@ -356,11 +370,9 @@ def run(recipe: Recipe, task: Task) -> Result:
             signals.save_now = False
             if flags[2]:
                 progress.close()
-                kept = checkpoint.complete_checkpoints(out / "checkpoints")
-                last = f"{kept[0]} is the last checkpoint" if kept else "no checkpoint was saved before"
                 raise UserError(f"step {state.step}: the gradient norm is {float(grad_norm)}: training diverged; "
-                                f"stopped without saving ({last}); lower train.lr, keep train.max_grad_norm on, "
-                                "or look for broken rows")
+                                f"stopped without saving ({checkpoint.last_saved(out / 'checkpoints')}); lower "
+                                "train.lr, keep train.max_grad_norm on, or look for broken rows")
             if (cfg.save_every and state.step % cfg.save_every == 0) or stopped or save_now:
                 path = checkpoint.save(accelerator, out / "checkpoints", state, cfg.keep_checkpoints)
                 logger.info("saved checkpoint %s", path)

@@ -522,7 +522,7 @@ def test_a_full_disk_while_saving_frees_the_partial_save_and_keeps_the_last_chec
     monkeypatch.setattr(Accelerator, "save_state", fills_the_disk)
     root = tmp_path / "checkpoints"
     with pytest.raises(UserError, match=f"^saving checkpoint step-0000004 failed: No space left on device; the last "
-                                        f"complete checkpoint \\({root / 'step-0000002'}\\) is untouched"):
+                                        f"complete checkpoint, {root / 'step-0000002'}, is untouched"):
         finetune.train(recipe)
     assert sorted(p.name for p in root.iterdir()) == ["step-0000002"]  # the partial save is gone
     monkeypatch.setattr(Accelerator, "save_state", save_state)
@@ -532,7 +532,7 @@ def test_a_full_disk_while_saving_frees_the_partial_save_and_keeps_the_last_chec
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", no_room)  # the export, after the weights
     with pytest.raises(UserError, match=f"^exporting the model to {tmp_path / 'model'} failed: No space left on "
-                                        f"device; the last complete checkpoint \\({root / 'step-0000004'}\\)"):
+                                        f"device; the last complete checkpoint, {root / 'step-0000004'}, is"):
         finetune.train(recipe)
     assert not (tmp_path / "model").exists() and not (tmp_path / ".tmp-model").exists()
 
@@ -557,11 +557,32 @@ def test_a_diverged_run_stops_before_saving_and_keeps_the_last_checkpoint(tmp_pa
     train, evals = chat_files
     recipe = small_recipe(tmp_path, train, evals, train={"max_steps": 5, "save_every": 2})
     with pytest.raises(UserError, match=r"^step 3: the gradient norm is nan: training diverged; stopped without "
-                                        r"saving \(.*step-0000002 is the last checkpoint\)") as caught:
+                                        r"saving \(the last complete checkpoint, .*step-0000002, is untouched\)") \
+            as caught:
         finetune.train(recipe)
     assert "\n" not in str(caught.value)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"]
     assert not (tmp_path / "model").exists()
+
+
+def test_out_of_memory_names_the_keys_that_make_it_fit(tmp_path: Path, chat_files, monkeypatch):
+    from finetune.tasks.sft import SFTTask
+
+    real, calls = SFTTask.loss, []
+
+    def too_big(self, model, batch):  # the third training micro-batch does not fit, as on a GPU
+        calls.append(1)
+        if model.training and len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, model, batch)
+
+    monkeypatch.setattr(SFTTask, "loss", too_big)
+    train, _ = chat_files
+    with pytest.raises(UserError, match=r"^step 3: out of GPU memory on a micro-batch of \d+ tokens \(the last "
+                                        r"complete checkpoint, .*step-0000002, is untouched\); lower "
+                                        r"train.batch_size .* train.gradient_checkpointing") as caught:
+        finetune.train(small_recipe(tmp_path, train, train={"max_steps": 4, "save_every": 2}))
+    assert "\n" not in str(caught.value)
 
 
 def test_resuming_past_max_steps_says_there_is_nothing_left(tmp_path: Path, chat_files, caplog):

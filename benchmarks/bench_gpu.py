@@ -1,0 +1,193 @@
+"""finetune's throughput and model FLOP utilisation (MFU) on a GPU: a random-init 1B-class Llama, BF16, packed
+rows of 2048 tokens, against a bf16 matmul peak measured in the same invocation.
+
+    python benchmarks/bench_gpu.py                                   # the configurations below, 20 steps each
+    python benchmarks/bench_gpu.py --configs full lora --steps 30
+    python benchmarks/bench_gpu.py --size tiny --steps 3              # a CPU smoke run of this script
+
+Each configuration is its own process (so peak memory is its own) and trains `finetune.train` on the same
+model and data: documents of 64-2048 tokens of random words, packed into rows of 2048 by best-fit-decreasing
+(`data.packing`), micro-batches of `--batch-tokens` tokens (`train.batch_tokens`). The first `--warmup` steps
+are left out of the timings (CUDA/cuDNN autotuning, allocator growth). Printed per configuration: tokens/s,
+peak GPU memory (peak RSS on CPU), MFU against the measured peak and, on a GPU whose datasheet figure is known,
+against that (dense bf16, no sparsity), and the final loss.
+
+FLOPs per token: 6 x parameters of the matmuls that see every token (all linear layers and the output layer;
+not the input embedding, a lookup) for full fine-tuning; 4 x those with LoRA (no weight gradients for the frozen
+base; LoRA's own rank-r products are left out) -- plus causal attention, 6 x layers x hidden x s per token for a
+sequence of s tokens (QK^T and AV: 2 x 2 x hidden x s/2 forward, twice that backward), with s averaged over
+the tokens of the training documents as sampled (E[s^2] / E[s]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {
+    # TinyLlama-1.1B's shape (grouped-query attention, 4 key/value heads), with Llama 2's vocabulary
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=8192, max_position_embeddings=2048, tie_word_embeddings=False),
+}
+# recipe overrides of each configuration
+CONFIGS = {
+    "full": {},
+    "full_liger": {"model": {"liger_kernel": True}},
+    "full_flash": {"model": {"attn_implementation": "flash_attention_2"}},
+    "full_checkpointing": {"train": {"gradient_checkpointing": True}},
+    "lora": {"lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0}},
+}
+DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense TFLOP/s, SXM parts
+
+
+def make_assets(folder: Path, size: str, max_length: int, rows: int) -> dict:
+    """The random-init model (with the builtin tokenizer) and a JSONL of documents; E[s^2]/E[s] of their
+    lengths in tokens after truncation to `max_length`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
+
+    from finetune.builtin import WORDS, build_tokenizer
+
+    logging.disable_progress_bar()
+
+    tok = build_tokenizer()
+    config = LlamaConfig(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                         **SIZES[size])
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(48, 1800))) for _ in range(rows)]
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    lengths = [min(len(tok(d)["input_ids"]) + 1, max_length) for d in docs]  # + eos
+    return {"model": str(folder / "model"), "train": str(folder / "train.jsonl"),
+            "context": sum(n * n for n in lengths) / sum(lengths)}
+
+
+def matmul_peak(device: str, seconds: float = 2.0) -> float:
+    """bf16 GEMM FLOP/s: on a GPU a large square product (what datasheets quote), on a CPU the model's shape."""
+    import torch
+
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    sync()
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def child(config: str, assets: dict, args: dict, out: Path) -> None:
+    import torch
+
+    import finetune
+
+    overrides = CONFIGS[config]
+    recipe = {
+        "task": "sft", "output_dir": tempfile.mkdtemp(prefix="bench-gpu-"), "seed": 0,
+        "model": {"name_or_path": assets["model"], **overrides.get("model", {})},
+        "lora": overrides.get("lora", {"enabled": False}),
+        "data": {"train": assets["train"], "format": "text", "max_length": args["max_length"], "packing": True},
+        "train": {"max_steps": args["steps"], "batch_tokens": args["batch_tokens"], "grad_accum": 1, "lr": 3e-4,
+                  "warmup_steps": 2, "mixed_precision": "bf16", "gradient_checkpointing": False, "save_every": 0,
+                  "eval_every": 0, "eval_generate": 0, "log_every": 1, **overrides.get("train", {})},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    result = finetune.train(recipe)
+    events = [e for e in result.history if "loss" in e]
+    tokens = [b["tokens_seen"] - a["tokens_seen"] for a, b in zip([{"tokens_seen": 0}, *events], events,
+                                                                  strict=False)]
+    timed = list(zip(tokens, events, strict=True))[args["warmup"]:]
+    n_tokens = sum(t for t, _ in timed)
+    seconds = sum(t / e["tokens_per_s"] for t, e in timed)
+    model = result.model
+    linear = sum(m.weight.numel() for name, m in model.named_modules()  # LoRA's own A and B left out
+                 if isinstance(m, torch.nn.Linear) and "lora_" not in name)
+    peak_memory = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    out.write_text(json.dumps({"tokens_per_s": n_tokens / seconds, "linear_params": linear,
+                               "lora": recipe["lora"]["enabled"], "peak_memory_gb": peak_memory / 1e9,
+                               "loss": events[-1]["loss"]}))
+
+
+def spawn(config: str, assets_file: Path, args: argparse.Namespace) -> dict | str:
+    out = Path(tempfile.mkdtemp()) / "result.json"
+    settings = json.dumps({k: getattr(args, k) for k in ("steps", "warmup", "batch_tokens", "max_length")})
+    proc = subprocess.run([sys.executable, __file__, "--child", config, str(assets_file), settings, str(out)],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+                          capture_output=True, text=True)
+    if proc.returncode != 0:  # e.g. flash-attn or liger-kernel not installed: report, go on with the others
+        last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        return last.split("Error: ", 1)[-1][:200]
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=list(SIZES), default="1b")
+    parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timings")
+    parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per micro-batch (and per step)")
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--rows", type=int, default=2000, help="documents in the training set")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        config, assets_file, settings, out = args.child
+        child(config, json.loads(Path(assets_file).read_text()), json.loads(settings), Path(out))
+        return
+    if args.warmup >= args.steps:
+        parser.error("--warmup must be below --steps")
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    folder = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    assets = make_assets(folder, args.size, args.max_length, args.rows)
+    assets_file = folder / "assets.json"
+    assets_file.write_text(json.dumps(assets))
+    peak = matmul_peak(device)
+    sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
+    cfg = SIZES[args.size]
+    attention = 6 * cfg["num_hidden_layers"] * cfg["hidden_size"] * assets["context"]
+    print(f"{name}, torch {torch.__version__}; model {args.size}; bf16 matmul peak measured {peak / 1e12:.1f} "
+          f"TFLOP/s{f', datasheet {sheet / 1e12:.0f}' if sheet else ''}; rows of {args.max_length} tokens, "
+          f"micro-batches of {args.batch_tokens}; {args.steps} steps, the first {args.warmup} not timed; mean "
+          f"attention context {assets['context']:.0f} tokens\n")
+    print("| config | tokens/s | peak memory GB | MFU (measured peak) | MFU (datasheet) | loss |")
+    print("|---|---|---|---|---|---|")
+    for config in args.configs:
+        r = spawn(config, assets_file, args)
+        if isinstance(r, str):
+            print(f"| {config} | failed: {r} | | | | |")
+            continue
+        flops = r["tokens_per_s"] * ((4 if r["lora"] else 6) * r["linear_params"] + attention)
+        datasheet = f"{flops / sheet:.1%}" if sheet else "-"
+        print(f"| {config} | {r['tokens_per_s']:.0f} | {r['peak_memory_gb']:.1f} | {flops / peak:.1%} | {datasheet} "
+              f"| {r['loss']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The GPU benchmark script runs end to end (on this CPU, with its tiny model), so it is ready when a GPU is."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import python, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_gpu_runs_and_reports_each_configuration():
+    proc = run_cli(python(), "benchmarks/bench_gpu.py", "--size", "tiny", "--steps", "3", "--warmup", "1",
+                   "--rows", "60", "--batch-tokens", "2048", "--configs", "full", "lora", "full_liger", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    for config in ("full", "lora"):
+        tokens_per_s, memory, mfu = (rows[config].split("|")[i].strip() for i in (2, 3, 4))
+        assert float(tokens_per_s) > 0 and float(memory) > 0 and re.fullmatch(r"\d+\.\d%", mfu)
+    assert "failed: model.liger_kernel: its Triton kernels need a CUDA GPU" in rows["full_liger"]  # on a CPU

@@ -35,6 +35,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # eager | sdpa | sdpa_varlen | flash_attention_2 | ...
     liger_kernel: bool = False  # CUDA: liger-kernel's Triton RMSNorm, SwiGLU and RoPE in place of the model's
     trust_remote_code: bool = False  # never on unless a recipe asks for it
+    chat_template: str | None = None  # chatml | a Jinja file | a Jinja string, instead of the tokenizer's own
     load_in_4bit: bool = False  # QLoRA: NF4 weights through bitsandbytes
     load_in_8bit: bool = False
     bnb_4bit_quant_type: str = "nf4"

@@ -199,7 +199,8 @@ def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str
     it, and tokens are assigned through the tokenizer's offsets.
     """
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{where}: chat rows need a tokenizer with a chat template, and this tokenizer has none")
+        raise DataError(f"{where}: chat rows need a tokenizer with a chat template, and this tokenizer has none; "
+                        "set model.chat_template (e.g. chatml)")
     if has_generation_markers(tokenizer.chat_template):
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)

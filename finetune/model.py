@@ -64,7 +64,27 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
             raise ModelError(f"model.name_or_path: the tokenizer of {cfg.name_or_path!r} has neither a pad nor an "
                              "eos token")
         tokenizer.pad_token = tokenizer.eos_token  # padding positions never reach the loss
+    if cfg.chat_template is not None:  # e.g. a base model, which has none; exported with the tokenizer
+        tokenizer.chat_template = chat_template_text(cfg.chat_template)
     return tokenizer
+
+
+def chat_template_text(value: str) -> str:
+    """`model.chat_template`: `chatml` (the builtin ChatML template, whose {% generation %} markers locate the
+    assistant tokens; its <|im_start|>/<|im_end|> markers are plain text to a tokenizer without those special
+    tokens), a Jinja template itself, or the path of a file holding one."""
+    import os
+
+    from finetune.builtin import CHAT_TEMPLATE
+
+    if value == "chatml":
+        return CHAT_TEMPLATE
+    if "{{" in value or "{%" in value:
+        return value
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    raise ModelError(f"model.chat_template: {value!r} is neither 'chatml', a Jinja template, nor a file")
 
 
 def attention_for(cfg: ModelConfig, packed: bool) -> str:

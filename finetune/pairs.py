@@ -50,7 +50,8 @@ def _split_conversation(row: dict[str, Any], where: str) -> tuple[list, list, li
 
 def _render_chat(tokenizer: Any, prompt: list, response: list, where: str) -> tuple[list[int], list[int]]:
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{where}: conversational pairs need a tokenizer with a chat template")
+        raise DataError(f"{where}: conversational pairs need a tokenizer with a chat template; set "
+                        "model.chat_template (e.g. chatml)")
     head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
     if not full.startswith(head):

@@ -491,6 +491,31 @@ def test_a_model_directory_missing_files_is_a_one_line_error(tmp_path: Path, cha
     assert "\n" not in str(caught.value)
 
 
+def test_chat_template_for_a_tokenizer_without_one(tmp_path: Path, chat_files, tiny_dir: Path):
+    from transformers import AutoTokenizer
+
+    from finetune.builtin import CHAT_TEMPLATE
+
+    base = tmp_path / "base"  # the tiny model as a base model ships: no chat template
+    shutil.copytree(tiny_dir, base)
+    (base / "chat_template.jinja").unlink()
+    train, _ = chat_files
+    with pytest.raises(UserError, match="has none; set model.chat_template"):
+        finetune.train(small_recipe(tmp_path / "none", train, model={"name_or_path": str(base)}))
+    (tmp_path / "t.jinja").write_text(CHAT_TEMPLATE)
+    losses = []
+    for name, template in [("builtin", None), ("named", "chatml"), ("file", str(tmp_path / "t.jinja")),
+                           ("inline", CHAT_TEMPLATE)]:
+        model = {"name_or_path": str(tiny_dir if template is None else base), "chat_template": template}
+        result = finetune.train(small_recipe(tmp_path / name, train, model=model, train={"max_steps": 2}))
+        losses.append([e["loss"] for e in result.history if "loss" in e])
+        assert AutoTokenizer.from_pretrained(result.model_dir).chat_template == CHAT_TEMPLATE  # exported with it
+    assert losses[1:] == [losses[0]] * 3  # the same tokens and masks as the tokenizer's own template
+    with pytest.raises(UserError, match="^model.chat_template: 'chatm' is neither 'chatml', a Jinja template, nor"):
+        finetune.train(small_recipe(tmp_path / "bad", train, model={"name_or_path": str(base),
+                                                                    "chat_template": "chatm"}))
+
+
 def test_max_length_beyond_the_models_positions_is_warned(tmp_path: Path, chat_files, caplog):
     train, _ = chat_files
     finetune.train(small_recipe(tmp_path / "a", train, data={"max_length": 600}, train={"max_steps": 1}))

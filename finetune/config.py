@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] = field(default_factory=list)  # whole modules also trained (e.g. [norm])
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA)
+    use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature as well
 
     def __post_init__(self) -> None:
         _range("lora.r", self.r, lo=1)
@@ -293,6 +296,18 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
 # --------------------------------------------------------------------------------------------- loading
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true and false. PyYAML (YAML 1.1) also reads yes/no/on/off as
+    booleans, so `train.mixed_precision=no` arrived as False and was refused as not a string."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`["train.lr=1e-4", "lora.r=32"]` -> a nested dict; values are parsed as YAML scalars."""
     nested: dict[str, Any] = {}
@@ -301,7 +316,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = yaml.load(raw, Loader=RecipeLoader) if raw else ""
         except yaml.YAMLError:
             value = raw
         set_dotted(nested, key, value)
@@ -333,7 +348,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=RecipeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

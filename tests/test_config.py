@@ -72,6 +72,18 @@ def test_overrides_are_typed_and_nested():
         parse_overrides(["train.lr"])
 
 
+def test_no_is_a_word_and_only_true_false_are_booleans(tmp_path: Path):
+    # YAML 1.1 (PyYAML's default) reads no/yes/on/off as booleans: `mixed_precision: no` was refused
+    nested = parse_overrides(["train.mixed_precision=no", "lora.enabled=true", "resume=false"])
+    recipe = load_recipe({}, nested)
+    assert recipe.train.mixed_precision == "no" and recipe.lora.enabled is True and recipe.resume is False
+    path = write(tmp_path, "train:\n  mixed_precision: no\n  compile: False\nlora:\n  enabled: TRUE\n")
+    recipe = load_recipe(path)
+    assert recipe.train.mixed_precision == "no" and recipe.train.compile is False and recipe.lora.enabled is True
+    with pytest.raises(ConfigError, match="lora.enabled: expected true/false, got 'yes'"):
+        load_recipe({}, parse_overrides(["lora.enabled=yes"]))
+
+
 def test_cli_bad_key_is_one_line_exit_2(tmp_path: Path):
     path = write(tmp_path, "train:\n  batch_sise: 4\n")
     proc = run_cli(python(), "-m", "finetune", "sft", str(path))

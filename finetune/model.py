@@ -137,7 +137,8 @@ def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointi
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     targets = cfg.target_modules
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task_type,
-                              target_modules=targets, modules_to_save=list(cfg.modules_to_save) or None)
+                              target_modules=targets, modules_to_save=list(cfg.modules_to_save) or None,
+                              use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as e:

@@ -72,12 +72,20 @@ def test_full_export_reloads_with_same_logits(tmp_path: Path, chat_files):
     torch.testing.assert_close(loaded(ids).logits, result.model(ids).logits)
 
 
-def test_lora_adapter_reloads_with_same_logits(tmp_path: Path, chat_files, tiny_dir):
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+def test_lora_adapter_reloads_with_same_logits(tmp_path: Path, chat_files, tiny_dir, variant: str):
+    import json
+
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     train, _ = chat_files
-    result = finetune.train(small_recipe(tmp_path, train, lora={"enabled": True, "r": 4, "alpha": 8}))
+    lora = {"enabled": True, "r": 4, "alpha": 8, "use_rslora": variant == "rslora", "use_dora": variant == "dora"}
+    result = finetune.train(small_recipe(tmp_path, train, lora=lora))
+    saved = json.loads((result.model_dir / "adapter_config.json").read_text())
+    assert (saved["use_rslora"], saved["use_dora"]) == (lora["use_rslora"], lora["use_dora"])
+    scaling = result.model.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    assert scaling == pytest.approx(8 / 2 if variant == "rslora" else 8 / 4)  # alpha / sqrt(r), alpha / r
     assert (result.model_dir / "adapter_model.safetensors").is_file()
     assert not (result.model_dir / "model.safetensors").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)

@@ -6,6 +6,7 @@ steps (accumulate, clip, step, log, evaluate, checkpoint) -> export.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -391,8 +392,16 @@ def run(recipe: Recipe, task: Task) -> Result:
     tracker.close()
     restore_float32(frozen_cast)  # the returned model runs outside autocast too, e.g. in a notebook
     accelerator.wait_for_everyone()  # all processes leave together (avoids rare aborts at exit)
+    # Free the DDP wrapper while the process group is still registered. Otherwise its reducer holds the last
+    # reference to the gloo group after end_training, and freeing it (as this function returns) joins gloo's
+    # worker threads with the GIL held: a worker still releasing the barrier above waits for the GIL, and the
+    # process hangs at exit (seen about once in ten 2-process runs; pytorch/pytorch#56297).
+    trained = accelerator.unwrap_model(model)
+    model = None
+    accelerator.free_memory()
+    gc.collect()  # modules sit in reference cycles: collect them now, not after the group is gone
     accelerator.end_training()
     metrics = {f"train_{k}": v for k, v in last_train.items()} | final_eval
     history = read_metrics(out / "metrics.jsonl") if main else []
     return Result(output_dir=out, model_dir=model_dir, metrics=metrics, steps=state.step, history=history,
-                  model=accelerator.unwrap_model(model), preempted=stopped)
+                  model=trained, preempted=stopped)

@@ -113,3 +113,39 @@ def test_ddp_packed_pairs_on_a_token_budget_match_one_process(tmp_path: Path):
     assert [e["loss"] for e in ddp] == pytest.approx([e["loss"] for e in one], rel=1e-5)
     assert [e["grad_norm"] for e in ddp] == pytest.approx([e["grad_norm"] for e in one], rel=1e-4)
     assert [e["tokens_seen"] for e in ddp] == [e["tokens_seen"] for e in one]
+
+
+TEARDOWN_PROBE = '''
+import gc, sys
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, sys.argv.pop(1))
+destroy = dist.destroy_process_group
+
+
+def counted(*args, **kwargs):
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"rank {dist.get_rank()}: DDP wrappers alive when the group is destroyed: {alive}", flush=True)
+    return destroy(*args, **kwargs)
+
+
+dist.destroy_process_group = counted
+from finetune.cli import main
+sys.exit(main())
+'''
+
+
+def test_ddp_wrapper_is_freed_before_the_process_group(tmp_path: Path, chat_files):
+    # Freed after the group, DDP's reducer drops the last reference to it and joins gloo's worker threads with
+    # the GIL held, which deadlocked about one 2-process run in ten at exit (pytorch/pytorch#56297).
+    train, _ = chat_files
+    probe = tmp_path / "probe.py"
+    probe.write_text(TEARDOWN_PROBE)
+    proc = run_cli(shutil.which("accelerate"), "launch", *DDP, str(probe), str(Path.cwd()), "sft",
+                   "recipes/tiny_sft.yaml", f"output_dir={tmp_path / 'run'}", f"data.train={train}", "data.eval=null",
+                   "train.max_steps=1", "log.progress=false", "log.tensorboard=false",
+                   env={"ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if "DDP wrappers alive" in line)
+    assert lines == [f"rank {r}: DDP wrappers alive when the group is destroyed: 0" for r in (0, 1)]

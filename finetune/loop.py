@@ -320,23 +320,24 @@ def run(recipe: Recipe, task: Task) -> Result:
             # Fetch this step's micro-batches first: the loss is normalised by the target items of all of them,
             # summed over all processes, so that K x B accumulation equals one batch of K*B (and W processes
             # equal one). DDP averages gradients over processes, hence the factor `world`.
-            batches = []
+            batches, micro_tokens = [], []
             for _ in range(cfg.grad_accum):
                 epoch, next_batch, batch = next(stream)
+                micro_tokens.append(int(batch["num_tokens"]))  # counted on the CPU: no device sync per micro-batch
                 batches.append(to_device(batch))
             n_items = accelerator.reduce(sum(b["num_items"] for b in batches).float(), "sum")
             step_sums: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(batches):
                 sync_now = i == len(batches) - 1
                 with nullcontext() if sync_now else accelerator.no_sync(model), \
-                        _explain_oom(state.step + 1, int(batch["num_tokens"]), out / "checkpoints"):
+                        _explain_oom(state.step + 1, micro_tokens[i], out / "checkpoints"):
                     result = task.loss(model, batch)
                     accelerator.backward(result.loss_sum * world / n_items.clamp(min=1))
                 if trim is not None:  # this micro-batch's activations are free now
                     trim()
                 for k, v in {"loss": result.loss_sum, **result.metric_sums}.items():
                     step_sums[k] = step_sums.get(k, 0) + v.detach().float()
-                tokens_since += int(batch["num_tokens"])
+            tokens_since += sum(micro_tokens)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()

@@ -26,8 +26,10 @@ def versions() -> str:
         except PackageNotFoundError:
             return "not installed"
 
+    from finetune import __version__  # also when run from a checkout that is not installed
+
     libraries = ", ".join(f"{n} {of(n)}" for n in ("torch", "transformers", "accelerate", "peft", "datasets", "trl"))
-    return f"finetune {of('finetune')} ({libraries})"
+    return f"finetune {__version__} ({libraries})"
 
 
 def parser() -> argparse.ArgumentParser:

@@ -27,11 +27,12 @@ def launch_fsdp(out: Path, train: Path, evals: Path, *extra: str, recipe: str = 
     return proc
 
 
-def one_process(out: Path, train: Path, evals: Path, **overrides):
+def one_process(out: Path, train: Path, evals: Path, generate: int = 0, **overrides):
     """The same recipe and global batch as `launch_fsdp`, on this process."""
     return finetune.train("recipes/tiny_sft.yaml", output_dir=str(out), seed=0,
                           data={"train": str(train), "eval": str(evals)},
-                          train={"max_steps": 6, "batch_size": 8, "warmup_steps": 1, "lr": 1e-3, "eval_generate": 0},
+                          train={"max_steps": 6, "batch_size": 8, "warmup_steps": 1, "lr": 1e-3,
+                                 "eval_generate": generate, "max_new_tokens": 6},
                           log={"progress": False, "tensorboard": False}, **overrides)
 
 
@@ -39,11 +40,15 @@ def test_fsdp_shards_matches_one_process_and_exports(tmp_path: Path, chat_files)
     from transformers import AutoModelForCausalLM
 
     train, evals = chat_files
-    launch_fsdp(tmp_path / "fsdp", train, evals, "train.save_every=4")
+    # 7 generation examples: the processes get 4 and 3, and decode in lockstep (sharded forwards all-gather)
+    launch_fsdp(tmp_path / "fsdp", train, evals, "train.save_every=4", "train.eval_generate=7",
+                "train.max_new_tokens=6")
     shards = sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step-0000004" / "pytorch_model_fsdp_0")
                     .iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one shard per process: really FSDP
-    single = one_process(tmp_path / "one", train, evals)
+    single = one_process(tmp_path / "one", train, evals, generate=7)
+    accuracy = [e["eval_accuracy"] for e in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "eval_loss" in e]
+    assert accuracy == [e["eval_accuracy"] for e in single.history if "eval_loss" in e] and len(accuracy) == 2
     fsdp = [e for e in read_metrics(tmp_path / "fsdp" / "metrics.jsonl") if "loss" in e]
     ref = [e for e in single.history if "loss" in e]
     assert [e["loss"] for e in fsdp] == pytest.approx([e["loss"] for e in ref], rel=1e-5)

@@ -37,13 +37,14 @@ def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit:
 
 @torch.no_grad()
 def exact_match(model: Any, tokenizer: Any, examples: list[tuple[list, str]], max_new_tokens: int,
-                batch_size: int, device: torch.device, progress: bool = False) -> tuple[int, int]:
-    """Greedy-decode each prompt; count answers equal to the reference after stripping whitespace."""
+                batch_size: int, device: torch.device, progress: bool = False, synced: bool = False) -> list[bool]:
+    """Greedy-decode each prompt; whether each answer equals its reference after stripping whitespace.
+    `synced`: every process decodes until all are done (sharded models run a collective per forward)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
-    correct = 0
+    correct: list[bool] = []
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc="generate", leave=False, dynamic_ncols=True, disable=not progress):
         chunk = examples[start:start + batch_size]
@@ -51,11 +52,11 @@ def exact_match(model: Any, tokenizer: Any, examples: list[tuple[list, str]], ma
         mask = pad([[1] * len(p) for p, _ in chunk], 0, left=True).to(device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
         texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        correct += sum(t.strip() == ref.strip() for t, (_, ref) in zip(texts, chunk, strict=True))
+        correct += [t.strip() == ref.strip() for t, (_, ref) in zip(texts, chunk, strict=True)]
     model.train(was_training)
-    return correct, len(examples)
+    return correct
 
 
 class SFTTask:
@@ -99,11 +100,18 @@ class SFTTask:
         return LossOutput(loss_sum=loss_sum)
 
     def extra_eval(self, recipe: Any, accelerator: Any, model: Any) -> dict[str, float]:
-        if not self.examples or accelerator.distributed_type.name == "FSDP":
-            return {}  # FSDP: generation would need identical forward counts on every rank
-        mine = self.examples[accelerator.process_index::accelerator.num_processes]
-        correct, total = exact_match(accelerator.unwrap_model(model), self.tokenizer, mine,
-                                     recipe.train.max_new_tokens, recipe.train.batch_size * 4, accelerator.device,
-                                     recipe.log.progress and accelerator.is_main_process)
-        counts = accelerator.reduce(torch.tensor([correct, total], device=accelerator.device), "sum")
+        if not self.examples:
+            return {}
+        world = accelerator.num_processes
+        mine = self.examples[accelerator.process_index::world]
+        sharded = accelerator.distributed_type.name == "FSDP"
+        if sharded:  # every forward all-gathers weights: the same prompts, batches and decode steps everywhere
+            real, per_process = len(mine), -(-len(self.examples) // world)
+            mine = mine + self.examples[:per_process - real]  # padding, not counted
+        correct = exact_match(accelerator.unwrap_model(model), self.tokenizer, mine, recipe.train.max_new_tokens,
+                              recipe.train.batch_size * 4, accelerator.device,
+                              recipe.log.progress and accelerator.is_main_process, synced=sharded)
+        if sharded:
+            correct = correct[:real]
+        counts = accelerator.reduce(torch.tensor([sum(correct), len(correct)], device=accelerator.device), "sum")
         return {"eval_accuracy": counts[0].item() / max(1, counts[1].item())}

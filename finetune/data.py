@@ -191,6 +191,12 @@ def has_generation_markers(template: str | None) -> bool:
     return bool(template) and "generation" in template and "endgeneration" in template
 
 
+def require_chat_template(tokenizer: Any, where: str, rows: str) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{where}: {rows} need a tokenizer with a chat template, and this tokenizer has none; "
+                        "set model.chat_template (e.g. chatml)")
+
+
 def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str = "chat") -> tuple[list, list]:
     """Token ids of a rendered chat and a 0/1 mask of assistant tokens (including each turn's end token).
 
@@ -198,9 +204,7 @@ def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str
     them (most real models), each assistant turn's character span is found by rendering the conversation up to
     it, and tokens are assigned through the tokenizer's offsets.
     """
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{where}: chat rows need a tokenizer with a chat template, and this tokenizer has none; "
-                        "set model.chat_template (e.g. chatml)")
+    require_chat_template(tokenizer, where, "chat rows")
     if has_generation_markers(tokenizer.chat_template):
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)

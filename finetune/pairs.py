@@ -19,7 +19,7 @@ import torch
 
 from finetune import attention
 from finetune.collate import pad
-from finetune.data import DataError, check_messages, train_eval_rows
+from finetune.data import DataError, check_messages, require_chat_template, train_eval_rows
 from finetune.losses import IGNORE_INDEX
 from finetune.model import attention_for
 
@@ -49,9 +49,7 @@ def _split_conversation(row: dict[str, Any], where: str) -> tuple[list, list, li
 
 
 def _render_chat(tokenizer: Any, prompt: list, response: list, where: str) -> tuple[list[int], list[int]]:
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{where}: conversational pairs need a tokenizer with a chat template; set "
-                        "model.chat_template (e.g. chatml)")
+    require_chat_template(tokenizer, where, "conversational pairs")
     head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
     if not full.startswith(head):

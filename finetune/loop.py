@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from finetune import checkpoint
 from finetune.config import Recipe, to_yaml
 from finetune.errors import UserError
-from finetune.memory import heap_trimmer
+from finetune.memory import bound_kernel_caches, heap_trimmer
 from finetune.sampling import EpochBatches, TokenBudgetBatches, eval_shard
 from finetune.schedule import warmup_cosine
 from finetune.tasks import Task
@@ -135,6 +135,7 @@ def run(recipe: Recipe, task: Task) -> Result:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    bound_kernel_caches()  # before the first matmul: CPU memory would grow with every new batch length
     cfg = recipe.train
     # ---- set up: the accelerator, seeds, output directory, who logs
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False,

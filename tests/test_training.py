@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -302,6 +303,48 @@ def test_trim_memory_trains_the_same_and_trims_after_each_backward(tmp_path: Pat
     trimmed = finetune.train(small_recipe(tmp_path / "b", train), **overrides, **{"train.trim_memory": True})
     assert len(calls) == 3 * 2  # steps x micro-batches
     assert [e["loss"] for e in steps(trimmed)] == [e["loss"] for e in steps(plain)]
+
+
+# bf16 matmuls of 300 new row counts, then the RSS they left behind, in MB
+_MATMUL_SHAPES = """
+import sys, torch
+if sys.argv[1] == "bounded":
+    from finetune.memory import bound_kernel_caches
+    bound_kernel_caches()
+torch.set_num_threads(1)
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
+w = torch.randn(1024, 256, dtype=torch.bfloat16)
+before = rss()
+for m in range(1000, 1300):
+    torch.randn(m, 256, dtype=torch.bfloat16) @ w.t()
+print(rss() - before)
+"""
+
+
+def test_bounded_kernel_caches_stop_memory_growing_with_new_matmul_shapes():
+    """Without the bound, oneDNN and ideep keep a kernel for every new matmul shape (as every packed micro-batch
+    has), and RSS grows by about a megabyte per shape; with it, memory stays flat."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    grown = {mode: float(subprocess.run([sys.executable, "-c", _MATMUL_SHAPES, mode], env=env, check=True,
+                                        capture_output=True, text=True).stdout)
+             for mode in ("unbounded", "bounded")}
+    if grown["unbounded"] < 50:
+        pytest.skip(f"this CPU's bf16 matmuls do not cache kernels per shape (grew {grown['unbounded']:.0f} MB)")
+    assert grown["bounded"] < grown["unbounded"] / 3, grown
+
+
+def test_the_loop_bounds_kernel_caches_and_keeps_the_users_setting(tmp_path: Path, chat_files, monkeypatch):
+    train, _ = chat_files
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "64")
+    finetune.train(small_recipe(tmp_path, train), **{"train.max_steps": 1})
+    from finetune.memory import KERNEL_CACHE_ENTRIES
+
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == KERNEL_CACHE_ENTRIES
+    assert os.environ["LRU_CACHE_CAPACITY"] == "64"
 
 
 def test_trim_memory_is_ignored_with_a_warning_off_cpu(caplog):

@@ -278,7 +278,7 @@ def mean(runs: list[dict], key: str) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=30)  # as in the TRL figures
     parser.add_argument("--only", nargs="*", choices=list(PAIRS), default=list(PAIRS))
     parser.add_argument("--lengths", choices=("uniform", "longtail"), default="uniform",
                         help="row length distribution of the data (see make_assets)")

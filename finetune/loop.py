@@ -200,7 +200,8 @@ def run(recipe: Recipe, task: Task) -> Result:
     per_epoch = len(train_sampler(0, 0))
     if per_epoch == 0:
         fill = f"train.batch_tokens={budget}" if budget else f"train.batch_size={cfg.batch_size}"
-        raise UserError(f"data.train: {len(data.train)} rows cannot fill one batch of {fill} x {world} processes")
+        rows, procs = len(data.train), f"{world} processes" if world > 1 else "1 process"
+        raise UserError(f"data.train: {rows} row{'s' * (rows != 1)} cannot fill one batch of {fill} x {procs}")
     if data.eval is not None and len(data.eval) < world:
         raise UserError(f"data.eval: {len(data.eval)} rows, fewer than the {world} processes")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)

@@ -190,3 +190,12 @@ def test_resuming_past_max_steps_says_there_is_nothing_left(tmp_path: Path, chat
     caplog.clear()
     finetune.train(small_recipe(tmp_path, train, train={"max_steps": 5, "save_every": 2}))
     assert "nothing left to train" not in caplog.text
+
+
+def test_too_few_rows_for_one_batch_name_the_key(tmp_path: Path, chat_files):
+    train, _ = chat_files
+    one = tmp_path / "one.jsonl"
+    one.write_text(train.read_text().splitlines()[0] + "\n")
+    with pytest.raises(UserError, match=r"^data\.train: 1 row cannot fill one batch of train\.batch_size=8 x 1 "
+                                        r"process$"):
+        finetune.train(small_recipe(tmp_path / "a", one))

@@ -111,8 +111,9 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     half = (torch.bfloat16, torch.float16)
     upcast = query.device.type == "cpu" and (dtype in half or torch.is_autocast_enabled("cpu"))
     if upcast:
-        # measured on torch 2.13 CPU: half-precision SDPA is slower than float32 and caches kernels for every
-        # new sequence length (memory grows by megabytes per length, without bound); float32 does neither.
+        # measured on torch 2.13 CPU: half-precision SDPA compiles a kernel for every new sequence length, so
+        # over varying lengths it is slower than float32 (300 new lengths, forward and backward: 2.3 s vs 1.25 s)
+        # and caches those kernels (5.8 MB per length; 16 lengths at most under memory.bound_kernel_caches).
         # Under autocast the inputs often arrive as float32 already (Llama's rotary embedding promotes them), but
         # autocast would cast them to half precision inside SDPA: it is off around the call.
         query, key, value = query.float(), key.float(), value.float()

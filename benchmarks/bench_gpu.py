@@ -29,11 +29,13 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_trl import matmul_peak  # noqa: E402
 
 SIZES = {
     # TinyLlama-1.1B's shape (grouped-query attention, 4 key/value heads), with Llama 2's vocabulary
@@ -78,23 +80,10 @@ def make_assets(folder: Path, size: str, max_length: int, rows: int) -> dict:
             "context": sum(n * n for n in lengths) / sum(lengths)}
 
 
-def matmul_peak(device: str, seconds: float = 2.0) -> float:
-    """bf16 GEMM FLOP/s: on a GPU a large square product (what datasheets quote), on a CPU the model's shape."""
-    import torch
-
+def device_peak(device: str) -> float:
+    """bf16 GEMM FLOP/s: on a GPU a large square product (what datasheets quote), on a CPU a small one."""
     n = 8192 if device == "cuda" else 1024
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    for _ in range(3):
-        a @ b
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    sync()
-    return 2 * n**3 * count / (time.perf_counter() - start)
+    return matmul_peak(n, n, n, device, seconds=2.0)
 
 
 def child(config: str, assets: dict, args: dict, out: Path) -> None:
@@ -168,7 +157,7 @@ def main() -> None:
     assets = make_assets(folder, args.size, args.max_length, args.rows)
     assets_file = folder / "assets.json"
     assets_file.write_text(json.dumps(assets))
-    peak = matmul_peak(device)
+    peak = device_peak(device)
     sheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
     cfg = SIZES[args.size]
     attention = 6 * cfg["num_hidden_layers"] * cfg["hidden_size"] * assets["context"]

@@ -112,19 +112,24 @@ def make_assets(folder: Path, lengths: str = "uniform", model: dict | None = Non
     return paths
 
 
-def matmul_peak(seconds: float = 3.0) -> float:
-    """bf16 GEMM FLOP/s on the model's shapes (tokens x hidden @ hidden x intermediate), measured now."""
+def matmul_peak(m: int = 2048, k: int = MODEL["hidden_size"], n: int = MODEL["intermediate_size"],
+                device: str = "cpu", seconds: float = 3.0) -> float:
+    """bf16 GEMM FLOP/s of (m x k) @ (k x n), measured now; by default the model's shape (tokens x hidden @
+    hidden x intermediate)."""
     import torch
 
-    a = torch.randn(2048, MODEL["hidden_size"], dtype=torch.bfloat16)
-    b = torch.randn(MODEL["hidden_size"], MODEL["intermediate_size"], dtype=torch.bfloat16)
+    a = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+    b = torch.randn(k, n, dtype=torch.bfloat16, device=device)
     for _ in range(3):
         a @ b
-    n, start = 0, time.perf_counter()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
-        n += 1
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * n / (time.perf_counter() - start)
+        count += 1
+    sync()
+    return 2 * m * k * n * count / (time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------ one run (in its own process)

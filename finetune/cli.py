@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(task, help=helps[task], epilog=EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_sft.yaml")
-        s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+        s.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                       help="dotted overrides, e.g. train.lr=1e-4")
         s.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     m.add_argument("adapter", help="adapter directory (OUTPUT_DIR/model of a LoRA run)")

@@ -198,18 +198,19 @@ def run(recipe: Recipe, task: Task) -> Result:
         return EpochBatches(len(data.train), cfg.batch_size, world, rank, recipe.seed, epoch, start)
 
     per_epoch = len(train_sampler(0, 0))
+    procs = f"{world} processes" if world > 1 else "1 process"
     if per_epoch == 0:
         fill = f"train.batch_tokens={budget}" if budget else f"train.batch_size={cfg.batch_size}"
-        rows, procs = len(data.train), f"{world} processes" if world > 1 else "1 process"
+        rows = len(data.train)
         raise UserError(f"data.train: {rows} row{'s' * (rows != 1)} cannot fill one batch of {fill} x {procs}")
     if data.eval is not None and len(data.eval) < world:
         raise UserError(f"data.eval: {len(data.eval)} rows, fewer than the {world} processes")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("%s: %d train rows, %d eval rows, %d optimizer steps (%d micro-batches/epoch x %d processes), "
+    logger.info("%s: %d train rows, %d eval rows, %d optimizer steps (%d micro-batches/epoch x %s), "
                 "%.2fM of %.2fM parameters trainable", task.name, len(data.train),
-                0 if data.eval is None else len(data.eval), total_steps, per_epoch, world,
+                0 if data.eval is None else len(data.eval), total_steps, per_epoch, procs,
                 n_trainable / 1e6, n_params / 1e6)
 
     # ---- optimizer and warmup-cosine schedule (a pure function of the step, stepped once per optimizer step)

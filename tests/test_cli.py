@@ -88,3 +88,13 @@ def test_version_names_finetune_and_its_libraries(capsys):
     assert done.value.code == 0
     assert out.startswith(f"finetune {finetune.__version__} (torch {torch.__version__}, transformers "
                           f"{transformers.__version__}, ")
+
+
+def test_a_missing_recipe_argument_names_only_the_recipe(capsys):
+    from finetune.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["sft"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    # argparse would also call the optional overrides required unless they have a default
+    assert done.value.code == 2 and err == "finetune sft: error: the following arguments are required: recipe"

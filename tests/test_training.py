@@ -60,6 +60,30 @@ def test_metrics_file_and_outputs(tmp_path: Path, chat_files):
     assert result.metrics["eval_loss"] == eval_events[-1]["eval_loss"]
 
 
+def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time(tmp_path: Path, chat_files, monkeypatch):
+    """Each step's tokens/s is the training throughput: the step after a slow evaluation or save is not slower."""
+    import time
+
+    import finetune.checkpoint
+    from finetune.tasks.sft import SFTTask
+
+    def slowly(fn):
+        def wrapped(*args, **kwargs):
+            time.sleep(1.0)  # about 30 tiny training steps
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(SFTTask, "extra_eval", slowly(SFTTask.extra_eval))
+    monkeypatch.setattr(finetune.checkpoint, "save", slowly(finetune.checkpoint.save))
+    train, evals = chat_files
+    result = finetune.train(small_recipe(tmp_path, train, evals), **{
+        "train.max_steps": 6, "train.eval_every": 2, "train.save_every": 3})
+    rates = {e["step"]: e["tokens_per_s"] for e in steps(result)}
+    assert sorted(rates) == [1, 2, 3, 4, 5, 6]
+    # steps 3, 4 and 5 follow an evaluation or a save: counting those seconds made them ~30x slower
+    assert min(rates[s] for s in (3, 4, 5)) > 0.25 * max(rates[s] for s in (2, 6)), rates
+
+
 def test_full_export_reloads_with_same_logits(tmp_path: Path, chat_files):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

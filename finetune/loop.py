@@ -121,6 +121,11 @@ def _explain_oom(step: int, tokens: int, checkpoints: Path) -> Iterator[None]:
                         "lora.enabled") from None
 
 
+def _format_metrics(metrics: dict[str, float]) -> str:
+    special = {"lr": "{:.2e}", "tokens_per_s": "{:.0f}"}
+    return "  ".join(f"{k}={special.get(k, '{:.4f}').format(v)}" for k, v in metrics.items())
+
+
 def _diverged(grad_norm: Any, accelerator: Any) -> torch.Tensor:
     """1.0 on the device if the step's gradient norm is nan or inf: the optimizer has then made the weights nan.
     0.0 under fp16's loss scaler (it skips such steps itself) and under DeepSpeed (it reports a float or None)."""
@@ -305,7 +310,7 @@ def run(recipe: Recipe, task: Task) -> Result:
         if metrics:
             state.eval_loss = metrics["eval_loss"]
             tracker.log({"step": step, **metrics})
-            logger.info("step %d: %s", step, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            logger.info("step %d: %s", step, _format_metrics(metrics))
         return metrics
 
     # ---- the steps
@@ -360,6 +365,8 @@ def run(recipe: Recipe, task: Task) -> Result:
                 last_train = {"loss": means.pop("loss"), **means, "lr": lr, "grad_norm": float(grad_norm),
                               "tokens_per_s": tokens / max(now - t_last, 1e-9)}
                 tracker.log({"step": state.step, "epoch": state.epoch, **last_train, "tokens_seen": state.tokens_seen})
+                if not recipe.log.progress:  # e.g. a cluster job's log file: a line per logged step, not a bar
+                    logger.info("step %d/%d: %s", state.step, total_steps, _format_metrics(last_train))
                 progress.set_postfix(loss=f"{last_train['loss']:.4f}", lr=f"{lr:.2e}",
                                      tok_s=f"{last_train['tokens_per_s']:.0f}")
                 t_last, tokens_since = now, 0

@@ -84,6 +84,17 @@ def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time(tmp_path: Path, 
     assert min(rates[s] for s in (3, 4, 5)) > 0.25 * max(rates[s] for s in (2, 6)), rates
 
 
+def test_without_a_progress_bar_each_logged_step_is_a_log_line(tmp_path: Path, chat_files, caplog):
+    train, evals = chat_files
+    with caplog.at_level("INFO", logger="finetune"):
+        result = finetune.train(small_recipe(tmp_path, train, evals), **{"train.log_every": 2, "train.max_steps": 5})
+    lines = [r.getMessage() for r in caplog.records if "/5: " in r.getMessage()]
+    logged = steps(result)
+    assert [e["step"] for e in logged] == [2, 4, 5] and len(lines) == 3
+    for line, event in zip(lines, logged, strict=True):
+        assert line.startswith(f"step {event['step']}/5: loss={event['loss']:.4f}  lr={event['lr']:.2e}  "), line
+
+
 def test_full_export_reloads_with_same_logits(tmp_path: Path, chat_files):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -32,9 +32,13 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from finetune.model import peft_quietly
+
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     check_output(adapter_dir, output_dir, overwrite)
     config_file = adapter_dir / "adapter_config.json"
+    if not adapter_dir.is_dir():
+        raise UserError(f"{adapter_dir}: no such directory (expected a LoRA adapter, e.g. OUTPUT_DIR/model)")
     if not config_file.is_file():
         raise UserError(f"{adapter_dir}: not a LoRA adapter directory (no adapter_config.json)")
     config = json.loads(config_file.read_text())
@@ -50,7 +54,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
         raise UserError(f"--base: cannot load {base!r}: {str(e).splitlines()[0]}") from None
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model.config.pad_token_id = tokenizer.pad_token_id
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    with peft_quietly():
+        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     tmp = output_dir.parent / f".tmp-{output_dir.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -128,6 +130,15 @@ def load_model(cfg: ModelConfig, tokenizer: Any, device: torch.device, kind: str
     return model
 
 
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model; the
+    FutureWarning that follows every LoRA run and merge is not the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointing: bool) -> Any:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -140,7 +151,8 @@ def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointi
                               target_modules=targets, modules_to_save=list(cfg.modules_to_save) or None,
                               use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     try:
-        return get_peft_model(model, peft_cfg)
+        with peft_quietly():
+            return get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise ModelError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
 

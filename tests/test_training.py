@@ -205,7 +205,7 @@ def test_tiny_sft_learns(tmp_path: Path):
     assert evals[-1]["eval_loss"] <= 0.5 * evals[0]["eval_loss"]
 
 
-def test_merge_folds_the_adapter_into_the_base(tmp_path: Path, chat_files, monkeypatch):
+def test_merge_folds_the_adapter_into_the_base(tmp_path: Path, chat_files, monkeypatch, capsys, recwarn):
     from transformers import AutoModelForCausalLM
 
     from finetune.cli import main
@@ -218,7 +218,12 @@ def test_merge_folds_the_adapter_into_the_base(tmp_path: Path, chat_files, monke
     ids = torch.tensor([[2, 40, 41, 42, 43]])
     result.model.eval()
     torch.testing.assert_close(merged(ids).logits, result.model(ids).logits, rtol=1e-4, atol=1e-5)
+    # peft's read of transformers' deprecated is_gradient_checkpointing: no FutureWarning for the user
+    assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
     assert main(["merge", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
+    assert "nothing: no such directory (expected a LoRA adapter" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "run"), str(tmp_path / "x")]) == 2
+    assert "run: not a LoRA adapter directory (no adapter_config.json)" in capsys.readouterr().err
     # the output is replaced as a whole: never a directory holding the adapter or the current one, and an
     # existing non-empty one only with --overwrite (the current directory is a temporary one here, so that a
     # regression deletes nothing outside the test)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 from finetune.errors import UserError
@@ -32,7 +33,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from finetune.model import peft_quietly
+    from finetune.model import peft_quietly, without_load_report
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     check_output(adapter_dir, output_dir, overwrite)
@@ -49,7 +50,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
     cls = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
     kwargs = {"num_labels": 1} if seq_cls else {}
     try:
-        model = cls.from_pretrained(base, dtype=getattr(torch, dtype), **kwargs)
+        with without_load_report() if seq_cls else nullcontext():  # the adapter holds the reward head
+            model = cls.from_pretrained(base, dtype=getattr(torch, dtype), **kwargs)
     except OSError as e:
         raise UserError(f"--base: cannot load {base!r}: {str(e).splitlines()[0]}") from None
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)

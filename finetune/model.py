@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from finetune.errors import UserError
 from finetune.hub import hub_reachable
 from finetune.losses import IGNORE_INDEX, linear_token_logps, target_positions
 
+logger = logging.getLogger("finetune")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -98,11 +100,52 @@ def attention_for(cfg: ModelConfig, packed: bool) -> str:
     return name
 
 
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def without_load_report() -> Iterator[None]:
+    """transformers' LOAD REPORT table (a warning) muted, for a load whose missing head is expected."""
+    reports = logging.getLogger("transformers.modeling_utils")
+    muted = _DropLoadReport()
+    reports.addFilter(muted)
+    try:
+        yield
+    finally:
+        reports.removeFilter(muted)
+
+
+def _load_reward_model(cfg: ModelConfig, path: str, **kwargs: Any) -> Any:
+    """A checkpoint loaded with a one-output scalar head. From a language model, the head is expected to be new
+    and the output layer unused: one info line says so instead of transformers' LOAD REPORT table (a warning);
+    weights of the model's body missing, unused or of the wrong shape are still warned about."""
+    from transformers import AutoModelForSequenceClassification
+
+    with without_load_report():
+        model, info = _from_pretrained(AutoModelForSequenceClassification, cfg, path, num_labels=1,
+                                       output_loading_info=True, **kwargs)
+    body = model.base_model_prefix + "."
+    new_head = sorted(k for k in info["missing_keys"] if not k.startswith(body))
+    odd = {"missing (initialised at random)": sorted(k for k in info["missing_keys"] if k.startswith(body)),
+           "unused": sorted(k for k in info["unexpected_keys"] if k.startswith(body)),
+           "of another shape (initialised at random)": sorted(str(k[0] if isinstance(k, tuple) else k)
+                                                              for k in info["mismatched_keys"])}
+    if new_head:
+        logger.info("reward head %s: new, initialised at random (%s has none)", ", ".join(new_head), path)
+    for what, keys in odd.items():
+        if keys:
+            logger.warning("%s: %d weights %s: %s", path, len(keys), what, ", ".join(keys[:5]) +
+                           (", ..." if len(keys) > 5 else ""))
+    return model
+
+
 def load_model(cfg: ModelConfig, tokenizer: Any, device: torch.device, kind: str = "causal_lm",
                packed: bool = False) -> Any:
     """`kind` is causal_lm or seq_cls (a one-output scalar head, for reward models); `packed`: the batches will
     be padding-free packed rows."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype], "attn_implementation": attention_for(cfg, packed)}
     if cfg.load_in_4bit or cfg.load_in_8bit:
@@ -115,12 +158,11 @@ def load_model(cfg: ModelConfig, tokenizer: Any, device: torch.device, kind: str
             load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
             bnb_4bit_quant_type=cfg.bnb_4bit_quant_type, bnb_4bit_compute_dtype=DTYPES[cfg.bnb_4bit_compute_dtype])
         kwargs["device_map"] = {"": device}
-    if kind == "seq_cls":
-        cls, kwargs["num_labels"] = AutoModelForSequenceClassification, 1
-    else:
-        cls = AutoModelForCausalLM
     try:
-        model = _from_pretrained(cls, cfg, resolve(cfg.name_or_path), **kwargs)
+        if kind == "seq_cls":
+            model = _load_reward_model(cfg, resolve(cfg.name_or_path), **kwargs)
+        else:
+            model = _from_pretrained(AutoModelForCausalLM, cfg, resolve(cfg.name_or_path), **kwargs)
     except (ImportError, ValueError) as e:  # e.g. flash_attention_2 without its package, or a misspelt name
         if "attn_implementation" not in str(e) and "Attention" not in str(e):
             raise

@@ -231,6 +231,35 @@ def test_rm_trains_exports_and_scores(tmp_path: Path, pair_files):
     assert loaded(**enc).logits.shape == (1, 1)
 
 
+def test_reward_model_load_reports_the_new_head_in_one_line_and_warns_of_a_missing_body_weight(
+        tok, tiny_dir, tmp_path: Path, caplog):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune.config import ModelConfig
+    from finetune.model import load_model
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1)
+    assert any("LOAD REPORT" in r.getMessage() for r in caplog.records)  # what transformers alone says: a table
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        load_model(ModelConfig(name_or_path=str(tiny_dir)), tok, torch.device("cpu"), "seq_cls")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= 20] == [
+        ("INFO", f"reward head score.weight: new, initialised at random ({tiny_dir} has none)")]
+
+    # a checkpoint that lacks a weight of the model's body: that is still warned about
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level("INFO", logger="finetune"):
+        load_model(ModelConfig(name_or_path=str(broken)), tok, torch.device("cpu"), "seq_cls")
+    assert ("WARNING", f"{broken}: 1 weights missing (initialised at random): model.layers.0.mlp.up_proj.weight") \
+        in [(r.levelname, r.getMessage()) for r in caplog.records]
+
+
 @pytest.mark.parametrize("task", ["rm", "dpo"])
 def test_lora_dropout_resume_is_exact(tmp_path: Path, pair_files, task: str):
     """Packed pairs, bf16, LoRA with dropout (every step draws random numbers; DPO's reference runs with the
@@ -246,9 +275,11 @@ def test_lora_dropout_resume_is_exact(tmp_path: Path, pair_files, task: str):
     assert resumed.metrics["eval_loss"] == full.metrics["eval_loss"]
 
 
-def test_rm_lora_adapter_reloads(tmp_path: Path, pair_files, tiny_dir):
+def test_rm_lora_adapter_reloads_and_merges(tmp_path: Path, pair_files, tiny_dir, caplog):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
+
+    from finetune.cli import main
 
     result = finetune.train(pair_recipe(tmp_path, pair_files, "rm", lora={"enabled": True, "r": 4}))
     base = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1)
@@ -257,6 +288,12 @@ def test_rm_lora_adapter_reloads(tmp_path: Path, pair_files, tiny_dir):
     ids = torch.tensor([[2, 40, 41, 42, 3]])
     result.model.eval()
     torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits)
+    caplog.clear()
+    assert main(["merge", str(result.model_dir), str(tmp_path / "merged")]) == 0
+    # the base has no reward head, the adapter brings it: transformers' MISSING table would only mislead
+    assert not any("LOAD REPORT" in r.getMessage() for r in caplog.records)
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(merged(ids).logits, result.model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("task", ["rm", "dpo"])

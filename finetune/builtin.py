@@ -36,8 +36,13 @@ TINY_LLAMA = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, n
                   num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
 
 
+def home() -> Path:
+    """finetune's own cache (builtin artifacts, tokenized datasets): FINETUNE_HOME or ~/.cache/finetune."""
+    return Path(os.environ.get("FINETUNE_HOME", Path.home() / ".cache" / "finetune"))
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("FINETUNE_HOME", Path.home() / ".cache" / "finetune")) / "builtin" / VERSION
+    return home() / "builtin" / VERSION
 
 
 def is_builtin(name: str | None) -> bool:

@@ -80,6 +80,7 @@ class DataConfig:
     completion_only_loss: bool = True  # loss on assistant / completion tokens only
     packing: bool = False  # padding-free micro-batches: sequences (or pairs) concatenated, positions restart
     num_workers: int = 0
+    cache_tokenized: bool = True  # keep tokenized rows under FINETUNE_HOME/tokenized for the next run
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("auto", "chat", "prompt_completion", "alpaca", "text"))

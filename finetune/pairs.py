@@ -22,6 +22,7 @@ from finetune.collate import pad
 from finetune.data import DataError, check_messages, require_chat_template, train_eval_rows
 from finetune.losses import IGNORE_INDEX
 from finetune.model import attention_for
+from finetune.tokenized import cached
 
 logger = logging.getLogger("finetune")
 
@@ -126,11 +127,17 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
     """Tokenized train and held-out pairs (uids numbered across both) and their collator."""
     d = recipe.data
     train_rows, train_src, eval_rows, eval_src = train_eval_rows(d, recipe.seed)
-    train, _ = encode_pairs(train_rows, train_src, tokenizer, d.max_length, d.max_prompt_length, progress)
+
+    def encode(rows: Any, source: str, uid_start: int) -> Any:
+        settings = {"task": "pairs", "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
+                    "uid_start": uid_start}
+        return cached(rows, source, tokenizer, settings, enabled=d.cache_tokenized, encode=lambda: encode_pairs(
+            rows, source, tokenizer, d.max_length, d.max_prompt_length, progress, uid_start)[0])
+
+    train = encode(train_rows, train_src, 0)
     evals = None
     if eval_rows is not None:
-        evals, _ = encode_pairs(eval_rows, eval_src, tokenizer, d.max_length, d.max_prompt_length, progress,
-                                uid_start=len(train))
+        evals = encode(eval_rows, eval_src, len(train))
     # the prompt runs once per pair where the attention understands shared prefixes (sdpa_varlen)
     share = d.packing and attention_for(recipe.model, d.packing) == attention.NAME
     return train, evals, PairCollator(tokenizer.pad_token_id, d.packing, share)

@@ -13,6 +13,7 @@ from finetune.data import column_names, detect_format, encode_dataset, prompt_an
 from finetune.losses import causal_lm_loss
 from finetune.model import accepts_logits_to_keep, causal_lm_forward, output_head, target_logps
 from finetune.tasks import LossOutput, TaskData
+from finetune.tokenized import cached
 
 logger = logging.getLogger("finetune")
 
@@ -72,12 +73,17 @@ class SFTTask:
         d, self.tokenizer = recipe.data, tokenizer
         progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)  # off on non-main processes
         train_rows, train_src, eval_rows, eval_src = train_eval_rows(d, recipe.seed)
-        train, _ = encode_dataset(train_rows, train_src, d.format, tokenizer, d.max_length, d.completion_only_loss,
-                                  progress)
+
+        def encode(rows: Any, source: str) -> Any:
+            settings = {"task": "sft", "format": d.format, "max_length": d.max_length,
+                        "completion_only_loss": d.completion_only_loss}
+            return cached(rows, source, tokenizer, settings, enabled=d.cache_tokenized, encode=lambda: encode_dataset(
+                rows, source, d.format, tokenizer, d.max_length, d.completion_only_loss, progress)[0])
+
+        train = encode(train_rows, train_src)
         evals = None
         if eval_rows is not None:
-            evals, _ = encode_dataset(eval_rows, eval_src, d.format, tokenizer, d.max_length, d.completion_only_loss,
-                                      progress)
+            evals = encode(eval_rows, eval_src)
             if recipe.train.eval_generate:
                 self.examples = generation_examples(eval_rows, eval_src, d.format, tokenizer,
                                                     recipe.train.eval_generate)

@@ -1,0 +1,129 @@
+"""The tokenized-rows cache: reused only while everything the tokens depend on is unchanged."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+import finetune.data
+import finetune.pairs
+from finetune.builtin import preference_rows, task_rows
+from finetune.config import load_recipe
+from finetune.pairs import build_pair_data
+from finetune.tasks.sft import SFTTask
+
+
+@pytest.fixture()
+def home(tmp_path: Path, monkeypatch) -> Path:
+    """A cache of its own (the session's builtin model stays where it is: it is resolved before this)."""
+    folder = tmp_path / "home"
+    monkeypatch.setattr("finetune.tokenized.cache_root", lambda: folder / "tokenized")
+    return folder / "tokenized"
+
+
+@pytest.fixture()
+def tok(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    calls = [0]
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sft_data(train: Path, tok, **data):
+    recipe = load_recipe({"data": {"train": str(train), "max_length": 40, **data}, "log": {"progress": False}})
+    built = SFTTask().build_data(recipe, tok)
+    return built.train["input_ids"], built.train["labels"]
+
+
+def test_sft_rows_are_tokenized_once_and_again_when_what_they_depend_on_changes(tmp_path, home, tok, monkeypatch,
+                                                                                  caplog):
+    calls = count_calls(monkeypatch, finetune.data, "encode_row")
+    rows = task_rows("train")[:40]
+    train = write_rows(tmp_path / "train.jsonl", rows)
+    first = sft_data(train, tok)
+    assert calls[0] == 40 and len(list(home.iterdir())) == 1
+    truncated = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert truncated  # max_length 40 cuts some rows: said on the first run ...
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        assert sft_data(train, tok) == first and calls[0] == 40  # ... read back, not tokenized
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if "truncated" in m] == truncated  # ... and said again
+    assert any("40 tokenized rows from the cache" in m for m in said)
+
+    # each of these changes what the tokens are: tokenized again, in an entry of its own
+    assert sft_data(train, tok, max_length=64) != first and calls[0] == 80
+    sft_data(train, tok, completion_only_loss=False)
+    assert calls[0] == 120
+    write_rows(train, [rows[1], *rows[1:]])  # one row's content
+    sft_data(train, tok)
+    assert calls[0] == 160
+    tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    sft_data(train, tok)
+    assert calls[0] == 200 and len(list(home.iterdir())) == 5
+    sft_data(train, tok, cache_tokenized=False)  # off: tokenized, nothing stored
+    assert calls[0] == 240 and len(list(home.iterdir())) == 5
+
+
+def test_an_unreadable_entry_is_tokenized_again(tmp_path, home, tok, monkeypatch, caplog):
+    calls = count_calls(monkeypatch, finetune.data, "encode_row")
+    train = write_rows(tmp_path / "train.jsonl", task_rows("train")[:16])
+    first = sft_data(train, tok)
+    (entry,) = home.iterdir()
+    for arrow in entry.rglob("*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[:100])  # as if the disk filled while it was written by hand
+    assert sft_data(train, tok) == first and calls[0] == 32
+    assert any("ignoring unreadable tokenized cache" in r.getMessage() for r in caplog.records)
+    assert sft_data(train, tok) == first and calls[0] == 32  # written again, readable
+
+
+def test_preference_pairs_are_cached_with_their_uids(tmp_path, home, tok, monkeypatch):
+    calls = count_calls(monkeypatch, finetune.pairs, "encode_pair")
+    rows = preference_rows("train")[:24]
+    train, evals = write_rows(tmp_path / "train.jsonl", rows[:16]), write_rows(tmp_path / "eval.jsonl", rows[16:])
+    recipe = load_recipe({"task": "dpo", "data": {"train": str(train), "eval": str(evals), "max_length": 48},
+                          "log": {"progress": False}})
+    first_train, first_eval, _ = build_pair_data(recipe, tok, progress=False)
+    again_train, again_eval, _ = build_pair_data(recipe, tok, progress=False)
+    assert calls[0] == 24 and len(list(home.iterdir())) == 2
+    assert again_train.to_dict() == first_train.to_dict() and again_eval.to_dict() == first_eval.to_dict()
+    assert again_eval["uid"] == list(range(16, 24))  # numbered after the train pairs, as when tokenized
+
+
+def test_a_cache_that_cannot_be_written_only_costs_the_tokenizing(tmp_path, tok, monkeypatch, caplog):
+    import errno
+
+    calls = count_calls(monkeypatch, finetune.data, "encode_row")
+    train = write_rows(tmp_path / "train.jsonl", task_rows("train")[:16])
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    monkeypatch.setattr("finetune.tokenized.cache_root", lambda: blocked / "tokenized")  # under a file: no mkdir
+    first = sft_data(train, tok)
+    assert any("could not cache the tokenized rows" in r.getMessage() for r in caplog.records)
+
+    def no_room(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tok, "save_pretrained", no_room)  # the fingerprint writes the tokenizer's files
+    assert sft_data(train, tok) == first and calls[0] == 32
+    assert any("tokenizing without the cache (No space left on device)" in r.getMessage() for r in caplog.records)

@@ -17,12 +17,14 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("finetune")
+STALE_SECONDS = 24 * 3600  # a temporary entry this old was left by a killed writer
 
 
 def cache_root() -> Path:
@@ -98,10 +100,19 @@ def _load(folder: Path) -> tuple[Any, list[str]] | None:
         return None
 
 
+def _remove_stale(root: Path) -> None:
+    """Temporary entries of writers killed midway (a live writer's is minutes old at most)."""
+    for left in root.glob(".tmp-*"):
+        with suppress(OSError):  # e.g. another process removed it first
+            if time.time() - left.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(left)
+
+
 def _store(folder: Path, dataset: Any, warnings: list[str]) -> None:
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(folder.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         with _no_progress_bar():  # a fraction of a second; a bar would only clutter the start of a run
             dataset.save_to_disk(str(tmp / "rows"))

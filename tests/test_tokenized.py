@@ -127,3 +127,19 @@ def test_a_cache_that_cannot_be_written_only_costs_the_tokenizing(tmp_path, tok,
     monkeypatch.setattr(tok, "save_pretrained", no_room)  # the fingerprint writes the tokenizer's files
     assert sft_data(train, tok) == first and calls[0] == 32
     assert any("tokenizing without the cache (No space left on device)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_killed_writers_temporary_entry_is_removed_once_stale(tmp_path, home, tok):
+    import os
+    import time
+
+    from finetune.tokenized import STALE_SECONDS
+
+    home.mkdir(parents=True)
+    stale, live = home / ".tmp-abc-123", home / ".tmp-def-456"
+    for folder in (stale, live):
+        (folder / "rows").mkdir(parents=True)
+    old = time.time() - STALE_SECONDS - 60
+    os.utime(stale, (old, old))
+    sft_data(write_rows(tmp_path / "train.jsonl", task_rows("train")[:8]), tok)  # stores an entry
+    assert not stale.exists() and live.exists()  # a writer that may still be running keeps its folder

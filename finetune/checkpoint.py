@@ -36,6 +36,8 @@ class TrainerState:
     eval_loss: float | None = None  # most recent held-out loss when this state was saved
     best_eval_loss: float | None = None
     best_checkpoint: str | None = None
+    train_rows: int = 0  # the saver's training data, to notice a resume on other data (0: not recorded)
+    train_tokens: int = 0
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -54,6 +56,16 @@ def last_saved(root: Path) -> str:
     """For error messages: where a stopped run can resume from."""
     kept = complete_checkpoints(root)
     return f"the last complete checkpoint, {kept[0]}, is untouched" if kept else "no checkpoint was saved yet"
+
+
+def note_training_data(state: TrainerState, resumed_from: Path | None, rows: int, tokens: int) -> None:
+    """Record the size of this run's training data in `state`, warning first if a resumed checkpoint was saved
+    with other data: the run goes on from the checkpoint's batch position, which then points at other rows."""
+    if resumed_from is not None and state.train_rows and (state.train_rows, state.train_tokens) != (rows, tokens):
+        logger.warning("the training data differ from those of %s (%d rows, %d tokens; now %d rows, %d tokens): "
+                       "training goes on from the same batch position, so rows may be skipped or repeated in "
+                       "this epoch", resumed_from, state.train_rows, state.train_tokens, rows, tokens)
+    state.train_rows, state.train_tokens = rows, tokens
 
 
 def read_state(path: Path) -> TrainerState:

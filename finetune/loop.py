@@ -254,6 +254,7 @@ def run(recipe: Recipe, task: Task) -> Result:
                 logger.warning("resuming with %d rows per global batch instead of %d: the data position is rounded "
                                "down to a whole batch", units, state.rows_per_batch)
     state.rows_per_batch, state.batch_tokens = units, budget
+    checkpoint.note_training_data(state, resume_from, len(data.train), sum(data.train_lengths or ()))
     tracker = Tracker(out, recipe.log, recipe.to_dict(), state.step if resume_from else None) if main \
         else NullTracker()
 

@@ -177,6 +177,22 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, chat_files, lor
         assert torch.equal(v, weights[k]), k
 
 
+def test_resuming_on_other_training_data_is_warned_about(tmp_path: Path, chat_files, caplog):
+    train, _ = chat_files
+    lines = train.read_text().splitlines(keepends=True)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(lines))
+    recipe = small_recipe(tmp_path / "run", data, train={"max_steps": 2, "save_every": 2})
+    finetune.train(recipe)
+    changed = "the training data differ from those of"
+    finetune.train(recipe, **{"train.max_steps": 3, "train.save_every": 3})  # the same data: nothing to say
+    assert not [r for r in caplog.records if changed in r.getMessage()]
+    data.write_text("".join(lines[1:]))  # one row fewer: the batch position now points at other rows
+    finetune.train(recipe, **{"train.max_steps": 4})
+    (warning,) = [r.getMessage() for r in caplog.records if changed in r.getMessage()]
+    assert f"{len(lines)} rows" in warning and f"now {len(lines) - 1} rows" in warning
+
+
 @pytest.mark.slow
 def test_qlora_trains_lora_on_4bit_weights(tmp_path: Path, chat_files):
     pytest.importorskip("bitsandbytes")

@@ -372,7 +372,11 @@ def run(recipe: Recipe, task: Task) -> Result:
                                      tok_s=f"{last_train['tokens_per_s']:.0f}")
                 t_last, tokens_since = now, 0
 
-            # one reduction per step (it syncs anyway): a signal on any process, and a diverged update
+            paused_at = time.perf_counter()
+            if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps:
+                final_eval = log_eval(state.step)
+            # one reduction per step (it syncs anyway): a signal on any process (one that came during a long
+            # evaluation included), and a diverged update
             dev = accelerator.device
             flags = accelerator.reduce(torch.stack([torch.tensor(float(signals.requested), device=dev),
                                                     torch.tensor(float(signals.save_now), device=dev),
@@ -384,9 +388,6 @@ def run(recipe: Recipe, task: Task) -> Result:
                 raise UserError(f"step {state.step}: the gradient norm is {float(grad_norm)}: training diverged; "
                                 f"stopped without saving ({checkpoint.last_saved(out / 'checkpoints')}); lower "
                                 "train.lr, keep train.max_grad_norm on, or look for broken rows")
-            paused_at = time.perf_counter()
-            if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == total_steps:
-                final_eval = log_eval(state.step)
             if (cfg.save_every and state.step % cfg.save_every == 0) or stopped or save_now:
                 path = checkpoint.save(accelerator, out / "checkpoints", state, cfg.keep_checkpoints)
                 logger.info("saved checkpoint %s", path)

@@ -84,6 +84,30 @@ def test_tokens_per_s_leaves_out_evaluation_and_checkpoint_time(tmp_path: Path, 
     assert min(rates[s] for s in (3, 4, 5)) > 0.25 * max(rates[s] for s in (2, 6)), rates
 
 
+def test_a_sigterm_during_evaluation_saves_and_stops_at_that_step(tmp_path: Path, chat_files, monkeypatch):
+    """Preemption gives a grace period: a signal that comes while a long evaluation runs must not wait for
+    another training step."""
+    import os
+    import signal
+
+    from finetune.tasks.sft import SFTTask
+
+    evaluate = SFTTask.extra_eval
+
+    def preempted_at_step_2(self, recipe, accelerator, model):
+        if self.step_seen == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.step_seen += 2
+        return evaluate(self, recipe, accelerator, model)
+
+    monkeypatch.setattr(SFTTask, "step_seen", 0, raising=False)  # evaluations at steps 0, 2, 4, ...
+    monkeypatch.setattr(SFTTask, "extra_eval", preempted_at_step_2)
+    train, evals = chat_files
+    result = finetune.train(small_recipe(tmp_path, train, evals), **{"train.max_steps": 6, "train.eval_every": 2})
+    assert result.preempted and result.steps == 2
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"]
+
+
 def test_without_a_progress_bar_each_logged_step_is_a_log_line(tmp_path: Path, chat_files, caplog):
     train, evals = chat_files
     with caplog.at_level("INFO", logger="finetune"):

@@ -80,6 +80,7 @@ class DataConfig:
     completion_only_loss: bool = True  # loss on assistant / completion tokens only
     packing: bool = False  # padding-free micro-batches: sequences (or pairs) concatenated, positions restart
     num_workers: int = 0
+    num_proc: int = 0  # processes that tokenize (0: one per available CPU, at most 8)
     cache_tokenized: bool = True  # keep tokenized rows under FINETUNE_HOME/tokenized for the next run
 
     def __post_init__(self) -> None:
@@ -88,6 +89,7 @@ class DataConfig:
         _range("data.max_length", self.max_length, lo=8)
         _range("data.max_prompt_length", self.max_prompt_length, lo=0, hi=self.max_length - 1)
         _range("data.num_workers", self.num_workers, lo=0)
+        _range("data.num_proc", self.num_proc, lo=0)
 
 
 @dataclass(frozen=True)

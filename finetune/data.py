@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -260,16 +264,66 @@ def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, c
     return {"input_ids": ids, "labels": labels, "truncated": truncated, "n_targets": sum(mask[1:])}
 
 
+ROWS_PER_WORKER = 1000  # fewer rows than this per worker process: forking would cost more than it saves
+_JOB: tuple[Callable[[Any, str], dict], Any, str] | None = None  # what forked workers encode: inherited, not pickled
+
+
+def tokenizer_workers(num_proc: int) -> int:
+    """`data.num_proc`: 0 means one per CPU this process may use, at most 8, in the first process of a machine
+    only: the others wait for it and read its tokens from the cache (or, without the cache, share the CPUs)."""
+    if num_proc:
+        return num_proc
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        return 1
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _encode_range(bounds: tuple[int, int]) -> list[dict]:
+    encode, rows, source = _JOB
+    return [encode(rows[i], f"{source}: row {i}") for i in range(*bounds)]
+
+
+def map_rows(encode: Callable[[Any, str], dict], rows: Any, source: str, progress: bool,
+             workers: int = 1) -> Iterator[dict]:
+    """`encode(row, where)` of every row, in order, with a progress bar. With `workers` > 1 (and enough rows) the
+    rows are encoded by that many forked processes, which inherit `encode` and the rows rather than receive them
+    pickled; the first bad row in order is the one reported, as when encoding in this process."""
+    global _JOB
+    from tqdm.auto import tqdm
+
+    n = len(rows)
+    workers = min(workers, n // ROWS_PER_WORKER)
+    bar = tqdm(total=n, desc=f"Tokenizing {source}", disable=not progress, leave=False, dynamic_ncols=True)
+    if workers <= 1 or not sys.platform.startswith("linux"):  # fork is safe to rely on only there
+        for i in range(n):
+            yield encode(rows[i], f"{source}: row {i}")
+            bar.update()
+    else:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else each forked worker warns about it
+        chunk = -(-n // (workers * 8))  # several chunks per worker: an even finish, a steady progress bar
+        _JOB = (encode, rows, source)
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for part in pool.imap(_encode_range, [(s, min(s + chunk, n)) for s in range(0, n, chunk)]):
+                    yield from part
+                    bar.update(len(part))
+        finally:
+            _JOB = None
+    bar.close()
+
+
 def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length: int,
-                   completion_only: bool, progress: bool = True) -> tuple[Any, EncodeStats]:
+                   completion_only: bool, progress: bool = True, workers: int = 1) -> tuple[Any, EncodeStats]:
     """Tokenize every row into a `datasets.Dataset`, report truncation, drop rows left with no target token."""
     import datasets
-    from tqdm.auto import tqdm
 
     fmt = detect_format(column_names(rows), source, fmt)
     ids, labels, truncated = [], [], 0
-    for i, row in enumerate(tqdm(rows, desc=f"Tokenizing {source}", disable=not progress, leave=False)):
-        enc = encode_row(row, fmt, tokenizer, max_length, completion_only, f"{source}: row {i}")
+
+    def encode(row: Any, where: str) -> dict:
+        return encode_row(row, fmt, tokenizer, max_length, completion_only, where)
+
+    for enc in map_rows(encode, rows, source, progress, workers):
         truncated += enc["truncated"]
         if enc["n_targets"] > 0:
             ids.append(enc["input_ids"])

@@ -19,7 +19,14 @@ import torch
 
 from finetune import attention
 from finetune.collate import pad
-from finetune.data import DataError, check_messages, require_chat_template, train_eval_rows
+from finetune.data import (
+    DataError,
+    check_messages,
+    map_rows,
+    require_chat_template,
+    tokenizer_workers,
+    train_eval_rows,
+)
 from finetune.losses import IGNORE_INDEX
 from finetune.model import attention_for
 from finetune.tokenized import cached
@@ -92,19 +99,21 @@ def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt
 
 
 def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_prompt_length: int,
-                 progress: bool = True, uid_start: int = 0) -> tuple[Any, PairStats]:
+                 progress: bool = True, uid_start: int = 0, workers: int = 1) -> tuple[Any, PairStats]:
     """Tokenize all preference rows into a `datasets.Dataset` (prompt, chosen, rejected, margin, uid).
 
     `uid` numbers the kept pairs from `uid_start`, so train and eval pairs can share one table of reference
     log-probs."""
     import datasets
-    from tqdm.auto import tqdm
 
     max_prompt_length = max_prompt_length or max_length // 2
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "margin": []}
     truncated = 0
-    for i, row in enumerate(tqdm(rows, desc=f"Tokenizing {source}", disable=not progress, leave=False)):
-        enc = encode_pair(row, tokenizer, max_length, max_prompt_length, f"{source}: row {i}")
+
+    def encode(row: Any, where: str) -> dict:
+        return encode_pair(row, tokenizer, max_length, max_prompt_length, where)
+
+    for enc in map_rows(encode, rows, source, progress, workers):
         truncated += enc["truncated"]
         if not enc["empty"]:
             for key in out:
@@ -132,7 +141,8 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
         settings = {"task": "pairs", "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
                     "uid_start": uid_start}
         return cached(rows, source, tokenizer, settings, enabled=d.cache_tokenized, encode=lambda: encode_pairs(
-            rows, source, tokenizer, d.max_length, d.max_prompt_length, progress, uid_start)[0])
+            rows, source, tokenizer, d.max_length, d.max_prompt_length, progress, uid_start,
+            tokenizer_workers(d.num_proc))[0])
 
     train = encode(train_rows, train_src, 0)
     evals = None

@@ -217,3 +217,43 @@ def test_sft_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, pac
     with torch.no_grad():
         ours = task.loss(model, batch).loss_sum / batch["num_items"]
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_tokenizing_in_forked_workers_gives_the_same_rows_and_names_the_first_bad_row(tok, monkeypatch):
+    import multiprocessing.pool
+
+    from finetune.data import ROWS_PER_WORKER, tokenizer_workers
+
+    chunks = []
+    imap = multiprocessing.pool.Pool.imap
+
+    def spied(self, fn, tasks, *args, **kwargs):
+        chunks.extend(tasks)
+        return imap(self, fn, chunks, *args, **kwargs)
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "imap", spied)
+    rows = task_rows("train")[:4 * ROWS_PER_WORKER]
+    one, one_stats = encode_dataset(rows, "mem", "chat", tok, 32, True, progress=False)
+    assert not chunks
+    two, two_stats = encode_dataset(rows, "mem", "chat", tok, 32, True, progress=False, workers=2)
+    assert chunks[0] == (0, 250) and chunks[-1][1] == len(rows)  # 16 chunks, 8 per worker
+    assert two.to_dict() == one.to_dict() and two_stats == one_stats and one_stats.truncated > 0
+    broken = list(rows)
+    broken[3900] = {"messages": [{"role": "user", "content": 3}]}
+    broken[2500] = {"messages": "not a list"}  # an earlier row, in a later-started chunk than some
+    with pytest.raises(DataError, match=r"^mem: row 2500: "):
+        encode_dataset(broken, "mem", "chat", tok, 64, True, progress=False, workers=4)
+    assert tokenizer_workers(3) == 3 and 1 <= tokenizer_workers(0) <= 8
+    monkeypatch.setenv("LOCAL_RANK", "1")  # another process of a distributed run: it reads the cache
+    assert tokenizer_workers(0) == 1 and tokenizer_workers(3) == 3
+
+
+def test_preference_pairs_tokenized_in_workers_are_the_same(tok):
+    from finetune.builtin import preference_rows
+    from finetune.data import ROWS_PER_WORKER
+    from finetune.pairs import encode_pairs
+
+    rows = preference_rows("train")[:2 * ROWS_PER_WORKER]
+    one, one_stats = encode_pairs(rows, "mem", tok, 48, 0, progress=False)
+    two, two_stats = encode_pairs(rows, "mem", tok, 48, 0, progress=False, workers=2)
+    assert two.to_dict() == one.to_dict() and two_stats == one_stats

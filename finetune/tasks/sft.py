@@ -9,7 +9,15 @@ import torch
 
 from finetune import model as model_lib
 from finetune.collate import CausalLMCollator, pad
-from finetune.data import column_names, detect_format, encode_dataset, prompt_and_completion, take, train_eval_rows
+from finetune.data import (
+    column_names,
+    detect_format,
+    encode_dataset,
+    prompt_and_completion,
+    take,
+    tokenizer_workers,
+    train_eval_rows,
+)
 from finetune.losses import causal_lm_loss
 from finetune.model import accepts_logits_to_keep, causal_lm_forward, output_head, target_logps
 from finetune.tasks import LossOutput, TaskData
@@ -78,7 +86,8 @@ class SFTTask:
             settings = {"task": "sft", "format": d.format, "max_length": d.max_length,
                         "completion_only_loss": d.completion_only_loss}
             return cached(rows, source, tokenizer, settings, enabled=d.cache_tokenized, encode=lambda: encode_dataset(
-                rows, source, d.format, tokenizer, d.max_length, d.completion_only_loss, progress)[0])
+                rows, source, d.format, tokenizer, d.max_length, d.completion_only_loss, progress,
+                tokenizer_workers(d.num_proc))[0])
 
         train = encode(train_rows, train_src)
         evals = None

@@ -15,6 +15,8 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,12 +304,18 @@ def map_rows(encode: Callable[[Any, str], dict], rows: Any, source: str, progres
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else each forked worker warns about it
         chunk = -(-n // (workers * 8))  # several chunks per worker: an even finish, a steady progress bar
         _JOB = (encode, rows, source)
+        # an executor, not a multiprocessing Pool: a worker killed (e.g. out of memory) breaks it instead of
+        # leaving the run waiting forever for that worker's rows
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
         try:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for part in pool.imap(_encode_range, [(s, min(s + chunk, n)) for s in range(0, n, chunk)]):
-                    yield from part
-                    bar.update(len(part))
+            for part in pool.map(_encode_range, [(s, min(s + chunk, n)) for s in range(0, n, chunk)]):
+                yield from part
+                bar.update(len(part))
+        except BrokenProcessPool:
+            raise DataError(f"{source}: a tokenizing process died (out of memory?); set data.num_proc lower, "
+                            "e.g. 1") from None
         finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # after a bad row, the other chunks are not needed
             _JOB = None
     bar.close()
 

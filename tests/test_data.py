@@ -219,19 +219,35 @@ def test_sft_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, pac
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
 
 
+class KilledWorker:
+    """A tokenizer whose use kills the forked worker process, as the kernel's out-of-memory killer would."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.parent = __import__("os").getpid()
+
+    def __getattr__(self, name):
+        import os
+        import signal
+
+        if os.getpid() != self.parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return getattr(self.tok, name)
+
+
 def test_tokenizing_in_forked_workers_gives_the_same_rows_and_names_the_first_bad_row(tok, monkeypatch):
-    import multiprocessing.pool
+    from concurrent.futures import ProcessPoolExecutor
 
     from finetune.data import ROWS_PER_WORKER, tokenizer_workers
 
     chunks = []
-    imap = multiprocessing.pool.Pool.imap
+    pool_map = ProcessPoolExecutor.map
 
     def spied(self, fn, tasks, *args, **kwargs):
         chunks.extend(tasks)
-        return imap(self, fn, chunks, *args, **kwargs)
+        return pool_map(self, fn, chunks, *args, **kwargs)
 
-    monkeypatch.setattr(multiprocessing.pool.Pool, "imap", spied)
+    monkeypatch.setattr(ProcessPoolExecutor, "map", spied)
     rows = task_rows("train")[:4 * ROWS_PER_WORKER]
     one, one_stats = encode_dataset(rows, "mem", "chat", tok, 32, True, progress=False)
     assert not chunks
@@ -243,6 +259,8 @@ def test_tokenizing_in_forked_workers_gives_the_same_rows_and_names_the_first_ba
     broken[2500] = {"messages": "not a list"}  # an earlier row, in a later-started chunk than some
     with pytest.raises(DataError, match=r"^mem: row 2500: "):
         encode_dataset(broken, "mem", "chat", tok, 64, True, progress=False, workers=4)
+    with pytest.raises(DataError, match=r"^mem: a tokenizing process died \(out of memory\?\); set data.num_proc"):
+        encode_dataset(rows, "mem", "chat", KilledWorker(tok), 32, True, progress=False, workers=2)
     assert tokenizer_workers(3) == 3 and 1 <= tokenizer_workers(0) <= 8
     monkeypatch.setenv("LOCAL_RANK", "1")  # another process of a distributed run: it reads the cache
     assert tokenizer_workers(0) == 1 and tokenizer_workers(3) == 3

@@ -136,8 +136,8 @@ def _load_reward_model(cfg: ModelConfig, path: str, **kwargs: Any) -> Any:
         logger.info("reward head %s: new, initialised at random (%s has none)", ", ".join(new_head), path)
     for what, keys in odd.items():
         if keys:
-            logger.warning("%s: %d weights %s: %s", path, len(keys), what, ", ".join(keys[:5]) +
-                           (", ..." if len(keys) > 5 else ""))
+            logger.warning("%s: %d weight%s %s: %s", path, len(keys), "s" * (len(keys) != 1), what,
+                           ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else ""))
     return model
 
 

@@ -256,7 +256,7 @@ def test_reward_model_load_reports_the_new_head_in_one_line_and_warns_of_a_missi
     caplog.clear()
     with caplog.at_level("INFO", logger="finetune"):
         load_model(ModelConfig(name_or_path=str(broken)), tok, torch.device("cpu"), "seq_cls")
-    assert ("WARNING", f"{broken}: 1 weights missing (initialised at random): model.layers.0.mlp.up_proj.weight") \
+    assert ("WARNING", f"{broken}: 1 weight missing (initialised at random): model.layers.0.mlp.up_proj.weight") \
         in [(r.levelname, r.getMessage()) for r in caplog.records]
 
 

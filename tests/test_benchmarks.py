@@ -19,3 +19,11 @@ def test_bench_gpu_runs_and_reports_each_configuration():
         tokens_per_s, memory, mfu = (rows[config].split("|")[i].strip() for i in (2, 3, 4))
         assert float(tokens_per_s) > 0 and float(memory) > 0 and re.fullmatch(r"\d+\.\d%", mfu)
     assert "failed: model.liger_kernel: its Triton kernels need a CUDA GPU" in rows["full_liger"]  # on a CPU
+
+
+def test_bench_tokenize_reports_each_setting():
+    proc = run_cli(python(), "benchmarks/bench_tokenize.py", "--rows", "2000", "--workers", "2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    for setting in ("1 process", "2 workers", "cache hit"):
+        assert float(rows[setting].split("|")[2]) > 0, proc.stdout

@@ -121,6 +121,10 @@ def _explain_oom(step: int, tokens: int, checkpoints: Path) -> Iterator[None]:
                         "lora.enabled") from None
 
 
+def _count(n: int, noun: str, plural: str = "") -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def _format_metrics(metrics: dict[str, float]) -> str:
     special = {"lr": "{:.2e}", "tokens_per_s": "{:.0f}"}
     return "  ".join(f"{k}={special.get(k, '{:.4f}').format(v)}" for k, v in metrics.items())
@@ -203,19 +207,18 @@ def run(recipe: Recipe, task: Task) -> Result:
         return EpochBatches(len(data.train), cfg.batch_size, world, rank, recipe.seed, epoch, start)
 
     per_epoch = len(train_sampler(0, 0))
-    procs = f"{world} processes" if world > 1 else "1 process"
+    procs = _count(world, "process", "processes")
     if per_epoch == 0:
         fill = f"train.batch_tokens={budget}" if budget else f"train.batch_size={cfg.batch_size}"
-        rows = len(data.train)
-        raise UserError(f"data.train: {rows} row{'s' * (rows != 1)} cannot fill one batch of {fill} x {procs}")
+        raise UserError(f"data.train: {_count(len(data.train), 'row')} cannot fill one batch of {fill} x {procs}")
     if data.eval is not None and len(data.eval) < world:
         raise UserError(f"data.eval: {len(data.eval)} rows, fewer than the {world} processes")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("%s: %d train rows, %d eval rows, %d optimizer steps (%d micro-batches/epoch x %s), "
-                "%.2fM of %.2fM parameters trainable", task.name, len(data.train),
-                0 if data.eval is None else len(data.eval), total_steps, per_epoch, procs,
+    logger.info("%s: %s, %s, %s (%s/epoch x %s), %.2fM of %.2fM parameters trainable", task.name,
+                _count(len(data.train), "train row"), _count(0 if data.eval is None else len(data.eval), "eval row"),
+                _count(total_steps, "optimizer step"), _count(per_epoch, "micro-batch", "micro-batches"), procs,
                 n_trainable / 1e6, n_params / 1e6)
 
     # ---- optimizer and warmup-cosine schedule (a pure function of the step, stepped once per optimizer step)

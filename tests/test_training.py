@@ -108,6 +108,17 @@ def test_a_sigterm_during_evaluation_saves_and_stops_at_that_step(tmp_path: Path
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"]
 
 
+def test_the_start_of_run_line_counts_in_words(tmp_path: Path, chat_files, caplog):
+    import re
+
+    train, _ = chat_files
+    with caplog.at_level("INFO", logger="finetune"):
+        finetune.train(small_recipe(tmp_path, train), **{"train.max_steps": 1})
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sft: ")]
+    assert re.match(r"sft: \d+ train rows, 0 eval rows, 1 optimizer step \(\d+ micro-batches/epoch x 1 process\), ",
+                    line), line
+
+
 def test_without_a_progress_bar_each_logged_step_is_a_log_line(tmp_path: Path, chat_files, caplog):
     train, evals = chat_files
     with caplog.at_level("INFO", logger="finetune"):

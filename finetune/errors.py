@@ -1,5 +1,11 @@
-"""The one exception type for user mistakes: the CLI prints it as a single line and exits with code 2."""
+"""The one exception type for user mistakes (the CLI prints it as a single line and exits with code 2), and the
+wording of counts in messages."""
 
 
 class UserError(ValueError):
     """Bad input that the user must fix: a recipe key, a data row, a model path, an output directory."""
+
+
+def count(n: int, noun: str, plural: str = "") -> str:
+    """`1 row`, `2 rows`; `plural` where adding an s is wrong (`2 processes`)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

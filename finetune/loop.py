@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint
 from finetune.config import Recipe, to_yaml
-from finetune.errors import UserError
+from finetune.errors import UserError, count
 from finetune.memory import bound_kernel_caches, heap_trimmer
 from finetune.sampling import EpochBatches, TokenBudgetBatches, eval_shard
 from finetune.schedule import warmup_cosine
@@ -121,10 +121,6 @@ def _explain_oom(step: int, tokens: int, checkpoints: Path) -> Iterator[None]:
                         "lora.enabled") from None
 
 
-def _count(n: int, noun: str, plural: str = "") -> str:
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
-
-
 def _format_metrics(metrics: dict[str, float]) -> str:
     special = {"lr": "{:.2e}", "tokens_per_s": "{:.0f}"}
     return "  ".join(f"{k}={special.get(k, '{:.4f}').format(v)}" for k, v in metrics.items())
@@ -207,18 +203,18 @@ def run(recipe: Recipe, task: Task) -> Result:
         return EpochBatches(len(data.train), cfg.batch_size, world, rank, recipe.seed, epoch, start)
 
     per_epoch = len(train_sampler(0, 0))
-    procs = _count(world, "process", "processes")
+    procs = count(world, "process", "processes")
     if per_epoch == 0:
         fill = f"train.batch_tokens={budget}" if budget else f"train.batch_size={cfg.batch_size}"
-        raise UserError(f"data.train: {_count(len(data.train), 'row')} cannot fill one batch of {fill} x {procs}")
+        raise UserError(f"data.train: {count(len(data.train), 'row')} cannot fill one batch of {fill} x {procs}")
     if data.eval is not None and len(data.eval) < world:
         raise UserError(f"data.eval: {len(data.eval)} rows, fewer than the {world} processes")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("%s: %s, %s, %s (%s/epoch x %s), %.2fM of %.2fM parameters trainable", task.name,
-                _count(len(data.train), "train row"), _count(0 if data.eval is None else len(data.eval), "eval row"),
-                _count(total_steps, "optimizer step"), _count(per_epoch, "micro-batch", "micro-batches"), procs,
+                count(len(data.train), "train row"), count(0 if data.eval is None else len(data.eval), "eval row"),
+                count(total_steps, "optimizer step"), count(per_epoch, "micro-batch", "micro-batches"), procs,
                 n_trainable / 1e6, n_params / 1e6)
 
     # ---- optimizer and warmup-cosine schedule (a pure function of the step, stepped once per optimizer step)

@@ -13,7 +13,7 @@ import torch
 from finetune import attention
 from finetune.builtin import ensure_builtin_model, is_builtin
 from finetune.config import LoraConfig, ModelConfig
-from finetune.errors import UserError
+from finetune.errors import UserError, count
 from finetune.hub import hub_reachable
 from finetune.losses import IGNORE_INDEX, linear_token_logps, target_positions
 
@@ -136,7 +136,7 @@ def _load_reward_model(cfg: ModelConfig, path: str, **kwargs: Any) -> Any:
         logger.info("reward head %s: new, initialised at random (%s has none)", ", ".join(new_head), path)
     for what, keys in odd.items():
         if keys:
-            logger.warning("%s: %d weight%s %s: %s", path, len(keys), "s" * (len(keys) != 1), what,
+            logger.warning("%s: %s %s: %s", path, count(len(keys), "weight"), what,
                            ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else ""))
     return model
 

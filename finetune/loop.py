@@ -184,31 +184,38 @@ def run(recipe: Recipe, task: Task) -> Result:
         unwrap,
     )
 
-    with accelerator.main_process_first():
-        tokenizer = load_tokenizer(recipe.model)
-        data = task.build_data(recipe, tokenizer)  # first: a bad row is refused before a large model loads
-        model = task.build_model(recipe, accelerator, tokenizer)
-
-    positions = getattr(unwrap(model).config, "max_position_embeddings", None)
-    if positions and recipe.data.max_length > positions:
-        logger.warning("data.max_length=%d is more than the model's max_position_embeddings=%d: longer sequences "
-                       "reach positions it was not trained for", recipe.data.max_length, positions)
     budget = cfg.batch_tokens  # micro-batches of at most this many tokens instead of batch_size rows
-    if budget and data.train_lengths is None:
-        raise UserError(f"train.batch_tokens: the {task.name} task does not support token-budget batches")
 
     def train_sampler(epoch: int, start: int) -> EpochBatches | TokenBudgetBatches:
         if budget:
             return TokenBudgetBatches(data.train_lengths, budget, world, rank, recipe.seed, epoch, start)
         return EpochBatches(len(data.train), cfg.batch_size, world, rank, recipe.seed, epoch, start)
 
-    per_epoch = len(train_sampler(0, 0))
     procs = count(world, "process", "processes")
-    if per_epoch == 0:
-        fill = f"train.batch_tokens={budget}" if budget else f"train.batch_size={cfg.batch_size}"
-        raise UserError(f"data.train: {count(len(data.train), 'row')} cannot fill one batch of {fill} x {procs}")
-    if data.eval is not None and len(data.eval) < world:
-        raise UserError(f"data.eval: {len(data.eval)} rows, fewer than the {world} processes")
+    with accelerator.main_process_first():
+        tokenizer = load_tokenizer(recipe.model)
+        # data first, and checked: a bad row or too little data is refused before a large model loads
+        data = task.build_data(recipe, tokenizer)
+        if budget and data.train_lengths is None:
+            raise UserError(f"train.batch_tokens: the {task.name} task does not support token-budget batches")
+        per_epoch = len(train_sampler(0, 0))
+        if per_epoch == 0:
+            rows = count(len(data.train), "row")
+            if len(data.train) < world:
+                raise UserError(f"data.train: {rows}, fewer than the {world} processes")
+            if budget:
+                raise UserError(f"data.train: {rows} cannot fill one batch of train.batch_tokens={budget} x {procs} "
+                                "(one bin of rows per process); set train.batch_tokens lower")
+            raise UserError(f"data.train: {rows} cannot fill one batch of train.batch_size={cfg.batch_size} x "
+                            f"{procs}; set train.batch_size={max(1, len(data.train) // world)} or lower")
+        if data.eval is not None and len(data.eval) < world:
+            raise UserError(f"data.eval: {len(data.eval)} rows, fewer than the {world} processes")
+        model = task.build_model(recipe, accelerator, tokenizer)
+
+    positions = getattr(unwrap(model).config, "max_position_embeddings", None)
+    if positions and recipe.data.max_length > positions:
+        logger.warning("data.max_length=%d is more than the model's max_position_embeddings=%d: longer sequences "
+                       "reach positions it was not trained for", recipe.data.max_length, positions)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_params = sum(p.numel() for p in model.parameters())

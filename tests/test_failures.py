@@ -192,10 +192,17 @@ def test_resuming_past_max_steps_says_there_is_nothing_left(tmp_path: Path, chat
     assert "nothing left to train" not in caplog.text
 
 
-def test_too_few_rows_for_one_batch_name_the_key(tmp_path: Path, chat_files):
+def test_too_few_rows_for_one_batch_name_the_key_and_the_fix_before_the_model_loads(tmp_path: Path, chat_files,
+                                                                                      monkeypatch):
+    import finetune.model
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(finetune.model, "build", no_model)
     train, _ = chat_files
-    one = tmp_path / "one.jsonl"
-    one.write_text(train.read_text().splitlines()[0] + "\n")
-    with pytest.raises(UserError, match=r"^data\.train: 1 row cannot fill one batch of train\.batch_size=8 x 1 "
-                                        r"process$"):
-        finetune.train(small_recipe(tmp_path / "a", one))
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(train.read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(UserError, match=r"^data\.train: 3 rows cannot fill one batch of train\.batch_size=8 x 1 "
+                                        r"process; set train\.batch_size=3 or lower$"):
+        finetune.train(small_recipe(tmp_path / "a", three))

@@ -69,8 +69,8 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = "builtin:tasks"  # JSONL/JSON/Parquet path, builtin:NAME, or a hub dataset name
-    eval: str | None = None  # same forms; when absent, eval_fraction of train is held out
+    train: str | list[str] = "builtin:tasks"  # JSONL/JSON/Parquet path, builtin:NAME, hub dataset; or a list of them
+    eval: str | list[str] | None = None  # same forms; when absent, eval_fraction of each train source is held out
     eval_fraction: float = 0.0
     split: str = "train"  # hub split for `train`
     eval_split: str = "test"  # hub split for `eval` when it names a hub dataset
@@ -85,6 +85,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, ("auto", "chat", "prompt_completion", "alpaca", "text"))
+        for key in ("train", "eval"):
+            value = getattr(self, key)
+            if value == [] or value == "" or (isinstance(value, list) and "" in value):
+                raise ConfigError(f"data.{key}: expected a data source or a non-empty list of them, got {value!r}")
         _range("data.eval_fraction", self.eval_fraction, lo=0, hi=0.9)
         _range("data.max_length", self.max_length, lo=8)
         _range("data.max_prompt_length", self.max_prompt_length, lo=0, hi=self.max_length - 1)
@@ -232,6 +236,8 @@ def _range(key: str, value: float, lo: float | None = None, hi: float | None = N
 
 def _describe(tp: Any) -> str:
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(args[0], str(args[0]))
     if args:
         return " or ".join(_describe(a) for a in args if a is not type(None)) + (
             " or null" if type(None) in args else "")

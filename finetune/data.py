@@ -147,16 +147,30 @@ def holdout_split(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     return take(rows, sorted(order[n_eval:])), take(rows, sorted(order[:n_eval]))
 
 
-def train_eval_rows(d: Any, seed: int) -> tuple[Any, str, Any | None, str | None]:
-    """Raw train rows and held-out rows (from `data.eval`, or a seeded `data.eval_fraction` of train), each with
-    the name used for it in messages."""
-    train = load_rows(d.train, d.split)
+def sources(value: str | list[str]) -> list[str]:
+    """`data.train` / `data.eval`: one source, or a list of them whose rows are used one after another."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+def train_eval_rows(d: Any, seed: int) -> tuple[list[tuple[Any, str]], list[tuple[Any, str]] | None]:
+    """Raw (rows, name) of each training source, and of each held-out one (`data.eval`, or a seeded
+    `data.eval_fraction` of every training source). Sources stay apart, so each is read in its own format,
+    tokenized and cached on its own, and named in messages about its rows."""
+    train = [(load_rows(source, d.split), source) for source in sources(d.train)]
     if d.eval:
-        return train, d.train, load_rows(d.eval, d.eval_split), d.eval
+        return train, [(load_rows(source, d.eval_split), source) for source in sources(d.eval)]
     if d.eval_fraction > 0:
-        train, held = holdout_split(train, d.eval_fraction, seed)
-        return train, d.train, held, f"{d.train} (held-out {d.eval_fraction:g})"
-    return train, d.train, None, None
+        split = [(holdout_split(rows, d.eval_fraction, seed), source) for rows, source in train]
+        return ([(kept, source) for (kept, _), source in split],
+                [(held, f"{source} (held-out {d.eval_fraction:g})") for (_, held), source in split])
+    return train, None
+
+
+def concatenate(parts: list[Any]) -> Any:
+    """The tokenized parts of a split (one per source) as one `datasets.Dataset`, in order."""
+    import datasets
+
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def detect_format(columns: list[str], source: str, wanted: str = "auto") -> str:

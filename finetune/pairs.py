@@ -22,6 +22,7 @@ from finetune.collate import pad
 from finetune.data import (
     DataError,
     check_messages,
+    concatenate,
     map_rows,
     require_chat_template,
     tokenizer_workers,
@@ -135,7 +136,7 @@ def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_pr
 def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, Any | None, PairCollator]:
     """Tokenized train and held-out pairs (uids numbered across both) and their collator."""
     d = recipe.data
-    train_rows, train_src, eval_rows, eval_src = train_eval_rows(d, recipe.seed)
+    train_parts, eval_parts = train_eval_rows(d, recipe.seed)
 
     def encode(rows: Any, source: str, uid_start: int) -> Any:
         settings = {"task": "pairs", "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
@@ -144,10 +145,15 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
             rows, source, tokenizer, d.max_length, d.max_prompt_length, progress, uid_start,
             tokenizer_workers(d.num_proc))[0])
 
-    train = encode(train_rows, train_src, 0)
-    evals = None
-    if eval_rows is not None:
-        evals = encode(eval_rows, eval_src, len(train))
+    def encode_all(parts: list[tuple[Any, str]], uid_start: int) -> Any:
+        encoded = []
+        for rows, source in parts:  # uids run on across sources and on from train into eval
+            encoded.append(encode(rows, source, uid_start))
+            uid_start += len(encoded[-1])
+        return concatenate(encoded)
+
+    train = encode_all(train_parts, 0)
+    evals = None if eval_parts is None else encode_all(eval_parts, len(train))
     # the prompt runs once per pair where the attention understands shared prefixes (sdpa_varlen)
     share = d.packing and attention_for(recipe.model, d.packing) == attention.NAME
     return train, evals, PairCollator(tokenizer.pad_token_id, d.packing, share)

@@ -275,3 +275,63 @@ def test_preference_pairs_tokenized_in_workers_are_the_same(tok):
     one, one_stats = encode_pairs(rows, "mem", tok, 48, 0, progress=False)
     two, two_stats = encode_pairs(rows, "mem", tok, 48, 0, progress=False, workers=2)
     assert two.to_dict() == one.to_dict() and two_stats == one_stats
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sft_data(tok, **data):
+    from finetune.config import load_recipe
+    from finetune.tasks.sft import SFTTask
+
+    task = SFTTask()
+    recipe = load_recipe({"data": {"max_length": 64, "cache_tokenized": False, **data},
+                          "train": {"eval_generate": 8}, "log": {"progress": False}})
+    return task, task.build_data(recipe, tok)
+
+
+def test_several_sources_are_read_each_in_its_format_and_used_in_order(tok, tmp_path: Path):
+    chat = write_jsonl(tmp_path / "chat.jsonl", task_rows("train")[:5])
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": f"Say {i}:", "completion": str(i)} for i in range(3)])
+    _, data = sft_data(tok, train=[str(chat), str(plain)])
+    alone = [list(encode_dataset(load_rows(str(f), "train"), str(f), "auto", tok, 64, True, False)[0]["input_ids"])
+             for f in (chat, plain)]
+    assert list(data.train["input_ids"]) == alone[0] + alone[1]
+    assert data.train_lengths == [len(ids) for ids in alone[0] + alone[1]]
+    # a bad row is named by its own file and row number, not by its place in the mixture
+    write_jsonl(plain, [{"prompt": "a", "completion": "b"}, {"prompt": 3, "completion": "c"}])
+    with pytest.raises(DataError, match=rf"^{plain}: row 1: expected 'prompt' to be a string"):
+        sft_data(tok, train=[str(chat), str(plain)])
+
+
+def test_eval_fraction_holds_out_part_of_every_source_and_generation_spans_them(tok, tmp_path: Path):
+    a = write_jsonl(tmp_path / "a.jsonl", task_rows("train")[:20])
+    b = write_jsonl(tmp_path / "b.jsonl", task_rows("train")[20:30])
+    task, data = sft_data(tok, train=[str(a), str(b)], eval_fraction=0.2)
+    assert (len(data.train), len(data.eval)) == (24, 6)  # 16 + 8 kept, 4 + 2 held out
+    held = list(data.eval["input_ids"])
+    rows_a, rows_b = task_rows("train")[:20], task_rows("train")[20:30]
+    from finetune.data import holdout_split
+
+    expected = [encode_row(r, "chat", tok, 64, True, "")["input_ids"]
+                for r in holdout_split(rows_a, 0.2, 42)[1] + holdout_split(rows_b, 0.2, 42)[1]]
+    assert held == expected
+    assert len(task.examples) == 6  # eval_generate=8 asks for more than the first source holds
+    _, data = sft_data(tok, train=[str(a), str(b)], eval=[str(b), str(a)])
+    assert len(data.eval) == 30 and list(data.eval["input_ids"])[:10] == list(data.train["input_ids"])[20:]
+
+
+def test_preference_sources_number_their_pairs_across_files_and_splits(tok, tmp_path: Path):
+    from finetune.builtin import preference_rows
+    from finetune.config import load_recipe
+    from finetune.pairs import build_pair_data
+
+    rows = preference_rows("train")
+    a, b = write_jsonl(tmp_path / "a.jsonl", rows[:6]), write_jsonl(tmp_path / "b.jsonl", rows[6:10])
+    recipe = load_recipe({"task": "dpo", "data": {"train": [str(a), str(b)], "eval": [str(b)], "max_length": 64,
+                                                   "cache_tokenized": False}})
+    train, evals, _ = build_pair_data(recipe, tok, progress=False)
+    assert list(train["uid"]) == list(range(10)) and list(evals["uid"]) == list(range(10, 14))
+    assert list(evals["chosen"]) == list(train["chosen"])[6:]

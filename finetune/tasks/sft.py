@@ -11,6 +11,7 @@ from finetune import model as model_lib
 from finetune.collate import CausalLMCollator, pad
 from finetune.data import (
     column_names,
+    concatenate,
     detect_format,
     encode_dataset,
     prompt_and_completion,
@@ -80,7 +81,7 @@ class SFTTask:
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
         d, self.tokenizer = recipe.data, tokenizer
         progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)  # off on non-main processes
-        train_rows, train_src, eval_rows, eval_src = train_eval_rows(d, recipe.seed)
+        train_parts, eval_parts = train_eval_rows(d, recipe.seed)
 
         def encode(rows: Any, source: str) -> Any:
             settings = {"task": "sft", "format": d.format, "max_length": d.max_length,
@@ -89,13 +90,14 @@ class SFTTask:
                 rows, source, d.format, tokenizer, d.max_length, d.completion_only_loss, progress,
                 tokenizer_workers(d.num_proc))[0])
 
-        train = encode(train_rows, train_src)
+        train = concatenate([encode(rows, source) for rows, source in train_parts])
         evals = None
-        if eval_rows is not None:
-            evals = encode(eval_rows, eval_src)
-            if recipe.train.eval_generate:
-                self.examples = generation_examples(eval_rows, eval_src, d.format, tokenizer,
-                                                    recipe.train.eval_generate)
+        if eval_parts is not None:
+            evals = concatenate([encode(rows, source) for rows, source in eval_parts])
+            for rows, source in eval_parts:  # the first train.eval_generate held-out rows, across sources
+                if len(self.examples) < recipe.train.eval_generate:
+                    self.examples += generation_examples(rows, source, d.format, tokenizer,
+                                                         recipe.train.eval_generate - len(self.examples))
         return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id, d.packing),
                         train_lengths=[len(ids) for ids in train["input_ids"]])
 

@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   finetune sft recipes/tiny_sft.yaml
   finetune sft recipes/tiny_lora.yaml train.max_steps=50 output_dir=runs/try
   accelerate launch --config_file accelerate_configs/ddp.yaml finetune sft recipes/llama_lora.yaml
+  finetune generate runs/tiny_sft/model "What is 12 + 7?"
 """
 
 
@@ -36,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="Fine-tune language models with one Accelerate loop.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=versions(), help="versions, for bug reports")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join((*TASKS, "merge")) + "}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join((*TASKS, "merge", "generate")) + "}")
     helps = {"sft": "supervised fine-tuning (full or LoRA/QLoRA)", "rm": "reward model (Bradley-Terry)",
              "dpo": "direct preference optimisation"}
     for task in TASKS:
@@ -52,7 +53,28 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--base", help="base model (default: the one named in adapter_config.json)")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     m.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it already holds files")
+    g = sub.add_parser("generate", help="answer prompts with a trained model (or LoRA adapter)")
+    g.add_argument("model", help="a trained model or adapter directory (OUTPUT_DIR/model)")
+    g.add_argument("prompts", nargs="*", metavar="prompt", help="prompts to answer; none: one per line of stdin")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy decoding")
+    g.add_argument("--raw", action="store_true", help="the prompt as plain text, not a chat turn")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return p
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Print the answer to each prompt (of the command line, else of each line of stdin) as it comes."""
+    from finetune.generate import answers, load
+
+    if args.max_new_tokens < 1 or args.temperature < 0:
+        raise UserError("generate: expected --max-new-tokens >= 1 and --temperature >= 0")
+    model, tokenizer = load(args.model, args.dtype)
+    if not args.prompts and sys.stdin.isatty():
+        print("one prompt per line; Ctrl-D ends", file=sys.stderr)
+    prompts = args.prompts or (line.strip() for line in sys.stdin if line.strip())
+    for answer in answers(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.raw):
+        print(answer, flush=True)
 
 
 def setup_logging() -> None:
@@ -72,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             from finetune.merge import merge_adapter
 
             merge_adapter(args.adapter, args.output, args.base, args.dtype, args.overwrite)
+            return 0
+        if args.command == "generate":
+            generate(args)
             return 0
         overrides = parse_overrides(args.overrides)
         declared = read_yaml(args.recipe).get("task", args.command)

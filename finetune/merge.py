@@ -7,6 +7,7 @@ import logging
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 from finetune.errors import UserError
 
@@ -25,18 +26,15 @@ def check_output(adapter_dir: Path, output_dir: Path, overwrite: bool) -> None:
                         "--overwrite to replace it")
 
 
-def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | None = None,
-                  dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Load the base named in the adapter's config (or `base`), merge the adapter into it, save to `output_dir`
-    (which must be new or empty unless `overwrite`, and never one that holds the adapter)."""
+def load_merged(adapter_dir: Path, base: str | None = None, dtype: str = "float32") -> tuple[Any, Any]:
+    """(the base named in the adapter's config, or `base`, with the adapter folded in; the adapter's tokenizer).
+    Reward-model adapters give a sequence-classification model with its trained head."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from finetune.model import peft_quietly, without_load_report
 
-    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    check_output(adapter_dir, output_dir, overwrite)
     config_file = adapter_dir / "adapter_config.json"
     if not adapter_dir.is_dir():
         raise UserError(f"{adapter_dir}: no such directory (expected a LoRA adapter, e.g. OUTPUT_DIR/model)")
@@ -57,7 +55,16 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model.config.pad_token_id = tokenizer.pad_token_id
     with peft_quietly():
-        merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload(), tokenizer
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | None = None,
+                  dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Load the base named in the adapter's config (or `base`), merge the adapter into it, save to `output_dir`
+    (which must be new or empty unless `overwrite`, and never one that holds the adapter)."""
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    check_output(adapter_dir, output_dir, overwrite)
+    merged, tokenizer = load_merged(adapter_dir, base, dtype)
     tmp = output_dir.parent / f".tmp-{output_dir.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
@@ -65,5 +72,5 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
     if output_dir.exists():
         shutil.rmtree(output_dir)
     tmp.rename(output_dir)
-    logger.info("merged %s into %s and saved %s", adapter_dir, base, output_dir)
+    logger.info("merged %s into %s and saved %s", adapter_dir, merged.name_or_path, output_dir)
     return output_dir

@@ -1,0 +1,70 @@
+"""`finetune generate`: answer prompts with a trained model, to see what a run has learned.
+
+The model is an exported directory (`OUTPUT_DIR/model`): a full model, or a LoRA adapter that is folded into
+its base for the purpose. Prompts are rendered as one user turn with the tokenizer's chat template when it has
+one (as in training on chat rows), else passed as plain text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+
+
+def load(model_dir: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """(causal LM, tokenizer) of an exported model or LoRA adapter directory."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.merge import load_merged
+
+    transformers.utils.logging.disable_progress_bar()  # a bar for loading a few files would only clutter answers
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory (expected a trained model, e.g. OUTPUT_DIR/model)")
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        if json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS":
+            raise UserError(f"{path}: a reward model adapter; it scores text and does not generate")
+        model, tokenizer = load_merged(path, dtype=dtype)
+    else:
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: not a model directory (no config.json or adapter_config.json)")
+        config = json.loads((path / "config.json").read_text())
+        if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+            raise UserError(f"{path}: a reward model; it scores text and does not generate")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer
+
+
+def prompt_ids(tokenizer: Any, prompt: str, raw: bool = False) -> list[int]:
+    """The prompt as one user turn of the chat template (ending where the assistant's answer starts), or its plain
+    tokens when the tokenizer has no template or `raw`."""
+    if raw or getattr(tokenizer, "chat_template", None) is None:
+        return list(tokenizer(prompt)["input_ids"])
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                              add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def answers(model: Any, tokenizer: Any, prompts: Iterable[str], max_new_tokens: int = 64,
+            temperature: float = 0.0, raw: bool = False, seed: int = 0) -> Iterator[str]:
+    """Each prompt's completion (greedy at temperature 0, else sampled), one prompt at a time, in order."""
+    import torch
+
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    for prompt in prompts:
+        ids = torch.tensor([prompt_ids(tokenizer, prompt, raw)])
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+                                 eos_token_id=eos, **sampling)
+        yield tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,104 @@
+"""`finetune generate`: answers equal a greedy decode written out by hand, for full models and LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, python, run_cli
+
+import finetune
+from finetune.cli import main
+from finetune.generate import answers, load
+
+PROMPTS = ["What is 12 + 7?", "Sort: 3 1 2"]
+
+
+def greedy_by_hand(model, tokenizer, prompt: str, new_tokens: int) -> str:
+    """Argmax of the next token's logits, appended one at a time over the whole sequence (no KV cache, no
+    `generate`), from the chat template's rendered text."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            nxt = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if nxt.item() == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A full model and a LoRA adapter, each trained 150 steps of the tiny recipes (about 10 s each): enough to
+    answer with digits rather than the whitespace of an untrained model."""
+    folder = tmp_path_factory.mktemp("generate")
+    short = {"train.max_steps": 150, "train.eval_generate": 0, "log.progress": False, "log.tensorboard": False}
+    full = finetune.train(str(ROOT / "recipes/tiny_sft.yaml"), output_dir=str(folder / "full"), **short)
+    lora = finetune.train(str(ROOT / "recipes/tiny_lora.yaml"), output_dir=str(folder / "lora"), **short)
+    return full.model_dir, lora.model_dir
+
+
+@pytest.mark.parametrize("which", ["untrained", "trained"])
+def test_full_model_answers_as_a_greedy_decode_by_hand(trained, tiny_dir, which):
+    model, tokenizer = load(tiny_dir if which == "untrained" else trained[0])
+    got = list(answers(model, tokenizer, PROMPTS, max_new_tokens=6))
+    assert got == [greedy_by_hand(model, tokenizer, p, 6) for p in PROMPTS]
+    assert all(got) or which == "untrained"  # the untrained model answers with whitespace
+
+
+def test_lora_adapter_answers_as_the_unmerged_adapter_and_not_as_its_base(trained, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load(trained[1])
+    got = list(answers(model, tokenizer, PROMPTS, max_new_tokens=6))
+    assert all(got)
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), trained[1]).eval()
+    assert got == [greedy_by_hand(unmerged, tokenizer, p, 6) for p in PROMPTS]
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    assert got != [greedy_by_hand(base, tokenizer, p, 6) for p in PROMPTS]
+
+
+def test_sampling_is_seeded_and_raw_prompts_skip_the_template(trained):
+    model, tokenizer = load(trained[0])
+    first = list(answers(model, tokenizer, PROMPTS * 3, max_new_tokens=8, temperature=5.0, seed=1))
+    assert first == list(answers(model, tokenizer, PROMPTS * 3, max_new_tokens=8, temperature=5.0, seed=1))
+    assert first != list(answers(model, tokenizer, PROMPTS * 3, max_new_tokens=8, temperature=5.0, seed=2))
+    from finetune.generate import prompt_ids
+
+    assert prompt_ids(tokenizer, "hi", raw=True) == tokenizer("hi")["input_ids"]
+    assert len(prompt_ids(tokenizer, "hi")) > len(prompt_ids(tokenizer, "hi", raw=True))
+
+
+@pytest.mark.slow
+def test_command_line_answers_arguments_and_stdin_lines(trained):
+    model, tokenizer = load(trained[0])
+    expected = list(answers(model, tokenizer, PROMPTS, max_new_tokens=5))
+    done = run_cli(python(), "-m", "finetune", "generate", str(trained[0]), *PROMPTS, "--max-new-tokens", "5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == expected
+    import subprocess
+
+    done = subprocess.run([python(), "-m", "finetune", "generate", str(trained[0]), "--max-new-tokens", "5"],
+                          input=f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n", capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == expected
+
+
+def test_what_cannot_generate_is_refused_in_one_line(tmp_path: Path, trained, capsys):
+    assert main(["generate", str(tmp_path / "nothing"), "x"]) == 2
+    assert "nothing: no such directory (expected a trained model" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "x"]) == 2
+    assert "not a model directory (no config.json or adapter_config.json)" in capsys.readouterr().err
+    reward = tmp_path / "reward"
+    reward.mkdir()
+    (reward / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"]}))
+    assert main(["generate", str(reward), "x"]) == 2
+    assert "a reward model; it scores text and does not generate" in capsys.readouterr().err
+    assert main(["generate", str(trained[0]), "x", "--max-new-tokens", "0"]) == 2
+    assert "expected --max-new-tokens >= 1" in capsys.readouterr().err

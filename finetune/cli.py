@@ -59,7 +59,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy decoding")
     g.add_argument("--raw", action="store_true", help="the prompt as plain text, not a chat turn")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (the default): bfloat16 on a GPU, float32 on a CPU")
     return p
 
 

@@ -15,8 +15,9 @@ from typing import Any
 from finetune.errors import UserError
 
 
-def load(model_dir: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
-    """(causal LM, tokenizer) of an exported model or LoRA adapter directory."""
+def load(model_dir: str | Path, dtype: str = "auto") -> tuple[Any, Any]:
+    """(causal LM, tokenizer) of an exported model or LoRA adapter directory, on the GPU when there is one.
+    `dtype` auto: bfloat16 on a GPU, float32 on a CPU."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -25,6 +26,9 @@ def load(model_dir: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
 
     transformers.utils.logging.disable_progress_bar()  # a bar for loading a few files would only clutter answers
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
     path = Path(model_dir)
     if not path.is_dir():
         raise UserError(f"{path}: no such directory (expected a trained model, e.g. OUTPUT_DIR/model)")
@@ -41,7 +45,7 @@ def load(model_dir: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
             raise UserError(f"{path}: a reward model; it scores text and does not generate")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def prompt_ids(tokenizer: Any, prompt: str, raw: bool = False) -> list[int]:
@@ -61,7 +65,7 @@ def answers(model: Any, tokenizer: Any, prompts: Iterable[str], max_new_tokens: 
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
     for prompt in prompts:
-        ids = torch.tensor([prompt_ids(tokenizer, prompt, raw)])
+        ids = torch.tensor([prompt_ids(tokenizer, prompt, raw)], device=model.device)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

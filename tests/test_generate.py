@@ -55,10 +55,13 @@ def test_lora_adapter_answers_as_the_unmerged_adapter_and_not_as_its_base(traine
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from finetune.model import peft_quietly
+
     model, tokenizer = load(trained[1])
     got = list(answers(model, tokenizer, PROMPTS, max_new_tokens=6))
     assert all(got)
-    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), trained[1]).eval()
+    with peft_quietly():
+        unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), trained[1]).eval()
     assert got == [greedy_by_hand(unmerged, tokenizer, p, 6) for p in PROMPTS]
     base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     assert got != [greedy_by_hand(base, tokenizer, p, 6) for p in PROMPTS]

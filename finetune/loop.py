@@ -209,7 +209,7 @@ def run(recipe: Recipe, task: Task) -> Result:
             raise UserError(f"data.train: {rows} cannot fill one batch of train.batch_size={cfg.batch_size} x "
                             f"{procs}; set train.batch_size={max(1, len(data.train) // world)} or lower")
         if data.eval is not None and len(data.eval) < world:
-            raise UserError(f"data.eval: {len(data.eval)} rows, fewer than the {world} processes")
+            raise UserError(f"data.eval: {count(len(data.eval), 'row')}, fewer than the {world} processes")
         model = task.build_model(recipe, accelerator, tokenizer)
 
     positions = getattr(unwrap(model).config, "max_position_embeddings", None)

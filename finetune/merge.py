@@ -51,7 +51,8 @@ def load_merged(adapter_dir: Path, base: str | None = None, dtype: str = "float3
         with without_load_report() if seq_cls else nullcontext():  # the adapter holds the reward head
             model = cls.from_pretrained(base, dtype=getattr(torch, dtype), **kwargs)
     except OSError as e:
-        raise UserError(f"--base: cannot load {base!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{adapter_dir}: cannot load its base model {base!r} (merge takes --base PATH): "
+                        f"{str(e).splitlines()[0]}") from None
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model.config.pad_token_id = tokenizer.pad_token_id
     with peft_quietly():

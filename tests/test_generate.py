@@ -105,3 +105,16 @@ def test_what_cannot_generate_is_refused_in_one_line(tmp_path: Path, trained, ca
     assert "a reward model; it scores text and does not generate" in capsys.readouterr().err
     assert main(["generate", str(trained[0]), "x", "--max-new-tokens", "0"]) == 2
     assert "expected --max-new-tokens >= 1" in capsys.readouterr().err
+
+
+def test_an_adapter_whose_base_cannot_be_loaded_is_named_in_one_line(tmp_path: Path, trained, capsys):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained[1], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "someone/llama"}))
+    for command in (["generate", str(adapter), "x"], ["merge", str(adapter), str(tmp_path / "merged")]):
+        assert main(command) == 2
+        assert "adapter: cannot load its base model 'someone/llama' (merge takes --base PATH)" in \
+            capsys.readouterr().err

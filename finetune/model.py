@@ -38,6 +38,10 @@ def _from_pretrained(cls: Any, cfg: ModelConfig, path: str, **kwargs: Any) -> An
     import os
 
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):  # e.g. SFT with LoRA, then DPO from it
+            merged = os.path.join(os.path.dirname(os.path.normpath(path)) or ".", "merged")
+            raise ModelError(f"model.name_or_path: {path} is a LoRA adapter, not a whole model; fold it into its "
+                             f"base first (finetune merge {path} {merged}) and point model.name_or_path there")
         raise ModelError(f"model.name_or_path: {path} is a directory without a config.json (expected a model saved "
                          "with save_pretrained)")
     local_only = not os.path.isdir(path) and not hub_reachable()

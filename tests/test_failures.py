@@ -75,13 +75,18 @@ def test_a_bad_row_is_refused_before_the_model_loads(tmp_path: Path, chat_files,
 
 
 @pytest.mark.parametrize("files, says", [((), "is a directory without a config.json"),
-                                         (("config.json",), "cannot load a tokenizer from .* tokenizer files")])
+                                         (("config.json",), "cannot load a tokenizer from .* tokenizer files"),
+                                         (("adapter_config.json",), "m is a LoRA adapter, not a whole model; fold "
+                                          "it into its base first \\(finetune merge .*/m .*/merged\\)")])
 def test_a_model_directory_missing_files_is_a_one_line_error(tmp_path: Path, chat_files, tiny_dir: Path,
                                                               files: tuple, says: str):
     train, _ = chat_files
     (tmp_path / "m").mkdir()
     for name in files:
-        shutil.copy(tiny_dir / name, tmp_path / "m" / name)
+        if name == "adapter_config.json":  # what a LoRA run exports as its model
+            (tmp_path / "m" / name).write_text("{}")
+        else:
+            shutil.copy(tiny_dir / name, tmp_path / "m" / name)
     with pytest.raises(UserError, match=f"^model.name_or_path: .*{says}") as caught:
         finetune.train(small_recipe(tmp_path / "out", train, model={"name_or_path": str(tmp_path / "m")}))
     assert "\n" not in str(caught.value)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.builtin import builtin_rows, is_builtin
-from finetune.errors import UserError
+from finetune.errors import UserError, count
 from finetune.hub import hub_reachable
 from finetune.losses import IGNORE_INDEX
 
@@ -158,12 +158,17 @@ def train_eval_rows(d: Any, seed: int) -> tuple[list[tuple[Any, str]], list[tupl
     tokenized and cached on its own, and named in messages about its rows."""
     train = [(load_rows(source, d.split), source) for source in sources(d.train)]
     if d.eval:
-        return train, [(load_rows(source, d.eval_split), source) for source in sources(d.eval)]
-    if d.eval_fraction > 0:
+        held = [(load_rows(source, d.eval_split), source) for source in sources(d.eval)]
+    elif d.eval_fraction > 0:
         split = [(holdout_split(rows, d.eval_fraction, seed), source) for rows, source in train]
-        return ([(kept, source) for (kept, _), source in split],
-                [(held, f"{source} (held-out {d.eval_fraction:g})") for (_, held), source in split])
-    return train, None
+        train = [(kept, source) for (kept, _), source in split]
+        held = [(out, f"{source} (held-out {d.eval_fraction:g})") for (_, out), source in split]
+    else:
+        held = None
+    for key, parts in (("data.train", train), ("data.eval", held)):
+        if parts and len(parts) > 1:  # a mixture: what each source brings, before tokenizing
+            logger.info("%s: %s", key, ", ".join(f"{source} {count(len(rows), 'row')}" for rows, source in parts))
+    return train, held
 
 
 def concatenate(parts: list[Any]) -> Any:

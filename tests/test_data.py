@@ -306,11 +306,16 @@ def test_several_sources_are_read_each_in_its_format_and_used_in_order(tok, tmp_
         sft_data(tok, train=[str(chat), str(plain)])
 
 
-def test_eval_fraction_holds_out_part_of_every_source_and_generation_spans_them(tok, tmp_path: Path):
+def test_eval_fraction_holds_out_part_of_every_source_and_generation_spans_them(tok, tmp_path: Path, caplog):
+    import logging
+
     a = write_jsonl(tmp_path / "a.jsonl", task_rows("train")[:20])
     b = write_jsonl(tmp_path / "b.jsonl", task_rows("train")[20:30])
-    task, data = sft_data(tok, train=[str(a), str(b)], eval_fraction=0.2)
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        task, data = sft_data(tok, train=[str(a), str(b)], eval_fraction=0.2)
     assert (len(data.train), len(data.eval)) == (24, 6)  # 16 + 8 kept, 4 + 2 held out
+    assert f"data.train: {a} 16 rows, {b} 8 rows" in caplog.text
+    assert f"data.eval: {a} (held-out 0.2) 4 rows, {b} (held-out 0.2) 2 rows" in caplog.text
     held = list(data.eval["input_ids"])
     rows_a, rows_b = task_rows("train")[:20], task_rows("train")[20:30]
     from finetune.data import holdout_split

@@ -44,6 +44,13 @@ class Result:
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)  # every logged event
     model: Any = field(default=None, repr=False)  # the trained (unwrapped) model, for notebooks and tests
     preempted: bool = False
+    tokenizer: Any = field(default=None, repr=False)
+
+    def generate(self, *prompts: str, max_new_tokens: int = 64, temperature: float = 0.0) -> list[str]:
+        """The trained model's answers to `prompts`, as `finetune generate` gives them from the exported one."""
+        from finetune.generate import answers
+
+        return list(answers(self.model, self.tokenizer, prompts, max_new_tokens, temperature))
 
 
 class _Signals:
@@ -425,4 +432,4 @@ def run(recipe: Recipe, task: Task) -> Result:
     metrics = {f"train_{k}": v for k, v in last_train.items()} | final_eval
     history = read_metrics(out / "metrics.jsonl") if main else []
     return Result(output_dir=out, model_dir=model_dir, metrics=metrics, steps=state.step, history=history,
-                  model=trained, preempted=stopped)
+                  model=trained, preempted=stopped, tokenizer=tokenizer)

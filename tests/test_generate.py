@@ -33,14 +33,31 @@ def greedy_by_hand(model, tokenizer, prompt: str, new_tokens: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
+def runs(tmp_path_factory) -> tuple:
     """A full model and a LoRA adapter, each trained 150 steps of the tiny recipes (about 10 s each): enough to
     answer with digits rather than the whitespace of an untrained model."""
     folder = tmp_path_factory.mktemp("generate")
     short = {"train.max_steps": 150, "train.eval_generate": 0, "log.progress": False, "log.tensorboard": False}
     full = finetune.train(str(ROOT / "recipes/tiny_sft.yaml"), output_dir=str(folder / "full"), **short)
-    lora = finetune.train(str(ROOT / "recipes/tiny_lora.yaml"), output_dir=str(folder / "lora"), **short)
-    return full.model_dir, lora.model_dir
+    lora = finetune.train(str(ROOT / "recipes/tiny_lora.yaml"), output_dir=str(folder / "lora"), **short,
+                          **{"lora.dropout": 0.5})  # in training mode its answers would be random
+    return full, lora
+
+
+@pytest.fixture(scope="module")
+def trained(runs) -> tuple[Path, Path]:
+    return runs[0].model_dir, runs[1].model_dir
+
+
+def test_a_result_in_memory_answers_as_its_exported_model(runs):
+    from finetune.builtin import task_rows
+
+    prompts = [row["messages"][0]["content"] for row in task_rows("test")[:12]]
+    for result in runs:  # the LoRA run's model is still in training mode, with adapter dropout
+        assert result.model.training
+        model, tokenizer = load(result.model_dir)
+        assert result.generate(*prompts, max_new_tokens=16) == list(answers(model, tokenizer, prompts, 16))
+        assert result.model.training  # given back as it was
 
 
 @pytest.mark.parametrize("which", ["untrained", "trained"])

@@ -34,6 +34,7 @@ class TrainerState:
     rows_per_batch: int = 0  # global micro-batch (batch_size x processes, or token-budget bins) of the saver
     batch_tokens: int = 0  # the saver's train.batch_tokens (0: micro-batches were batch_size rows)
     eval_loss: float | None = None  # most recent held-out loss when this state was saved
+    eval_step: int = -1  # the step it was measured at
     best_eval_loss: float | None = None
     best_checkpoint: str | None = None
     train_rows: int = 0  # the saver's training data, to notice a resume on other data (0: not recorded)
@@ -96,7 +97,10 @@ def save(accelerator: Any, root: Path, state: TrainerState, keep: int) -> Path:
         accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if state.eval_loss is not None and (state.best_eval_loss is None or state.eval_loss <= state.best_eval_loss):
+        # the best is a checkpoint whose own weights were evaluated: a save between evaluations holds weights
+        # that the latest eval_loss does not describe
+        evaluated = state.eval_loss is not None and state.eval_step == state.step
+        if evaluated and (state.best_eval_loss is None or state.eval_loss <= state.best_eval_loss):
             state.best_eval_loss, state.best_checkpoint = state.eval_loss, final.name
         with writing(tmp, f"saving checkpoint {final.name}", root):
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))

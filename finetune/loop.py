@@ -322,7 +322,7 @@ def run(recipe: Recipe, task: Task) -> Result:
     def log_eval(step: int) -> dict[str, float]:
         metrics = evaluate()
         if metrics:
-            state.eval_loss = metrics["eval_loss"]
+            state.eval_loss, state.eval_step = metrics["eval_loss"], step
             tracker.log({"step": step, **metrics})
             logger.info("step %d: %s", step, _format_metrics(metrics))
         return metrics

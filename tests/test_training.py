@@ -308,6 +308,22 @@ def test_keeps_last_k_and_the_best_and_skips_a_truncated_checkpoint(tmp_path: Pa
     assert [e["step"] for e in again.history if "loss" in e][-3:] == [7, 8, 9]
 
 
+def test_the_best_checkpoint_is_one_whose_weights_were_evaluated(tmp_path: Path, chat_files):
+    import json
+
+    from finetune.checkpoint import complete_checkpoints
+
+    train, evals = chat_files
+    # saves at 2, 4, 6 and evaluations at 0, 4, 7; a learning rate of almost 0 keeps every eval loss the same,
+    # so step 6, saved after step 4's evaluation, would tie with it if that evaluation counted for it
+    recipe = small_recipe(tmp_path, train, evals, train={"max_steps": 7, "save_every": 2, "keep_checkpoints": 1,
+                                                          "eval_every": 4, "lr": 1e-12, "warmup_steps": 0})
+    finetune.train(recipe)
+    state = json.loads((tmp_path / "checkpoints" / "step-0000006" / "trainer_state.json").read_text())
+    assert state["best_checkpoint"] == "step-0000004"
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step-0000006", "step-0000004"]
+
+
 def test_no_weight_decay_on_biases_and_norms(tiny_dir):
     from transformers import AutoModelForCausalLM
 

@@ -96,12 +96,12 @@ def save(accelerator: Any, root: Path, state: TrainerState, keep: int) -> Path:
     with writing(tmp, f"saving checkpoint {final.name}", root):
         accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
+    # the best is a checkpoint whose own weights were evaluated (a save between evaluations holds weights that
+    # the latest eval_loss does not describe); every process tracks it, as all of them act on it at the end
+    evaluated = state.eval_loss is not None and state.eval_step == state.step
+    if evaluated and (state.best_eval_loss is None or state.eval_loss <= state.best_eval_loss):
+        state.best_eval_loss, state.best_checkpoint = state.eval_loss, final.name
     if accelerator.is_main_process:
-        # the best is a checkpoint whose own weights were evaluated: a save between evaluations holds weights
-        # that the latest eval_loss does not describe
-        evaluated = state.eval_loss is not None and state.eval_step == state.step
-        if evaluated and (state.best_eval_loss is None or state.eval_loss <= state.best_eval_loss):
-            state.best_eval_loss, state.best_checkpoint = state.eval_loss, final.name
         with writing(tmp, f"saving checkpoint {final.name}", root):
             (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
             (tmp / MARKER).write_text("")

@@ -122,6 +122,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (inductor); pays off on GPUs and for LoRA, costs a warm-up
     trim_memory: bool = False  # CPU: return freed heap pages to the OS after each backward (lower RSS, slower)
     fused_linear_loss: bool = False  # sft/dpo: output projection + log-softmax by chunks (pays with large vocabs)
+    export_best: bool = False  # export the evaluated checkpoint with the lowest eval loss, not the last step
 
     def __post_init__(self) -> None:
         _range("train.max_steps", self.max_steps, lo=0)
@@ -206,6 +207,15 @@ class Recipe:
                 raise ConfigError(f"train.batch_tokens: {self.train.batch_tokens} cannot hold the longest "
                                   f"{'row' if self.task == 'sft' else 'pair'} ({longest} tokens with "
                                   f"data.max_length={self.data.max_length}); raise it or lower data.max_length")
+        if self.train.export_best:
+            t = self.train
+            if not (self.data.eval or self.data.eval_fraction):
+                raise ConfigError("train.export_best: needs held-out data to choose by (data.eval or "
+                                  "data.eval_fraction)")
+            if not t.save_every or not t.eval_every or t.save_every % t.eval_every:
+                raise ConfigError(f"train.export_best: every checkpoint must be evaluated to choose among them: set "
+                                  f"train.save_every (now {t.save_every}) to a multiple of train.eval_every (now "
+                                  f"{t.eval_every}), both above 0")
         if self.train.fused_linear_loss and self.task == "rm":
             raise ConfigError("train.fused_linear_loss: only sft and dpo compute a vocabulary loss; the rm task's "
                               "head has one output")

@@ -409,7 +409,15 @@ def run(recipe: Recipe, task: Task) -> Result:
                 break
     progress.close()
 
-    # ---- export the final model (or adapter) with its tokenizer
+    # ---- export the final model (or adapter) with its tokenizer; with train.export_best, the weights of the
+    # evaluated checkpoint with the lowest eval loss instead, when the last step's are worse
+    best = state.best_checkpoint
+    if not stopped and cfg.export_best and best and state.best_eval_loss < final_eval.get("eval_loss", math.inf):
+        last = final_eval.get("eval_loss", math.nan)
+        accelerator.load_state(str(out / "checkpoints" / best))  # the run is over: only its weights matter now
+        final_eval = evaluate()
+        logger.info("exporting %s, the evaluated checkpoint with the lowest loss (eval_loss=%.4f; the last step's "
+                    "%.4f)", best, final_eval["eval_loss"], last)
     model_dir = out / "model"
     if not stopped:
         checkpoint.export_model(accelerator, model, tokenizer, model_dir, out / "checkpoints")

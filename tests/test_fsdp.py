@@ -67,6 +67,25 @@ def test_fsdp_shards_matches_one_process_and_exports(tmp_path: Path, chat_files)
     assert [e["lr"] for e in after] == pytest.approx([e["lr"] for e in fsdp[4:]])
 
 
+def test_fsdp_export_best_loads_the_sharded_best_checkpoint_on_every_process(tmp_path: Path, chat_files):
+    from transformers import AutoModelForCausalLM
+
+    train, evals = chat_files
+    best = ["train.export_best=true", "train.save_every=1", "train.eval_every=1", "train.lr=0.1",
+            "train.warmup_steps=0"]
+    proc = launch_fsdp(tmp_path / "fsdp", train, evals, *best)
+    single = one_process(tmp_path / "one", train, evals, **{"train.export_best": True, "train.save_every": 1,
+                                                             "train.eval_every": 1, "train.lr": 0.1,
+                                                             "train.warmup_steps": 0})
+    losses = [e["eval_loss"] for e in single.history if "eval_loss" in e]
+    assert min(losses[1:]) < losses[-1] - 0.5  # the best is not the last step
+    assert "exporting step-" in proc.stderr + proc.stdout
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model").eval()
+    ids = torch.tensor([[2, 40, 41, 42, 43, 44]])
+    single.model.eval()  # the one-process run's best checkpoint, loaded back
+    torch.testing.assert_close(exported(ids).logits, single.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_fsdp_fused_linear_loss_matches_one_process(tmp_path: Path, chat_files):
     """The fused output layer under FSDP (its weight unsharded inside the root's forward and backward) trains
     like one unfused process."""

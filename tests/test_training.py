@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -322,6 +323,43 @@ def test_the_best_checkpoint_is_one_whose_weights_were_evaluated(tmp_path: Path,
     state = json.loads((tmp_path / "checkpoints" / "step-0000006" / "trainer_state.json").read_text())
     assert state["best_checkpoint"] == "step-0000004"
     assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step-0000006", "step-0000004"]
+
+
+def test_export_best_exports_the_evaluated_checkpoint_with_the_lowest_loss(tmp_path: Path, chat_files, caplog):
+    from safetensors.torch import load_file
+
+    train, evals = chat_files
+    # a learning rate this high makes the held-out loss jump about after the first steps
+    recipe = small_recipe(tmp_path, train, evals, train={"max_steps": 6, "lr": 0.1, "min_lr_ratio": 1.0,
+                                                          "warmup_steps": 0, "save_every": 1, "eval_every": 1,
+                                                          "keep_checkpoints": 1, "export_best": True})
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        result = finetune.train(recipe)
+    logged = {e["step"]: e["eval_loss"] for e in result.history if "eval_loss" in e}
+    best = min((s for s in logged if s > 0), key=logged.get)
+    assert logged[best] < logged[6] - 0.5  # the test means something only if the last step is clearly worse
+    assert result.metrics["eval_loss"] == pytest.approx(logged[best], rel=1e-6)  # evaluated again once loaded
+    assert f"exporting step-{best:07d}, the evaluated checkpoint with the lowest loss" in caplog.text
+    exported = load_file(result.model_dir / "model.safetensors")
+    saved = load_file(tmp_path / "checkpoints" / f"step-{best:07d}" / "model.safetensors")
+    assert exported.keys() <= saved.keys() and all(torch.equal(exported[k], saved[k]) for k in exported)
+    last = load_file(tmp_path / "checkpoints" / "step-0000006" / "model.safetensors")
+    assert not all(torch.equal(exported[k], last[k]) for k in exported)
+
+
+@pytest.mark.parametrize("sections, says", [
+    ({"train": {"export_best": True, "save_every": 2, "eval_every": 2}}, "needs held-out data"),
+    ({"data": {"eval_fraction": 0.1}, "train": {"export_best": True, "save_every": 3, "eval_every": 2}},
+     r"set train.save_every \(now 3\) to a multiple of train.eval_every \(now 2\)"),
+    ({"data": {"eval_fraction": 0.1}, "train": {"export_best": True, "save_every": 0, "eval_every": 2}},
+     "every checkpoint must be evaluated"),
+])
+def test_export_best_refuses_runs_it_cannot_choose_in(tmp_path: Path, chat_files, sections: dict, says: str):
+    from finetune.config import ConfigError
+
+    train, _ = chat_files
+    with pytest.raises(ConfigError, match=f"train.export_best: .*{says}"):
+        finetune.train(small_recipe(tmp_path, train, **sections))
 
 
 def test_no_weight_decay_on_biases_and_norms(tiny_dir):

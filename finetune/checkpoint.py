@@ -35,6 +35,8 @@ class TrainerState:
     batch_tokens: int = 0  # the saver's train.batch_tokens (0: micro-batches were batch_size rows)
     eval_loss: float | None = None  # most recent held-out loss when this state was saved
     eval_step: int = -1  # the step it was measured at
+    lowest_eval_loss: float | None = None  # over every evaluation so far, saved or not (early stopping)
+    evals_since_lowest: int = 0
     best_eval_loss: float | None = None
     best_checkpoint: str | None = None
     train_rows: int = 0  # the saver's training data, to notice a resume on other data (0: not recorded)

@@ -123,6 +123,7 @@ class TrainConfig:
     trim_memory: bool = False  # CPU: return freed heap pages to the OS after each backward (lower RSS, slower)
     fused_linear_loss: bool = False  # sft/dpo: output projection + log-softmax by chunks (pays with large vocabs)
     export_best: bool = False  # export the evaluated checkpoint with the lowest eval loss, not the last step
+    early_stopping: int = 0  # stop after this many evaluations in a row without a new lowest eval loss (0: never)
 
     def __post_init__(self) -> None:
         _range("train.max_steps", self.max_steps, lo=0)
@@ -139,7 +140,7 @@ class TrainConfig:
         _range("train.adam_eps", self.adam_eps, lo=0, lo_open=True)
         _range("train.max_grad_norm", self.max_grad_norm, lo=0)
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        for key in ("eval_every", "eval_generate", "save_every", "keep_checkpoints"):
+        for key in ("eval_every", "eval_generate", "save_every", "keep_checkpoints", "early_stopping"):
             _range(f"train.{key}", getattr(self, key), lo=0)
         _range("train.max_new_tokens", self.max_new_tokens, lo=1)
         _range("train.log_every", self.log_every, lo=1)
@@ -216,6 +217,10 @@ class Recipe:
                 raise ConfigError(f"train.export_best: every checkpoint must be evaluated to choose among them: set "
                                   f"train.save_every (now {t.save_every}) to a multiple of train.eval_every (now "
                                   f"{t.eval_every}), both above 0")
+        if self.train.early_stopping:
+            if not (self.data.eval or self.data.eval_fraction) or not self.train.eval_every:
+                raise ConfigError("train.early_stopping: needs evaluations during the run to stop on: held-out data "
+                                  "(data.eval or data.eval_fraction) and train.eval_every above 0")
         if self.train.fused_linear_loss and self.task == "rm":
             raise ConfigError("train.fused_linear_loss: only sft and dpo compute a vocabulary loss; the rm task's "
                               "head has one output")

@@ -323,6 +323,10 @@ def run(recipe: Recipe, task: Task) -> Result:
         metrics = evaluate()
         if metrics:
             state.eval_loss, state.eval_step = metrics["eval_loss"], step
+            if state.lowest_eval_loss is None or state.eval_loss < state.lowest_eval_loss:
+                state.lowest_eval_loss, state.evals_since_lowest = state.eval_loss, 0
+            else:
+                state.evals_since_lowest += 1
             tracker.log({"step": step, **metrics})
             logger.info("step %d: %s", step, _format_metrics(metrics))
         return metrics
@@ -337,8 +341,11 @@ def run(recipe: Recipe, task: Task) -> Result:
     last_train: dict[str, float] = {}
     stopped = False  # agreed by all processes, even if only some of them got the signal
     t_last, tokens_since = time.perf_counter(), 0
+    def converged() -> bool:  # train.early_stopping; the same on every process (eval losses are all-reduced)
+        return bool(cfg.early_stopping) and state.evals_since_lowest >= cfg.early_stopping
+
     with _Signals() as signals:
-        while state.step < total_steps:
+        while state.step < total_steps and not converged():
             # Fetch this step's micro-batches first: the loss is normalised by the target items of all of them,
             # summed over all processes, so that K x B accumulation equals one batch of K*B (and W processes
             # equal one). DDP averages gradients over processes, hence the factor `world`.
@@ -408,6 +415,9 @@ def run(recipe: Recipe, task: Task) -> Result:
             if stopped:
                 break
     progress.close()
+    if converged():
+        logger.info("early stopping at step %d of %d: %s in a row without an eval_loss below %.4f", state.step,
+                    total_steps, count(state.evals_since_lowest, "evaluation"), state.lowest_eval_loss)
 
     # ---- export the final model (or adapter) with its tokenizer; with train.export_best, the weights of the
     # evaluated checkpoint with the lowest eval loss instead, when the last step's are worse

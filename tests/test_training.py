@@ -347,18 +347,39 @@ def test_export_best_exports_the_evaluated_checkpoint_with_the_lowest_loss(tmp_p
     assert not all(torch.equal(exported[k], last[k]) for k in exported)
 
 
+def test_early_stopping_stops_after_evaluations_without_a_new_lowest_and_stays_stopped(tmp_path: Path, chat_files,
+                                                                                       caplog):
+    train, evals = chat_files
+    recipe = small_recipe(tmp_path, train, evals, train={"max_steps": 12, "lr": 0.1, "min_lr_ratio": 1.0,
+                                                          "warmup_steps": 0, "save_every": 1, "eval_every": 1,
+                                                          "early_stopping": 2})
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        result = finetune.train(recipe)
+    losses = [e["eval_loss"] for e in result.history if "eval_loss" in e]  # steps 0, 1, 2, ...
+    # by hand: the first step after which 2 evaluations in a row did not go below the lowest before them
+    expected = next(i for i in range(2, len(losses)) if min(losses[i - 1:i + 1]) >= min(losses[:i - 1]))
+    assert result.steps == expected < 12 and len(losses) == expected + 1
+    assert f"early stopping at step {expected} of 12: 2 evaluations in a row" in caplog.text
+    assert (result.model_dir / "model.safetensors").is_file()
+    again = finetune.train(recipe)  # resumed from the last checkpoint: nothing more to train
+    assert again.steps == expected and not [e for e in again.history if e.get("step", 0) > expected]
+
+
 @pytest.mark.parametrize("sections, says", [
+    ({"train": {"early_stopping": 2, "eval_every": 1}}, "train.early_stopping: needs evaluations during the run"),
+    ({"data": {"eval_fraction": 0.1}, "train": {"early_stopping": 2}}, "train.early_stopping: needs evaluations"),
     ({"train": {"export_best": True, "save_every": 2, "eval_every": 2}}, "needs held-out data"),
     ({"data": {"eval_fraction": 0.1}, "train": {"export_best": True, "save_every": 3, "eval_every": 2}},
      r"set train.save_every \(now 3\) to a multiple of train.eval_every \(now 2\)"),
     ({"data": {"eval_fraction": 0.1}, "train": {"export_best": True, "save_every": 0, "eval_every": 2}},
      "every checkpoint must be evaluated"),
 ])
-def test_export_best_refuses_runs_it_cannot_choose_in(tmp_path: Path, chat_files, sections: dict, says: str):
+def test_export_best_and_early_stopping_refuse_runs_they_cannot_work_in(tmp_path: Path, chat_files, sections: dict,
+                                                                        says: str):
     from finetune.config import ConfigError
 
     train, _ = chat_files
-    with pytest.raises(ConfigError, match=f"train.export_best: .*{says}"):
+    with pytest.raises(ConfigError, match=says if says.startswith("train.") else f"train.export_best: .*{says}"):
         finetune.train(small_recipe(tmp_path, train, **sections))
 
 

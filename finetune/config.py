@@ -208,19 +208,18 @@ class Recipe:
                 raise ConfigError(f"train.batch_tokens: {self.train.batch_tokens} cannot hold the longest "
                                   f"{'row' if self.task == 'sft' else 'pair'} ({longest} tokens with "
                                   f"data.max_length={self.data.max_length}); raise it or lower data.max_length")
-        if self.train.export_best:
-            t = self.train
-            if not (self.data.eval or self.data.eval_fraction):
+        t, held_out = self.train, bool(self.data.eval or self.data.eval_fraction)
+        if t.export_best:
+            if not held_out:
                 raise ConfigError("train.export_best: needs held-out data to choose by (data.eval or "
                                   "data.eval_fraction)")
             if not t.save_every or not t.eval_every or t.save_every % t.eval_every:
                 raise ConfigError(f"train.export_best: every checkpoint must be evaluated to choose among them: set "
                                   f"train.save_every (now {t.save_every}) to a multiple of train.eval_every (now "
                                   f"{t.eval_every}), both above 0")
-        if self.train.early_stopping:
-            if not (self.data.eval or self.data.eval_fraction) or not self.train.eval_every:
-                raise ConfigError("train.early_stopping: needs evaluations during the run to stop on: held-out data "
-                                  "(data.eval or data.eval_fraction) and train.eval_every above 0")
+        if t.early_stopping and not (held_out and t.eval_every):
+            raise ConfigError("train.early_stopping: needs evaluations during the run to stop on: held-out data "
+                              "(data.eval or data.eval_fraction) and train.eval_every above 0")
         if self.train.fused_linear_loss and self.task == "rm":
             raise ConfigError("train.fused_linear_loss: only sft and dpo compute a vocabulary loss; the rm task's "
                               "head has one output")

@@ -20,3 +20,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def local_only(name: str) -> bool:
+    """Whether `from_pretrained(name)` must stay in the local hub cache: `name` is no local directory and the
+    hub cannot be reached (transformers would otherwise retry the connection for about a minute)."""
+    return not os.path.isdir(name) and not hub_reachable()

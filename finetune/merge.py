@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.hub import hub_reachable
+from finetune.hub import local_only
 
 logger = logging.getLogger("finetune")
 
@@ -48,11 +48,10 @@ def load_merged(adapter_dir: Path, base: str | None = None, dtype: str = "float3
     seq_cls = config.get("task_type") == "SEQ_CLS"
     cls = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
     kwargs = {"num_labels": 1} if seq_cls else {}
-    # offline, a hub name is looked up in the local cache only, instead of a minute of connection retries
-    local_only = not Path(base).is_dir() and not hub_reachable()
     try:
         with without_load_report() if seq_cls else nullcontext():  # the adapter holds the reward head
-            model = cls.from_pretrained(base, dtype=getattr(torch, dtype), local_files_only=local_only, **kwargs)
+            model = cls.from_pretrained(base, dtype=getattr(torch, dtype), local_files_only=local_only(base),
+                                        **kwargs)
     except OSError as e:
         raise UserError(f"{adapter_dir}: cannot load its base model {base!r} (merge takes --base PATH): "
                         f"{str(e).splitlines()[0]}") from None

@@ -14,7 +14,7 @@ from finetune import attention
 from finetune.builtin import ensure_builtin_model, is_builtin
 from finetune.config import LoraConfig, ModelConfig
 from finetune.errors import UserError, count
-from finetune.hub import hub_reachable
+from finetune.hub import local_only as hub_local_only
 from finetune.losses import IGNORE_INDEX, linear_token_logps, target_positions
 
 logger = logging.getLogger("finetune")
@@ -44,7 +44,7 @@ def _from_pretrained(cls: Any, cfg: ModelConfig, path: str, **kwargs: Any) -> An
                              f"base first (finetune merge {path} {merged}) and point model.name_or_path there")
         raise ModelError(f"model.name_or_path: {path} is a directory without a config.json (expected a model saved "
                          "with save_pretrained)")
-    local_only = not os.path.isdir(path) and not hub_reachable()
+    local_only = hub_local_only(path)
     try:
         return cls.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                                    local_files_only=local_only, **kwargs)

@@ -214,7 +214,7 @@ def run(recipe: Recipe, task: Task) -> Result:
                 raise UserError(f"data.train: {rows} cannot fill one batch of train.batch_tokens={budget} x {procs} "
                                 "(one bin of rows per process); set train.batch_tokens lower")
             raise UserError(f"data.train: {rows} cannot fill one batch of train.batch_size={cfg.batch_size} x "
-                            f"{procs}; set train.batch_size={max(1, len(data.train) // world)} or lower")
+                            f"{procs}; set train.batch_size={len(data.train) // world} or lower")
         if data.eval is not None and len(data.eval) < world:
             raise UserError(f"data.eval: {count(len(data.eval), 'row')}, fewer than the {world} processes")
         model = task.build_model(recipe, accelerator, tokenizer)
@@ -341,6 +341,7 @@ def run(recipe: Recipe, task: Task) -> Result:
     last_train: dict[str, float] = {}
     stopped = False  # agreed by all processes, even if only some of them got the signal
     t_last, tokens_since = time.perf_counter(), 0
+
     def converged() -> bool:  # train.early_stopping; the same on every process (eval losses are all-reduced)
         return bool(cfg.early_stopping) and state.evals_since_lowest >= cfg.early_stopping
 

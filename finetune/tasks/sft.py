@@ -94,10 +94,12 @@ class SFTTask:
         evals = None
         if eval_parts is not None:
             evals = concatenate([encode(rows, source) for rows, source in eval_parts])
+            examples: list[tuple[list, str]] = []
             for rows, source in eval_parts:  # the first train.eval_generate held-out rows, across sources
-                if len(self.examples) < recipe.train.eval_generate:
-                    self.examples += generation_examples(rows, source, d.format, tokenizer,
-                                                         recipe.train.eval_generate - len(self.examples))
+                if len(examples) < recipe.train.eval_generate:
+                    examples += generation_examples(rows, source, d.format, tokenizer,
+                                                    recipe.train.eval_generate - len(examples))
+            self.examples = examples
         return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id, d.packing),
                         train_lengths=[len(ids) for ids in train["input_ids"]])
 

@@ -75,6 +75,7 @@ class DataConfig:
     split: str = "train"  # hub split for `train`
     eval_split: str = "test"  # hub split for `eval` when it names a hub dataset
     format: str = "auto"  # auto | chat | prompt_completion | alpaca | text
+    columns: dict[str, str] = field(default_factory=dict)  # a source's column -> the name read ({question: prompt})
     max_length: int = 1024
     max_prompt_length: int = 0  # preference pairs: prompt tokens kept (from the end); 0 means max_length // 2
     completion_only_loss: bool = True  # loss on assistant / completion tokens only
@@ -89,6 +90,12 @@ class DataConfig:
             value = getattr(self, key)
             if value == [] or value == "" or (isinstance(value, list) and "" in value):
                 raise ConfigError(f"data.{key}: expected a data source or a non-empty list of them, got {value!r}")
+        targets = list(self.columns.values())
+        if "" in targets or "" in self.columns:
+            raise ConfigError(f"data.columns: expected non-empty column names, got {self.columns!r}")
+        if len(set(targets)) < len(targets):
+            twice = sorted({t for t in targets if targets.count(t) > 1})
+            raise ConfigError(f"data.columns: two columns renamed to the same name {twice[0]!r}")
         _range("data.eval_fraction", self.eval_fraction, lo=0, hi=0.9)
         _range("data.max_length", self.max_length, lo=8)
         _range("data.max_prompt_length", self.max_prompt_length, lo=0, hi=self.max_length - 1)
@@ -252,6 +259,8 @@ def _describe(tp: Any) -> str:
     args = typing.get_args(tp)
     if typing.get_origin(tp) is list:
         return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(args[0], str(args[0]))
+    if typing.get_origin(tp) is dict:
+        return "a mapping of names to names" if args == (str, str) else str(tp)
     if args:
         return " or ".join(_describe(a) for a in args if a is not type(None)) + (
             " or null" if type(None) in args else "")
@@ -277,6 +286,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        return {_coerce(f"{key} (a name)", k, key_type): _coerce(f"{key}.{k}", v, value_type)
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

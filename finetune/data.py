@@ -147,6 +147,28 @@ def holdout_split(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     return take(rows, sorted(order[n_eval:])), take(rows, sorted(order[:n_eval]))
 
 
+def rename_columns(rows: Any, columns: dict[str, str], source: str) -> tuple[Any, set[str]]:
+    """`data.columns` applied to one source: its columns renamed to the names finetune reads ({"question":
+    "prompt"}), and the names it had. A name the source lacks is left to the other sources."""
+    if not columns:
+        return rows, set()
+    if hasattr(rows, "rename_columns"):  # a datasets.Dataset: one schema
+        names = set(rows.column_names)
+        renames = {old: new for old, new in columns.items() if old in names}
+        for old, new in renames.items():
+            if new in names and new not in renames:
+                raise DataError(f"{source}: data.columns renames {old!r} to {new!r}, a column it already has")
+        return (rows.rename_columns(renames) if renames else rows), names
+    names, renamed = set(), []
+    for i, row in enumerate(rows):  # JSON rows: each its own keys
+        names.update(row)
+        for old, new in columns.items():
+            if old in row and new in row and new not in columns:
+                raise DataError(f"{source}: row {i}: data.columns renames {old!r} to {new!r}, a column it already has")
+        renamed.append({columns.get(k, k): v for k, v in row.items()})
+    return renamed, names
+
+
 def sources(value: str | list[str]) -> list[str]:
     """`data.train` / `data.eval`: one source, or a list of them whose rows are used one after another."""
     return [value] if isinstance(value, str) else list(value)
@@ -156,15 +178,22 @@ def train_eval_rows(d: Any, seed: int) -> tuple[list[tuple[Any, str]], list[tupl
     """Raw (rows, name) of each training source, and of each held-out one (`data.eval`, or a seeded
     `data.eval_fraction` of every training source). Sources stay apart, so each is read in its own format,
     tokenized and cached on its own, and named in messages about its rows."""
-    train = [(load_rows(source, d.split), source) for source in sources(d.train)]
-    if d.eval:
-        held = [(load_rows(source, d.eval_split), source) for source in sources(d.eval)]
-    elif d.eval_fraction > 0:
+    seen: set[str] = set()
+
+    def read(source: str, split: str) -> tuple[Any, str]:
+        rows, names = rename_columns(load_rows(source, split), d.columns, source)
+        seen.update(names)
+        return rows, source
+
+    train = [read(source, d.split) for source in sources(d.train)]
+    held = [read(source, d.eval_split) for source in sources(d.eval)] if d.eval else None
+    missing = sorted(set(d.columns) - seen)
+    if missing:
+        raise DataError(f"data.columns: no data source has a column {missing[0]!r} (they have {sorted(seen)})")
+    if not d.eval and d.eval_fraction > 0:
         split = [(holdout_split(rows, d.eval_fraction, seed), source) for rows, source in train]
         train = [(kept, source) for (kept, _), source in split]
         held = [(out, f"{source} (held-out {d.eval_fraction:g})") for (_, out), source in split]
-    else:
-        held = None
     for key, parts in (("data.train", train), ("data.eval", held)):
         if parts and len(parts) > 1:  # a mixture: what each source brings, before tokenizing
             logger.info("%s: %s", key, ", ".join(f"{source} {count(len(rows), 'row')}" for rows, source in parts))
@@ -190,7 +219,7 @@ def detect_format(columns: list[str], source: str, wanted: str = "auto") -> str:
         if cols <= set(columns):
             return fmt
     raise DataError(f"{source}: cannot tell the format from columns {columns}; expected 'messages', "
-                    "'prompt'+'completion', 'instruction'+'output' or 'text'")
+                    "'prompt'+'completion', 'instruction'+'output' or 'text' (data.columns can rename yours)")
 
 
 # --------------------------------------------------------------------------------------------- rendering

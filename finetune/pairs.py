@@ -72,7 +72,8 @@ def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt
     """Token ids of the prompt and both responses, truncated; `truncated` / `empty` flags for the counts."""
     for key in ("chosen", "rejected"):
         if row.get(key) is None:
-            raise DataError(f"{where}: missing field {key!r} (expected prompt, chosen, rejected)")
+            raise DataError(f"{where}: missing field {key!r} (expected prompt, chosen, rejected; data.columns can "
+                            "rename yours)")
     margin = row.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise DataError(f"{where}: expected 'margin' to be a number, got {type(margin).__name__}")

@@ -340,3 +340,64 @@ def test_preference_sources_number_their_pairs_across_files_and_splits(tok, tmp_
     train, evals, _ = build_pair_data(recipe, tok, progress=False)
     assert list(train["uid"]) == list(range(10)) and list(evals["uid"]) == list(range(10, 14))
     assert list(evals["chosen"]) == list(train["chosen"])[6:]
+
+
+def test_columns_are_renamed_to_the_names_read_in_json_and_parquet_sources(tok, tmp_path: Path):
+    plain = [{"prompt": f"What is {i} + 3?", "completion": str(i + 3)} for i in range(6)]
+    reference = list(sft_data(tok, train=str(write_jsonl(tmp_path / "plain.jsonl", plain)))[1].train["input_ids"])
+    own = [{"question": r["prompt"], "answer": r["completion"], "id": i} for i, r in enumerate(plain)]
+    qa = write_jsonl(tmp_path / "qa.jsonl", own)
+    datasets.Dataset.from_list(own).to_parquet(str(tmp_path / "qa.parquet"))
+    columns = {"question": "prompt", "answer": "completion"}
+    for source in (qa, tmp_path / "qa.parquet"):
+        with pytest.raises(DataError, match=r"cannot tell the format .* \(data.columns can rename yours\)$"):
+            sft_data(tok, train=str(source))
+        assert list(sft_data(tok, train=str(source), columns=columns)[1].train["input_ids"]) == reference
+    # a name only one source has is renamed there; the chat source beside it is read as before
+    chat = write_jsonl(tmp_path / "chat.jsonl", task_rows("train")[:3])
+    mixed = sft_data(tok, train=[str(chat), str(qa)], columns=columns)[1].train["input_ids"]
+    assert list(mixed)[3:] == reference
+
+
+def test_columns_that_clash_or_match_no_source_are_named(tok, tmp_path: Path):
+    from finetune.config import ConfigError, load_recipe
+
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}, {"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"^data.columns: no data source has a column 'questoin' \(they have "
+                                        r"\['answer', 'question'\]\)"):
+        sft_data(tok, train=str(qa), columns={"questoin": "prompt"})
+    both = write_jsonl(tmp_path / "both.jsonl", [{"text": "a", "question": "q"}, {"prompt": "p", "question": "q"}])
+    with pytest.raises(DataError, match=rf"^{both}: row 1: data.columns renames 'question' to 'prompt', a column "
+                                        "it already has"):
+        sft_data(tok, train=str(both), columns={"question": "prompt", "answer": "completion"})
+    datasets.Dataset.from_list([{"question": "q", "prompt": "p"}]).to_parquet(str(tmp_path / "both.parquet"))
+    with pytest.raises(DataError, match="both.parquet: data.columns renames 'question' to 'prompt'"):
+        sft_data(tok, train=str(tmp_path / "both.parquet"), columns={"question": "prompt"})
+    with pytest.raises(ConfigError, match="data.columns: two columns renamed to the same name 'prompt'"):
+        load_recipe({"data": {"columns": {"question": "prompt", "q2": "prompt"}}})
+    with pytest.raises(ConfigError, match=r"data.columns: expected a mapping of names to names, got \['a'\]"):
+        load_recipe({"data": {"columns": ["a"]}})
+    with pytest.raises(ConfigError, match=r"data.columns.question: expected a string, got 3"):
+        load_recipe({"data": {"columns": {"question": 3}}})
+
+
+def test_preference_columns_are_renamed_and_may_swap(tok, tmp_path: Path):
+    from finetune.builtin import preference_rows
+    from finetune.config import load_recipe
+    from finetune.pairs import build_pair_data
+
+    def pairs(source: Path, columns: dict) -> dict:
+        recipe = load_recipe({"task": "rm", "data": {"train": str(source), "columns": columns, "max_length": 64,
+                                                      "cache_tokenized": False}})
+        return build_pair_data(recipe, tok, progress=False)[0]
+
+    rows = [{"prompt": r["chosen"][0]["content"], "chosen": r["chosen"][1]["content"],
+             "rejected": r["rejected"][1]["content"]} for r in preference_rows("train")[:5]]
+    reference = pairs(write_jsonl(tmp_path / "pairs.jsonl", rows), {})
+    own = write_jsonl(tmp_path / "own.jsonl", [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}
+                                                for r in rows])
+    renamed = pairs(own, {"question": "prompt", "good": "chosen", "bad": "rejected"})
+    assert list(renamed["chosen"]) == list(reference["chosen"])
+    assert list(renamed["rejected"]) == list(reference["rejected"])
+    swapped = pairs(tmp_path / "pairs.jsonl", {"chosen": "rejected", "rejected": "chosen"})
+    assert list(swapped["chosen"]) == list(reference["rejected"])

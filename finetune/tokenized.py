@@ -7,7 +7,8 @@ tokenizer's saved files (vocabulary, chat template, special tokens), the encodin
 encoding code, and the versions of transformers and tokenizers; a change to any of them is a new entry, never a
 stale read. What the encoding warned about (truncated or dropped rows) is stored with the tokens and said again
 on a hit. Entries are written under a temporary name and renamed when complete; one that cannot be read is
-ignored with a warning and written again."""
+ignored with a warning and written again. The cache is kept under FINETUNE_CACHE_MAX_GB (default 20) by removing
+the least recently used entries after each write, never one this process uses."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from finetune.errors import UserError
+
 logger = logging.getLogger("finetune")
 STALE_SECONDS = 24 * 3600  # a temporary entry this old was left by a killed writer
+DEFAULT_MAX_GB = 20.0
+_in_use: set[Path] = set()  # entries this process read or wrote: never pruned under it
 
 
 def cache_root() -> Path:
@@ -108,6 +113,40 @@ def _remove_stale(root: Path) -> None:
                 shutil.rmtree(left)
 
 
+def max_bytes() -> int:
+    raw = os.environ.get("FINETUNE_CACHE_MAX_GB", "")
+    try:
+        gigabytes = float(raw) if raw else DEFAULT_MAX_GB
+    except ValueError:
+        gigabytes = -1
+    if not gigabytes > 0:
+        raise UserError(f"FINETUNE_CACHE_MAX_GB: expected a number of gigabytes above 0, got {raw!r}")
+    return int(gigabytes * 1e9)
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _prune(root: Path, limit: int) -> None:
+    """Remove the least recently used entries (by their folder's time, set on every read) beyond `limit` bytes."""
+    total, removed, freed, entries = 0, 0, 0, []
+    for folder in root.iterdir() if root.is_dir() else ():
+        if folder.is_dir() and not folder.name.startswith(".tmp-"):
+            with suppress(OSError):  # another process may be removing it
+                entries.append((folder.stat().st_mtime, _size(folder), folder))
+    for _, size, folder in sorted(entries, reverse=True):  # newest first: they stay while they fit
+        if total + size > limit and folder not in _in_use:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed, freed = removed + 1, freed + size
+        else:
+            total += size
+    if removed:
+        logger.info("removed %d least recently used tokenized entr%s (%.2f GB) to keep %s under "
+                    "FINETUNE_CACHE_MAX_GB=%g", removed, "y" if removed == 1 else "ies", freed / 1e9, root,
+                    limit / 1e9)
+
+
 def _store(folder: Path, dataset: Any, warnings: list[str]) -> None:
     tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
     try:
@@ -132,13 +171,17 @@ def cached(rows: Any, source: str, tokenizer: Any, settings: dict[str, Any], enc
     encoded and stored (with `enabled` false, always encoded and never stored)."""
     if not enabled:
         return encode()
+    limit = max_bytes()
     try:
         folder = cache_root() / fingerprint(rows, source, tokenizer, settings)
     except OSError as e:  # e.g. no room in the temporary directory for the tokenizer's files
         logger.warning("%s: tokenizing without the cache (%s)", source, e.strerror or e)
         return encode()
+    _in_use.add(folder)
     hit = _load(folder)
     if hit is not None:
+        with suppress(OSError):  # marks it used, for pruning by least recent use
+            os.utime(folder)
         dataset, warnings = hit
         for message in warnings:
             logger.warning(message)
@@ -148,4 +191,5 @@ def cached(rows: Any, source: str, tokenizer: Any, settings: dict[str, Any], enc
         dataset = encode()
     if logger.isEnabledFor(logging.WARNING):  # a process that logs nothing would store no warnings to say again
         _store(folder, dataset, warnings)
+        _prune(folder.parent, limit)
     return dataset

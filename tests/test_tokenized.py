@@ -143,3 +143,34 @@ def test_a_killed_writers_temporary_entry_is_removed_once_stale(tmp_path, home, 
     os.utime(stale, (old, old))
     sft_data(write_rows(tmp_path / "train.jsonl", task_rows("train")[:8]), tok)  # stores an entry
     assert not stale.exists() and live.exists()  # a writer that may still be running keeps its folder
+
+
+def test_least_recently_used_entries_are_removed_beyond_the_size_limit(tmp_path, home, tok, monkeypatch, caplog):
+    import os
+
+    import finetune.tokenized as tokenized
+    from finetune.errors import UserError
+
+    monkeypatch.setattr(tokenized, "_in_use", set())
+    files = [write_rows(tmp_path / f"{i}.jsonl", task_rows("train")[i * 8:(i + 1) * 8]) for i in range(4)]
+    for f in files[:3]:
+        sft_data(f, tok)
+        for entry in home.iterdir():  # entries of the earlier steps look older
+            os.utime(entry, (entry.stat().st_mtime - 100, entry.stat().st_mtime - 100))
+    entries = sorted(home.iterdir(), key=lambda e: e.stat().st_mtime)
+    sizes = [tokenized._size(e) for e in entries]
+    sft_data(files[0], tok)  # a hit: the oldest becomes the most recently used
+    tokenized._in_use.clear()  # as in a later run
+    monkeypatch.setenv("FINETUNE_CACHE_MAX_GB", str((sizes[0] + sizes[2] + 1.2 * max(sizes)) / 1e9))
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        sft_data(files[3], tok)  # stores a fourth: the least recently used (the second) must go
+    assert [e.exists() for e in entries] == [True, False, True]
+    assert len(list(home.iterdir())) == 3
+    assert "removed 1 least recently used tokenized entry" in caplog.text
+    # entries this process uses are never removed, even when they alone exceed the limit
+    monkeypatch.setenv("FINETUNE_CACHE_MAX_GB", "1e-9")
+    sft_data(files[1], tok)
+    assert len(list(home.iterdir())) == 2 and entries[0].exists() is False  # files[3]'s entry and files[1]'s
+    monkeypatch.setenv("FINETUNE_CACHE_MAX_GB", "lots")
+    with pytest.raises(UserError, match="FINETUNE_CACHE_MAX_GB: expected a number of gigabytes above 0, got 'lots'"):
+        sft_data(files[0], tok)

@@ -113,6 +113,7 @@ class TrainConfig:
     lr: float = 2e-5
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # warmup as a fraction of the run's optimizer steps (rounded up), instead of steps
     weight_decay: float = 0.0  # never applied to biases and norms
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -141,6 +142,10 @@ class TrainConfig:
         _range("train.lr", self.lr, lo=0, lo_open=True)
         _range("train.min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
         _range("train.warmup_steps", self.warmup_steps, lo=0)
+        _range("train.warmup_ratio", self.warmup_ratio, lo=0, hi=1, hi_open=True)
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) and train.warmup_ratio "
+                              f"({self.warmup_ratio:g}): expected at most one of them")
         _range("train.weight_decay", self.weight_decay, lo=0)
         _range("train.adam_beta1", self.adam_beta1, lo=0, hi=1, hi_open=True)
         _range("train.adam_beta2", self.adam_beta2, lo=0, hi=1, hi_open=True)

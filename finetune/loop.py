@@ -241,9 +241,10 @@ def run(recipe: Recipe, task: Task) -> Result:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                   fused=accelerator.device.type in ("cpu", "cuda"))
+    # warmup_ratio rounds up, as transformers does, but not a float's error: 0.28 x 25 steps is 7, not 8
+    warmup = cfg.warmup_steps or math.ceil(round(cfg.warmup_ratio * total_steps, 9))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
-                           min_ratio=cfg.min_lr_ratio))
+        optimizer, partial(warmup_cosine, total_steps=total_steps, warmup_steps=warmup, min_ratio=cfg.min_lr_ratio))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     task.prepare(recipe, accelerator, model)
 

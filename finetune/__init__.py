@@ -18,7 +18,7 @@ from finetune.errors import UserError
 if TYPE_CHECKING:
     from finetune.loop import Result
 
-__all__ = ["train", "load_recipe", "Recipe", "ConfigError", "UserError"]
+__all__ = ["train", "evaluate", "load_recipe", "Recipe", "ConfigError", "UserError"]
 __version__ = "0.1.0"
 
 
@@ -37,6 +37,18 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, task: str | None = None,
     (`output_dir="runs/x"`). `task` (sft, rm, dpo) overrides the recipe's `task`. Can be called repeatedly in one
     process (e.g. a notebook).
     """
+    return _run(recipe, task, overrides, eval_only=False)
+
+
+def evaluate(recipe: str | Path | dict[str, Any] | Recipe, task: str | None = None, **overrides: Any) -> Result:
+    """Evaluate the recipe's model (or the checkpoint it would resume from) on its held-out data, as a run does
+    at step 0, without training or writing anything; `Result.metrics` holds the evaluation. Arguments as in
+    `train`, e.g. `evaluate("recipes/tiny_sft.yaml", **{"model.name_or_path": "runs/tiny_sft/model"})`."""
+    return _run(recipe, task, overrides, eval_only=True)
+
+
+def _run(recipe: str | Path | dict[str, Any] | Recipe, task: str | None, overrides: dict[str, Any],
+         eval_only: bool) -> Result:
     from accelerate.state import AcceleratorState, GradientState
 
     from finetune.loop import run
@@ -49,4 +61,4 @@ def train(recipe: str | Path | dict[str, Any] | Recipe, task: str | None = None,
     # Accelerate keeps process-wide singletons; a second run in the same process may use other settings.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return run(resolved, get_task(resolved.task))
+    return run(resolved, get_task(resolved.task), eval_only=eval_only)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 
 from finetune.config import TASKS, load_recipe, parse_overrides, read_yaml, to_yaml
@@ -13,6 +15,7 @@ EXAMPLES = """examples:
   finetune sft recipes/tiny_sft.yaml
   finetune sft recipes/tiny_lora.yaml train.max_steps=50 output_dir=runs/try
   accelerate launch --config_file accelerate_configs/ddp.yaml finetune sft recipes/llama_lora.yaml
+  finetune sft recipes/tiny_sft.yaml --eval-only model.name_or_path=runs/tiny_sft/model
   finetune generate runs/tiny_sft/model "What is 12 + 7?"
 """
 
@@ -47,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                        help="dotted overrides, e.g. train.lr=1e-4")
         s.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+        s.add_argument("--eval-only", action="store_true",
+                       help="evaluate the model (or the checkpoint it would resume from) on the held-out data, "
+                            "print the metrics as JSON and exit; nothing is trained or written")
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     m.add_argument("adapter", help="adapter directory (OUTPUT_DIR/model of a LoRA run)")
     m.add_argument("output", help="where to save the merged model")
@@ -88,7 +94,16 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    # overrides (and prompts) may also follow a flag (`sft r.yaml --eval-only train.lr=1`), which argparse alone
+    # would refuse
+    args, extra = p.parse_known_args(argv)
+    trailing = "overrides" if hasattr(args, "overrides") else "prompts" if hasattr(args, "prompts") else None
+    unknown = [e for e in extra if e.startswith("-") or trailing is None]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        setattr(args, trailing, getattr(args, trailing) + extra)
     setup_logging()
     try:
         if args.command == "merge":
@@ -111,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.loop import run
         from finetune.tasks import get_task
 
-        run(recipe, get_task(recipe.task))
+        result = run(recipe, get_task(recipe.task), eval_only=args.eval_only)
+        if args.eval_only and os.environ.get("RANK", "0") == "0":  # once, not by every process of a launch
+            print(json.dumps(result.metrics), flush=True)
     except UserError as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         return 2

@@ -143,7 +143,9 @@ def _diverged(grad_norm: Any, accelerator: Any) -> torch.Tensor:
     return (~torch.isfinite(grad_norm)).float().to(accelerator.device)
 
 
-def run(recipe: Recipe, task: Task) -> Result:
+def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
+    """Train `task` as `recipe` says; with `eval_only`, only evaluate the model (or the checkpoint it would resume
+    from) on the held-out data, writing nothing to output_dir."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -169,9 +171,11 @@ def run(recipe: Recipe, task: Task) -> Result:
     elif not recipe.log.progress:  # e.g. output going to a log file: no bars at all, the libraries' included
         quiet_libraries()
     set_seed(recipe.seed)  # python, numpy, torch (all devices); data order has its own seeded generator
+    if eval_only and not (recipe.data.eval or recipe.data.eval_fraction):
+        raise UserError("--eval-only: needs held-out data to evaluate on: data.eval or data.eval_fraction")
     out = Path(recipe.output_dir)
     candidates = checkpoint.resume_candidates(recipe.resume, out, recipe.overwrite_output_dir)
-    if main:
+    if main and not eval_only:
         if not candidates and recipe.overwrite_output_dir:  # starting over: old checkpoints must not be resumed
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         try:
@@ -206,7 +210,7 @@ def run(recipe: Recipe, task: Task) -> Result:
         if budget and data.train_lengths is None:
             raise UserError(f"train.batch_tokens: the {task.name} task does not support token-budget batches")
         per_epoch = len(train_sampler(0, 0))
-        if per_epoch == 0:
+        if per_epoch == 0 and not eval_only:
             rows = count(len(data.train), "row")
             if len(data.train) < world:
                 raise UserError(f"data.train: {rows}, fewer than the {world} processes")
@@ -253,7 +257,7 @@ def run(recipe: Recipe, task: Task) -> Result:
     units = world if budget else cfg.batch_size * world  # rows (or token-budget bins) per global batch
     if resume_from is not None:
         logger.info("resumed from %s at step %d", resume_from, state.step)
-        if state.step >= total_steps:
+        if state.step >= total_steps and not eval_only:
             logger.warning("the checkpoint is at step %d, the run has %d steps: nothing left to train; the model "
                            "is exported as it is (raise train.max_steps or epochs to go on)", state.step, total_steps)
         if state.batch_tokens != budget:
@@ -269,8 +273,8 @@ def run(recipe: Recipe, task: Task) -> Result:
                                "down to a whole batch", units, state.rows_per_batch)
     state.rows_per_batch, state.batch_tokens = units, budget
     checkpoint.note_training_data(state, resume_from, len(data.train), sum(data.train_lengths or ()))
-    tracker = Tracker(out, recipe.log, recipe.to_dict(), state.step if resume_from else None) if main \
-        else NullTracker()
+    tracker = Tracker(out, recipe.log, recipe.to_dict(), state.step if resume_from else None) \
+        if main and not eval_only else NullTracker()
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
@@ -332,7 +336,32 @@ def run(recipe: Recipe, task: Task) -> Result:
             logger.info("step %d: %s", step, _format_metrics(metrics))
         return metrics
 
-    # ---- the steps
+    # ---- the end of every run, defined before the steps for --eval-only, which ends after its evaluation
+    def finish(final_eval: dict[str, float], last_train: dict[str, float], stopped: bool) -> Result:
+        """Float32 weights back, the processes leave together, the model is freed from its wrappers, and the
+        metrics are returned."""
+        nonlocal model
+        tracker.close()
+        restore_float32(frozen_cast)  # the returned model runs outside autocast too, e.g. in a notebook
+        accelerator.wait_for_everyone()  # all processes leave together (avoids rare aborts at exit)
+        # Free the DDP wrapper while the process group is still registered. Otherwise its reducer holds the last
+        # reference to the gloo group after end_training, and freeing it (as this function returns) joins gloo's
+        # worker threads with the GIL held: a worker still releasing the barrier above waits for the GIL, and the
+        # process hangs at exit (seen about once in ten 2-process runs; pytorch/pytorch#56297).
+        trained = accelerator.unwrap_model(model)
+        model = None
+        accelerator.free_memory()
+        gc.collect()  # modules sit in reference cycles: collect them now, not after the group is gone
+        accelerator.end_training()
+        metrics = {f"train_{k}": v for k, v in last_train.items()} | final_eval
+        history = read_metrics(out / "metrics.jsonl") if main and not eval_only else []
+        return Result(output_dir=out, model_dir=out / "model", metrics=metrics, steps=state.step, history=history,
+                      model=trained, preempted=stopped, tokenizer=tokenizer)
+
+    # ---- the steps (none with eval_only: it evaluates and ends)
+    if eval_only:
+        logger.info("evaluating %s; nothing is trained or written", resume_from or recipe.model.name_or_path)
+        return finish(log_eval(state.step), {}, False)
     final_eval = log_eval(0) if state.step == 0 else {}
     stream = micro_batches()
     trim = heap_trimmer(accelerator.device) if cfg.trim_memory else None
@@ -430,26 +459,12 @@ def run(recipe: Recipe, task: Task) -> Result:
         final_eval = evaluate()
         logger.info("exporting %s, the evaluated checkpoint with the lowest loss (eval_loss=%.4f; the last step's "
                     "%.4f)", best, final_eval["eval_loss"], last)
-    model_dir = out / "model"
     if not stopped:
+        model_dir = out / "model"
         checkpoint.export_model(accelerator, model, tokenizer, model_dir, out / "checkpoints")
         logger.info("saved the model to %s", model_dir)
     else:
         logger.warning("stopped at step %d of %d; run the same command again (resume: auto) to continue",
                        state.step, total_steps)
-    tracker.close()
-    restore_float32(frozen_cast)  # the returned model runs outside autocast too, e.g. in a notebook
-    accelerator.wait_for_everyone()  # all processes leave together (avoids rare aborts at exit)
-    # Free the DDP wrapper while the process group is still registered. Otherwise its reducer holds the last
-    # reference to the gloo group after end_training, and freeing it (as this function returns) joins gloo's
-    # worker threads with the GIL held: a worker still releasing the barrier above waits for the GIL, and the
-    # process hangs at exit (seen about once in ten 2-process runs; pytorch/pytorch#56297).
-    trained = accelerator.unwrap_model(model)
-    model = None
-    accelerator.free_memory()
-    gc.collect()  # modules sit in reference cycles: collect them now, not after the group is gone
-    accelerator.end_training()
-    metrics = {f"train_{k}": v for k, v in last_train.items()} | final_eval
-    history = read_metrics(out / "metrics.jsonl") if main else []
-    return Result(output_dir=out, model_dir=model_dir, metrics=metrics, steps=state.step, history=history,
-                  model=trained, preempted=stopped, tokenizer=tokenizer)
+    return finish(final_eval, last_train, stopped)
+

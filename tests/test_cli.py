@@ -98,3 +98,28 @@ def test_a_missing_recipe_argument_names_only_the_recipe(capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     # argparse would also call the optional overrides required unless they have a default
     assert done.value.code == 2 and err == "finetune sft: error: the following arguments are required: recipe"
+
+
+def test_overrides_may_follow_a_flag_and_eval_only_prints_json(tmp_path: Path, monkeypatch, capsys):
+    import json
+
+    import finetune.loop
+    from finetune.cli import main
+
+    seen = {}
+
+    def fake_run(recipe, task, eval_only=False):
+        seen.update(recipe=recipe, eval_only=eval_only)
+        return finetune.loop.Result(output_dir=tmp_path, model_dir=tmp_path, metrics={"eval_loss": 1.5}, steps=0)
+
+    monkeypatch.setattr(finetune.loop, "run", fake_run)
+    assert main(["sft", "recipes/tiny_sft.yaml", "train.lr=0.5", "--eval-only", "seed=3", "train.lr=0.25"]) == 0
+    assert seen["eval_only"] and seen["recipe"].seed == 3 and seen["recipe"].train.lr == 0.25  # in order
+    assert json.loads(capsys.readouterr().out) == {"eval_loss": 1.5}
+    assert main(["sft", "recipes/tiny_sft.yaml", "seed=4"]) == 0
+    assert not seen["eval_only"] and capsys.readouterr().out == ""
+    with pytest.raises(SystemExit) as done:
+        main(["sft", "recipes/tiny_sft.yaml", "--eval-only", "seed=3", "--bogus"])
+    assert done.value.code == 2 and capsys.readouterr().err.strip().endswith("unrecognized arguments: --bogus")
+    assert main(["sft", "recipes/tiny_sft.yaml", "--print-config", "seed=5"]) == 0
+    assert "seed: 5" in capsys.readouterr().out

@@ -676,3 +676,27 @@ def test_warmup_ratio_is_a_rounded_up_fraction_of_the_run(tmp_path: Path, chat_f
     with pytest.raises(ConfigError, match=r"train.warmup_steps \(2\) and train.warmup_ratio \(0.1\): expected at "
                                           "most one of them"):
         finetune.train(small_recipe(tmp_path, train), **{"train.warmup_steps": 2, "train.warmup_ratio": 0.1})
+
+
+def test_evaluate_only_gives_the_runs_own_evaluations_and_writes_nothing(tmp_path: Path, chat_files):
+    from finetune.errors import UserError
+
+    train, evals = chat_files
+    run = tmp_path / "run"
+    recipe = small_recipe(run, train, evals, train={"max_steps": 4, "eval_every": 2, "save_every": 2})
+    trained = finetune.train(recipe)
+    logged = {e["step"]: e["eval_loss"] for e in trained.history if "eval_loss" in e}
+    files = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+
+    exported = finetune.evaluate(recipe, **{"model.name_or_path": str(trained.model_dir),
+                                            "output_dir": str(tmp_path / "elsewhere")})
+    assert exported.metrics["eval_loss"] == pytest.approx(logged[4], rel=1e-6)
+    assert exported.steps == 0 and exported.history == [] and not (tmp_path / "elsewhere").exists()
+    base = finetune.evaluate(recipe, output_dir=str(tmp_path / "elsewhere"))
+    assert base.metrics["eval_loss"] == pytest.approx(logged[0], rel=1e-6)
+    # the checkpoint a run would resume from: step 2's weights, evaluated as the run did at step 2
+    middle = finetune.evaluate(recipe, resume=str(run / "checkpoints" / "step-0000002"))
+    assert middle.steps == 2 and middle.metrics["eval_loss"] == pytest.approx(logged[2], rel=1e-6)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == files  # nothing in the run was touched
+    with pytest.raises(UserError, match="--eval-only: needs held-out data to evaluate on"):
+        finetune.evaluate(small_recipe(tmp_path / "none", train))

@@ -250,7 +250,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(warmup_cosine, total_steps=total_steps, warmup_steps=warmup, min_ratio=cfg.min_lr_ratio))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    task.prepare(recipe, accelerator, model)
+    task.prepare(recipe, accelerator, model, eval_only)
 
     # ---- resume: restores model, optimizer, scheduler, scaler, RNG; the data order is positioned, not replayed
     resume_from, state = checkpoint.load_first_readable(accelerator, candidates)

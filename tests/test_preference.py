@@ -500,8 +500,8 @@ def test_dpo_frozen_reference_copy_stored_in_bf16(tmp_path: Path, pair_files, mo
     seen = []
     prepare = DPOTask.prepare
 
-    def recording(self, recipe, accelerator, model):
-        prepare(self, recipe, accelerator, model)
+    def recording(self, recipe, accelerator, model, eval_only=False):
+        prepare(self, recipe, accelerator, model, eval_only)
         seen.append(self.ref_model.model.layers[0].mlp.up_proj.weight.dtype)
 
     monkeypatch.setattr(DPOTask, "prepare", recording)
@@ -512,3 +512,22 @@ def test_dpo_frozen_reference_copy_stored_in_bf16(tmp_path: Path, pair_files, mo
     assert seen == [torch.bfloat16, torch.float32]
     assert losses(stored) == losses(cast)
     assert stored.metrics["eval_loss"] == cast.metrics["eval_loss"]
+
+
+@pytest.mark.parametrize("sections", [
+    {"dpo": {"precompute_ref_logps": True}},
+    {"lora": {"enabled": True, "r": 4, "dropout": 0.0}},
+], ids=["precomputed-reference", "lora"])
+def test_dpo_checkpoint_evaluated_alone_gives_the_runs_rewards(tmp_path: Path, pair_files, sections: dict):
+    """--eval-only on a DPO checkpoint: its rewards against the recipe's model as reference, as the run logged
+    them at that step; the reference's log-probs are computed, not precomputed into output_dir."""
+    recipe = pair_recipe(tmp_path / "run", pair_files, "dpo", **sections,
+                         train={"max_steps": 4, "eval_every": 2, "save_every": 2})
+    trained = finetune.train(recipe)
+    logged = next(e for e in trained.history if e["step"] == 2 and "eval_loss" in e)
+    assert logged["eval_rewards/margin"] != 0
+    alone = finetune.evaluate(recipe, resume=str(tmp_path / "run" / "checkpoints" / "step-0000002"),
+                              output_dir=str(tmp_path / "elsewhere"))
+    for key in ("eval_loss", "eval_rewards/margin", "eval_rewards/accuracy", "eval_logps/chosen"):
+        assert alone.metrics[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-6), key
+    assert not (tmp_path / "elsewhere").exists()

@@ -33,8 +33,9 @@ class Task(Protocol):
     def build_model(self, recipe: Any, accelerator: Any, tokenizer: Any) -> Any:
         """The trainable model (LoRA applied if asked)."""
 
-    def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
-        """Anything needed once the model is wrapped (e.g. a reference model)."""
+    def prepare(self, recipe: Any, accelerator: Any, model: Any, eval_only: bool = False) -> None:
+        """Anything needed once the model is wrapped (e.g. a reference model); with `eval_only`, what evaluation
+        needs, and nothing written."""
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossOutput:
         """Forward one micro-batch."""

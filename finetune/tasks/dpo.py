@@ -64,7 +64,7 @@ class DPOTask:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         return model
 
-    def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
+    def prepare(self, recipe: Any, accelerator: Any, model: Any, eval_only: bool = False) -> None:
         self.keep_logits = accepts_logits_to_keep(model)
         if self.ref_model is not None:
             frozen_dtype = model_lib.frozen_weights_dtype(recipe.train.mixed_precision,
@@ -77,7 +77,7 @@ class DPOTask:
             self.ref_head = None if self.ref_model is None else model_lib.output_head(self.ref_model)
         if self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
             # runs before any checkpoint is loaded, so `model` is still the initial policy = the reference
-            self.collate.ref_logps = self.cached_reference(recipe, accelerator, model)
+            self.collate.ref_logps = self.cached_reference(recipe, accelerator, model, eval_only)
 
     # ---- reference log-probs
 
@@ -104,7 +104,10 @@ class DPOTask:
 
         return extract_model_from_parallel(model).disable_adapter() if self.lora else nullcontext()
 
-    def cached_reference(self, recipe: Any, accelerator: Any, model: Any) -> torch.Tensor:
+    def cached_reference(self, recipe: Any, accelerator: Any, model: Any, eval_only: bool) -> torch.Tensor:
+        """(pairs, 2) reference log-probs indexed by uid (train pairs, then held-out ones), from the file in
+        output_dir/ref_logps or computed and written there; with `eval_only`, of the held-out pairs only and not
+        written (the train pairs' rows stay 0)."""
         import datasets
         from safetensors.torch import load_file, save_file
 
@@ -112,7 +115,10 @@ class DPOTask:
         if path.is_file():
             logger.info("reference log-probs from %s", path)
             return load_file(str(path))["ref_logps"]
-        rows = self.train if self.evals is None else datasets.concatenate_datasets([self.train, self.evals])
+        if eval_only:
+            rows = self.evals
+        else:
+            rows = self.train if self.evals is None else datasets.concatenate_datasets([self.train, self.evals])
         size = recipe.train.batch_size
         batches, n_real = eval_shard(len(rows), size, accelerator.num_processes, accelerator.process_index)
         values = torch.zeros(len(batches), size, 2)
@@ -129,9 +135,9 @@ class DPOTask:
         model.train()
         values = accelerator.gather(values.to(accelerator.device)).cpu().view(-1, 2)
         uids = accelerator.gather(uids.to(accelerator.device)).cpu().view(-1)
-        table = torch.zeros(len(rows), 2)
+        table = torch.zeros(len(self.train) + (0 if self.evals is None else len(self.evals)), 2)
         table[uids[uids >= 0]] = values[uids >= 0]
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not eval_only:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file({"ref_logps": table}, str(tmp))

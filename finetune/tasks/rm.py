@@ -46,7 +46,7 @@ class RewardModelTask:
         return model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,
                                tokenizer, kind="seq_cls", packed=recipe.data.packing)
 
-    def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
+    def prepare(self, recipe: Any, accelerator: Any, model: Any, eval_only: bool = False) -> None:
         self.token_scores: list[torch.Tensor] = []
         if recipe.data.packing:
             # a sequence-classification model pools one score per row; a packed row holds many sequences, so

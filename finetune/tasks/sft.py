@@ -107,7 +107,7 @@ class SFTTask:
         return model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,
                                tokenizer, packed=recipe.data.packing, fused_head=recipe.train.fused_linear_loss)
 
-    def prepare(self, recipe: Any, accelerator: Any, model: Any) -> None:
+    def prepare(self, recipe: Any, accelerator: Any, model: Any, eval_only: bool = False) -> None:
         self.keep_logits = accepts_logits_to_keep(model)
         self.head = output_head(model) if recipe.train.fused_linear_loss else None
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from finetune.errors import UserError
+from finetune.schedule import SHAPES
 
 TASKS = ("sft", "rm", "dpo")
 # attention implementations for which a packed row gives exactly the padded batch's loss and gradients (tested)
@@ -111,7 +112,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     batch_tokens: int = 0  # with data.packing: micro-batches of whole rows up to this many tokens (0: batch_size rows)
     lr: float = 2e-5
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    lr_schedule: str = "cosine"  # cosine | linear | constant, after the warmup
+    min_lr_ratio: float = 0.1  # cosine and linear decay to lr * min_lr_ratio
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # warmup as a fraction of the run's optimizer steps (rounded up), instead of steps
     weight_decay: float = 0.0  # never applied to biases and norms
@@ -140,6 +142,7 @@ class TrainConfig:
         _range("train.grad_accum", self.grad_accum, lo=1)
         _range("train.batch_tokens", self.batch_tokens, lo=0)
         _range("train.lr", self.lr, lo=0, lo_open=True)
+        _choice("train.lr_schedule", self.lr_schedule, SHAPES)
         _range("train.min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
         _range("train.warmup_steps", self.warmup_steps, lo=0)
         _range("train.warmup_ratio", self.warmup_ratio, lo=0, hi=1, hi_open=True)

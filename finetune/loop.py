@@ -28,7 +28,7 @@ from finetune.config import Recipe, to_yaml
 from finetune.errors import UserError, count
 from finetune.memory import bound_kernel_caches, heap_trimmer
 from finetune.sampling import EpochBatches, TokenBudgetBatches, eval_shard
-from finetune.schedule import warmup_cosine
+from finetune.schedule import lr_multiplier
 from finetune.tasks import Task
 from finetune.tracking import NullTracker, Tracker, read_metrics
 
@@ -235,7 +235,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
                 count(total_steps, "optimizer step"), count(per_epoch, "micro-batch", "micro-batches"), procs,
                 n_trainable / 1e6, n_params / 1e6)
 
-    # ---- optimizer and warmup-cosine schedule (a pure function of the step, stepped once per optimizer step)
+    # ---- optimizer and warmup-then-decay schedule (a pure function of the step, stepped once per optimizer step)
     frozen_dtype = frozen_weights_dtype(cfg.mixed_precision, accelerator.distributed_type.name)
     # frozen weights (LoRA's base) kept in the dtype autocast casts them to at each step; float32 again at the end
     frozen_cast = [] if frozen_dtype is None else store_frozen_linears_in(model, frozen_dtype)
@@ -248,7 +248,8 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     # warmup_ratio rounds up, as transformers does, but not a float's error: 0.28 x 25 steps is 7, not 8
     warmup = cfg.warmup_steps or math.ceil(round(cfg.warmup_ratio * total_steps, 9))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(warmup_cosine, total_steps=total_steps, warmup_steps=warmup, min_ratio=cfg.min_lr_ratio))
+        optimizer, partial(lr_multiplier, total_steps=total_steps, warmup_steps=warmup, min_ratio=cfg.min_lr_ratio,
+                           shape=cfg.lr_schedule))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     task.prepare(recipe, accelerator, model, eval_only)
 

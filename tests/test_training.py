@@ -663,16 +663,17 @@ def test_chat_template_for_a_tokenizer_without_one(tmp_path: Path, chat_files, t
                                                                     "chat_template": "chatm"}))
 
 
-def test_warmup_ratio_is_a_rounded_up_fraction_of_the_run(tmp_path: Path, chat_files):
+def test_warmup_ratio_and_the_schedules_shape_reach_the_optimizer(tmp_path: Path, chat_files):
     from finetune.config import ConfigError
-    from finetune.schedule import warmup_cosine
+    from finetune.schedule import lr_multiplier
 
     train, _ = chat_files
     finetune.train(small_recipe(tmp_path, train), **{"train.max_steps": 25, "train.warmup_steps": 0,
-                                                     "train.warmup_ratio": 0.28, "train.batch_size": 2})
+                                                     "train.warmup_ratio": 0.28, "train.batch_size": 2,
+                                                     "train.lr_schedule": "linear"})
     logged = [e["lr"] for e in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "lr" in e]
     # 0.28 x 25 is 7.000000000000001 in floating point: 7 steps, not 8
-    assert logged == pytest.approx([1e-3 * warmup_cosine(s, 25, 7, 0.1) for s in range(25)])
+    assert logged == pytest.approx([1e-3 * lr_multiplier(s, 25, 7, 0.1, "linear") for s in range(25)])
     with pytest.raises(ConfigError, match=r"train.warmup_steps \(2\) and train.warmup_ratio \(0.1\): expected at "
                                           "most one of them"):
         finetune.train(small_recipe(tmp_path, train), **{"train.warmup_steps": 2, "train.warmup_ratio": 0.1})

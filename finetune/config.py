@@ -134,6 +134,7 @@ class TrainConfig:
     fused_linear_loss: bool = False  # sft/dpo: output projection + log-softmax by chunks (pays with large vocabs)
     export_best: bool = False  # export the evaluated checkpoint with the lowest eval loss, not the last step
     early_stopping: int = 0  # stop after this many evaluations in a row without a new lowest eval loss (0: never)
+    neftune_alpha: float = 0.0  # sft: NEFTune's noise on the input embeddings while training (0: off; 5 is typical)
 
     def __post_init__(self) -> None:
         _range("train.max_steps", self.max_steps, lo=0)
@@ -159,6 +160,7 @@ class TrainConfig:
             _range(f"train.{key}", getattr(self, key), lo=0)
         _range("train.max_new_tokens", self.max_new_tokens, lo=1)
         _range("train.log_every", self.log_every, lo=1)
+        _range("train.neftune_alpha", self.neftune_alpha, lo=0)
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,9 @@ class Recipe:
         if t.early_stopping and not (held_out and t.eval_every):
             raise ConfigError("train.early_stopping: needs evaluations during the run to stop on: held-out data "
                               "(data.eval or data.eval_fraction) and train.eval_every above 0")
+        if self.train.neftune_alpha and self.task != "sft":
+            raise ConfigError(f"train.neftune_alpha: NEFTune is for sft (instruction tuning), not {self.task}; it "
+                              "would also perturb DPO's reference log-probs")
         if self.train.fused_linear_loss and self.task == "rm":
             raise ConfigError("train.fused_linear_loss: only sft and dpo compute a vocabulary loss; the rm task's "
                               "head has one output")

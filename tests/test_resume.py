@@ -38,10 +38,11 @@ def command(kind: str, out: Path, chat_files) -> list[str]:
     launcher = list(LAUNCHERS[kind])
     if launcher[0] == "accelerate":
         launcher[0] = shutil.which("accelerate")
+    # NEFTune draws noise at every step: a resumed run matches only if the RNG state is restored exactly
     return [*launcher, "sft", "recipes/tiny_sft.yaml", f"output_dir={out}", f"data.train={train}",
             f"data.eval={evals}", f"train.max_steps={STEPS}", f"train.batch_size={batch}", "train.save_every=10",
             "train.keep_checkpoints=2", "train.eval_every=30", "train.eval_generate=0", "train.warmup_steps=5",
-            "seed=3", "log.progress=false", "log.tensorboard=false"]
+            "train.neftune_alpha=5", "seed=3", "log.progress=false", "log.tensorboard=false"]
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:

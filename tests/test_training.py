@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -701,3 +702,32 @@ def test_evaluate_only_gives_the_runs_own_evaluations_and_writes_nothing(tmp_pat
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == files  # nothing in the run was touched
     with pytest.raises(UserError, match="--eval-only: needs held-out data to evaluate on"):
         finetune.evaluate(small_recipe(tmp_path / "none", train))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_neftune_adds_bounded_uniform_noise_to_embeddings_in_training_only(tiny_dir, lora: bool):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from finetune.config import ConfigError, load_recipe
+    from finetune.tasks.sft import SFTTask
+
+    alpha = 5.0
+    recipe = load_recipe({"model": {"name_or_path": str(tiny_dir)}, "lora": {"enabled": lora},
+                          "train": {"neftune_alpha": alpha}})
+    model = SFTTask().build_model(recipe, SimpleNamespace(device=torch.device("cpu")),
+                                  AutoTokenizer.from_pretrained(tiny_dir))
+    embeddings = model.get_input_embeddings()
+    torch.manual_seed(0)  # the statistical checks below hold for most seeds, not all: fix one
+    ids = torch.randint(0, embeddings.num_embeddings, (2, 50))
+    clean = torch.nn.functional.embedding(ids, embeddings.weight).detach()
+    bound = alpha / math.sqrt(50 * clean.shape[-1])  # NEFTune: alpha / sqrt(length x hidden size)
+    model.train()
+    noise = (embeddings(ids) - clean).detach()
+    assert noise.abs().max() <= bound * (1 + 1e-5) and noise.abs().max() > 0.99 * bound
+    assert abs(noise.mean()) < bound / 20 and noise.std() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    model.eval()
+    assert torch.equal(embeddings(ids), clean)
+    with pytest.raises(ConfigError, match="train.neftune_alpha: NEFTune is for sft"):
+        load_recipe({"task": "rm", "train": {"neftune_alpha": alpha}})

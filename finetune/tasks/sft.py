@@ -104,8 +104,13 @@ class SFTTask:
                         train_lengths=[len(ids) for ids in train["input_ids"]])
 
     def build_model(self, recipe: Any, accelerator: Any, tokenizer: Any) -> Any:
-        return model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,
-                               tokenizer, packed=recipe.data.packing, fused_head=recipe.train.fused_linear_loss)
+        model = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,
+                                tokenizer, packed=recipe.data.packing, fused_head=recipe.train.fused_linear_loss)
+        if recipe.train.neftune_alpha:  # noise on the input embeddings in training mode only (transformers' hook)
+            from transformers.integrations.neftune import activate_neftune
+
+            activate_neftune(model, recipe.train.neftune_alpha)
+        return model
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any, eval_only: bool = False) -> None:
         self.keep_logits = accepts_logits_to_keep(model)

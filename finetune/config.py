@@ -70,7 +70,8 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str | list[str] = "builtin:tasks"  # JSONL/JSON/Parquet path, builtin:NAME, hub dataset; or a list of them
+    # JSONL/JSON/Parquet path, builtin:NAME, hub dataset; or a list of them, or a mapping of them to fractions
+    train: str | list[str] | dict[str, float] = "builtin:tasks"
     eval: str | list[str] | None = None  # same forms; when absent, eval_fraction of each train source is held out
     eval_fraction: float = 0.0
     split: str = "train"  # hub split for `train`
@@ -89,8 +90,10 @@ class DataConfig:
         _choice("data.format", self.format, ("auto", "chat", "prompt_completion", "alpaca", "text"))
         for key in ("train", "eval"):
             value = getattr(self, key)
-            if value == [] or value == "" or (isinstance(value, list) and "" in value):
+            if value in ([], {}, "") or (isinstance(value, (list, dict)) and "" in value):
                 raise ConfigError(f"data.{key}: expected a data source or a non-empty list of them, got {value!r}")
+        for source, share in (self.train.items() if isinstance(self.train, dict) else ()):
+            _range(f"data.train.{source}", share, lo=0, lo_open=True)
         targets = list(self.columns.values())
         if "" in targets or "" in self.columns:
             raise ConfigError(f"data.columns: expected non-empty column names, got {self.columns!r}")
@@ -273,7 +276,8 @@ def _describe(tp: Any) -> str:
     if typing.get_origin(tp) is list:
         return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(args[0], str(args[0]))
     if typing.get_origin(tp) is dict:
-        return "a mapping of names to names" if args == (str, str) else str(tp)
+        return {(str, str): "a mapping of names to names", (str, float): "a mapping of names to numbers"}.get(
+            args, str(tp))
     if args:
         return " or ".join(_describe(a) for a in args if a is not type(None)) + (
             " or null" if type(None) in args else "")

@@ -169,9 +169,24 @@ def rename_columns(rows: Any, columns: dict[str, str], source: str) -> tuple[Any
     return renamed, names
 
 
-def sources(value: str | list[str]) -> list[str]:
-    """`data.train` / `data.eval`: one source, or a list of them whose rows are used one after another."""
+def sources(value: str | list[str] | dict[str, float]) -> list[str]:
+    """`data.train` / `data.eval`: one source, or a list of them (or a mapping of them to fractions) whose rows
+    are used one after another."""
     return [value] if isinstance(value, str) else list(value)
+
+
+def fractions(value: str | list[str] | dict[str, float]) -> list[float]:
+    """How much of each source's (training) rows a mixture takes: its fractions, else all of each."""
+    return list(value.values()) if isinstance(value, dict) else [1.0] * len(sources(value))
+
+
+def resampled(n: int, fraction: float, seed: int) -> list[int]:
+    """Row indices for `fraction` of n rows: every row once per whole part, then a seeded subset (in file
+    order) for the rest; 2.5 is every row twice and half of them a third time."""
+    import random
+
+    whole, rest = divmod(fraction, 1.0)
+    return list(range(n)) * int(whole) + sorted(random.Random(seed).sample(range(n), round(rest * n)))
 
 
 def train_eval_rows(d: Any, seed: int) -> tuple[list[tuple[Any, str]], list[tuple[Any, str]] | None]:
@@ -194,16 +209,22 @@ def train_eval_rows(d: Any, seed: int) -> tuple[list[tuple[Any, str]], list[tupl
         split = [(holdout_split(rows, d.eval_fraction, seed), source) for rows, source in train]
         train = [(kept, source) for (kept, _), source in split]
         held = [(out, f"{source} (held-out {d.eval_fraction:g})") for (_, out), source in split]
-    for key, parts in (("data.train", train), ("data.eval", held)):
+    for key, parts, shares in (("data.train", train, fractions(d.train)), ("data.eval", held, None)):
         if parts and len(parts) > 1:  # a mixture: what each source brings, before tokenizing
-            logger.info("%s: %s", key, ", ".join(f"{source} {count(len(rows), 'row')}" for rows, source in parts))
+            logger.info("%s: %s", key, ", ".join(
+                f"{source} {count(len(rows), 'row')}" + (f" x {share:g}" if shares and share != 1 else "")
+                for (rows, source), share in zip(parts, shares or [1] * len(parts), strict=True)))
     return train, held
 
 
-def concatenate(parts: list[Any]) -> Any:
-    """The tokenized parts of a split (one per source) as one `datasets.Dataset`, in order."""
+def concatenate(parts: list[Any], shares: list[float] | None = None, seed: int = 0) -> Any:
+    """The tokenized parts of a split (one per source) as one `datasets.Dataset`, in order; with `shares`
+    (`fractions(data.train)`), each part resampled to its fraction first."""
     import datasets
 
+    if shares:
+        parts = [part if share == 1 else part.select(resampled(len(part), share, seed + i))
+                 for i, (part, share) in enumerate(zip(parts, shares, strict=True))]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 

@@ -23,6 +23,7 @@ from finetune.data import (
     DataError,
     check_messages,
     concatenate,
+    fractions,
     map_rows,
     require_chat_template,
     tokenizer_workers,
@@ -146,14 +147,14 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
             rows, source, tokenizer, d.max_length, d.max_prompt_length, progress, uid_start,
             tokenizer_workers(d.num_proc))[0])
 
-    def encode_all(parts: list[tuple[Any, str]], uid_start: int) -> Any:
+    def encode_all(parts: list[tuple[Any, str]], uid_start: int, shares: list[float] | None = None) -> Any:
         encoded = []
         for rows, source in parts:  # uids run on across sources and on from train into eval
             encoded.append(encode(rows, source, uid_start))
             uid_start += len(encoded[-1])
-        return concatenate(encoded)
+        return concatenate(encoded, shares, recipe.seed)  # a pair taken twice keeps its uid
 
-    train = encode_all(train_parts, 0)
+    train = encode_all(train_parts, 0, fractions(d.train))
     evals = None if eval_parts is None else encode_all(eval_parts, len(train))
     # the prompt runs once per pair where the attention understands shared prefixes (sdpa_varlen)
     share = d.packing and attention_for(recipe.model, d.packing) == attention.NAME

@@ -401,3 +401,57 @@ def test_preference_columns_are_renamed_and_may_swap(tok, tmp_path: Path):
     assert list(renamed["rejected"]) == list(reference["rejected"])
     swapped = pairs(tmp_path / "pairs.jsonl", {"chosen": "rejected", "rejected": "chosen"})
     assert list(swapped["chosen"]) == list(reference["rejected"])
+
+
+def test_resampled_takes_whole_copies_then_a_seeded_subset():
+    from collections import Counter
+
+    from finetune.data import resampled
+
+    assert resampled(10, 1.0, 0) == list(range(10))
+    twice_and_half = Counter(resampled(10, 2.5, 0))
+    assert sorted(twice_and_half) == list(range(10)) and sorted(Counter(twice_and_half.values()).items()) == [
+        (2, 5), (3, 5)]
+    part = resampled(10, 0.3, 0)
+    assert len(part) == len(set(part)) == 3 and part == sorted(part)
+    assert resampled(10, 0.3, 0) == part and any(resampled(10, 0.3, s) != part for s in range(1, 5))
+
+
+def test_a_mapping_of_sources_to_fractions_mixes_them(tok, tmp_path: Path, caplog):
+    import logging
+
+    from finetune.config import ConfigError, load_recipe
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", task_rows("train")[:8])
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": f"Say {i}:", "completion": str(i)} for i in range(3)])
+    alone = [list(encode_dataset(load_rows(str(f), "train"), str(f), "auto", tok, 64, True, False)[0]["input_ids"])
+             for f in (chat, plain)]
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        _, data = sft_data(tok, train={str(chat): 0.5, str(plain): 2})
+    assert f"data.train: {chat} 8 rows x 0.5, {plain} 3 rows x 2" in caplog.text
+    ids = list(data.train["input_ids"])
+    assert len(ids) == 4 + 6 and ids[4:] == alone[1] * 2
+    assert all(row in alone[0] for row in ids[:4]) and len({tuple(r) for r in ids[:4]}) == 4
+    assert data.train_lengths == [len(r) for r in ids]
+    # held-out rows are taken first and never resampled
+    _, held = sft_data(tok, train={str(chat): 3}, eval_fraction=0.25)
+    assert (len(held.train), len(held.eval)) == (18, 2)
+    for bad, message in (({str(chat): 0}, r"data.train.\S+chat.jsonl: expected a value > 0, got 0.0"),
+                         ({str(chat): "x"}, "data.train: expected a string or a list of strings or a mapping of "
+                                            "names to numbers"),
+                         ({}, "data.train: expected a data source or a non-empty list of them")):
+        with pytest.raises(ConfigError, match=message):
+            load_recipe({"data": {"train": bad}})
+
+
+def test_a_pair_taken_twice_keeps_its_uid(tok, tmp_path: Path):
+    from finetune.builtin import preference_rows
+    from finetune.config import load_recipe
+    from finetune.pairs import build_pair_data
+
+    a = write_jsonl(tmp_path / "a.jsonl", preference_rows("train")[:4])
+    recipe = load_recipe({"task": "dpo", "data": {"train": {str(a): 2}, "eval": str(a), "max_length": 64,
+                                                   "cache_tokenized": False}})
+    train, evals, _ = build_pair_data(recipe, tok, progress=False)
+    assert list(train["uid"]) == [0, 1, 2, 3] * 2 and list(train["chosen"])[:4] == list(train["chosen"])[4:]
+    assert len(set(evals["uid"])) == 4 and min(evals["uid"]) >= 8  # after the 8 train rows

@@ -311,15 +311,20 @@ def test_pair_accumulation_4x2_equals_1x8(tmp_path: Path, pair_files, task: str)
 # ------------------------------------------------------------------ DPO
 
 
-def test_dpo_precomputed_reference_equals_frozen_copy(tmp_path: Path, pair_files):
-    frozen = finetune.train(pair_recipe(tmp_path / "f", pair_files, "dpo"))
-    pre = finetune.train(pair_recipe(tmp_path / "p", pair_files, "dpo", dpo={"precompute_ref_logps": True}))
+@pytest.mark.parametrize("mixture", [False, True], ids=["one-file", "fraction-1.5"])
+def test_dpo_precomputed_reference_equals_frozen_copy(tmp_path: Path, pair_files, mixture: bool):
+    """Also when a mixture repeats pairs: their reference log-probs are computed once, under their one uid."""
+    data = {"train": {str(pair_files[0]): 1.5}} if mixture else {}
+    frozen = finetune.train(pair_recipe(tmp_path / "f", pair_files, "dpo", data=data))
+    pre = finetune.train(pair_recipe(tmp_path / "p", pair_files, "dpo", data=data,
+                                     dpo={"precompute_ref_logps": True}))
     assert losses(frozen) == pytest.approx(losses(pre), rel=1e-5)
+    assert pre.metrics["eval_rewards/margin"] == pytest.approx(frozen.metrics["eval_rewards/margin"], rel=1e-4)
     assert losses(frozen)[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 0: ln 2
     cached = list((tmp_path / "p" / "ref_logps").glob("*.safetensors"))
     assert len(cached) == 1
-    again = finetune.train(pair_recipe(tmp_path / "p", pair_files, "dpo", dpo={"precompute_ref_logps": True}),
-                           resume=False, overwrite_output_dir=True)
+    again = finetune.train(pair_recipe(tmp_path / "p", pair_files, "dpo", data=data,
+                                       dpo={"precompute_ref_logps": True}), resume=False, overwrite_output_dir=True)
     assert losses(again) == losses(pre)  # from the cache
 
 

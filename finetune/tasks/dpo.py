@@ -119,6 +119,9 @@ class DPOTask:
             rows = self.evals
         else:
             rows = self.train if self.evals is None else datasets.concatenate_datasets([self.train, self.evals])
+            first = {uid: i for i, uid in reversed(list(enumerate(rows["uid"])))}  # a pair a mixture repeats
+            if len(first) < len(rows):
+                rows = rows.select(sorted(first.values()))
         size = recipe.train.batch_size
         batches, n_real = eval_shard(len(rows), size, accelerator.num_processes, accelerator.process_index)
         values = torch.zeros(len(batches), size, 2)

@@ -14,6 +14,7 @@ from finetune.data import (
     concatenate,
     detect_format,
     encode_dataset,
+    fractions,
     prompt_and_completion,
     take,
     tokenizer_workers,
@@ -90,7 +91,7 @@ class SFTTask:
                 rows, source, d.format, tokenizer, d.max_length, d.completion_only_loss, progress,
                 tokenizer_workers(d.num_proc))[0])
 
-        train = concatenate([encode(rows, source) for rows, source in train_parts])
+        train = concatenate([encode(rows, source) for rows, source in train_parts], fractions(d.train), recipe.seed)
         evals = None
         if eval_parts is not None:
             evals = concatenate([encode(rows, source) for rows, source in eval_parts])

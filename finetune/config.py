@@ -278,9 +278,9 @@ def _describe(tp: Any) -> str:
     if typing.get_origin(tp) is dict:
         return {(str, str): "a mapping of names to names", (str, float): "a mapping of names to numbers"}.get(
             args, str(tp))
-    if args:
-        return " or ".join(_describe(a) for a in args if a is not type(None)) + (
-            " or null" if type(None) in args else "")
+    if args:  # a union: "a string, a list of strings or null"
+        options = [_describe(a) for a in args if a is not type(None)] + (["null"] if type(None) in args else [])
+        return ", ".join(options[:-1]) + " or " + options[-1]
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 

@@ -52,7 +52,8 @@ def test_unknown_section(tmp_path: Path):
     ("- a\n- b\n", "expected a mapping of recipe sections"),
     ("data:\n  train: []\n", "data.train: expected a data source or a non-empty list of them, got []"),
     ("data:\n  eval: [a.jsonl, '']\n", "data.eval: expected a data source or a non-empty list of them"),
-    ("data:\n  train: [a.jsonl, 3]\n", "data.train: expected a string or a list of strings, got ['a.jsonl', 3]"),
+    ("data:\n  train: [a.jsonl, 3]\n",
+     "data.train: expected a string, a list of strings or a mapping of names to numbers, got ['a.jsonl', 3]"),
     ("lora:\n  target_modules: 3\n", "lora.target_modules: expected a string or a list of strings, got 3"),
 ])
 def test_bad_values_name_the_key(tmp_path: Path, text: str, expected: str):

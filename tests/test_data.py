@@ -437,7 +437,7 @@ def test_a_mapping_of_sources_to_fractions_mixes_them(tok, tmp_path: Path, caplo
     _, held = sft_data(tok, train={str(chat): 3}, eval_fraction=0.25)
     assert (len(held.train), len(held.eval)) == (18, 2)
     for bad, message in (({str(chat): 0}, r"data.train.\S+chat.jsonl: expected a value > 0, got 0.0"),
-                         ({str(chat): "x"}, "data.train: expected a string or a list of strings or a mapping of "
+                         ({str(chat): "x"}, "data.train: expected a string, a list of strings or a mapping of "
                                             "names to numbers"),
                          ({}, "data.train: expected a data source or a non-empty list of them")):
         with pytest.raises(ConfigError, match=message):

@@ -210,10 +210,10 @@ def train_eval_rows(d: Any, seed: int) -> tuple[list[tuple[Any, str]], list[tupl
         train = [(kept, source) for (kept, _), source in split]
         held = [(out, f"{source} (held-out {d.eval_fraction:g})") for (_, out), source in split]
     for key, parts, shares in (("data.train", train, fractions(d.train)), ("data.eval", held, None)):
-        if parts and len(parts) > 1:  # a mixture: what each source brings, before tokenizing
-            logger.info("%s: %s", key, ", ".join(
-                f"{source} {count(len(rows), 'row')}" + (f" x {share:g}" if shares and share != 1 else "")
-                for (rows, source), share in zip(parts, shares or [1] * len(parts), strict=True)))
+        shares = shares or [1.0] * len(parts or ())
+        if parts and (len(parts) > 1 or shares != [1.0]):  # a mixture: what each source brings, before tokenizing
+            logger.info("%s: %s", key, ", ".join(f"{source} {count(len(rows), 'row')}" + (
+                f" x {share:g}" if share != 1 else "") for (rows, source), share in zip(parts, shares, strict=True)))
     return train, held
 
 

@@ -468,4 +468,3 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
         logger.warning("stopped at step %d of %d; run the same command again (resume: auto) to continue",
                        state.step, total_steps)
     return finish(final_eval, last_train, stopped)
-

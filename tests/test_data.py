@@ -434,8 +434,10 @@ def test_a_mapping_of_sources_to_fractions_mixes_them(tok, tmp_path: Path, caplo
     assert all(row in alone[0] for row in ids[:4]) and len({tuple(r) for r in ids[:4]}) == 4
     assert data.train_lengths == [len(r) for r in ids]
     # held-out rows are taken first and never resampled
-    _, held = sft_data(tok, train={str(chat): 3}, eval_fraction=0.25)
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        _, held = sft_data(tok, train={str(chat): 3}, eval_fraction=0.25)
     assert (len(held.train), len(held.eval)) == (18, 2)
+    assert f"data.train: {chat} 6 rows x 3\n" in caplog.text  # one source said too, when it is resampled
     for bad, message in (({str(chat): 0}, r"data.train.\S+chat.jsonl: expected a value > 0, got 0.0"),
                          ({str(chat): "x"}, "data.train: expected a string, a list of strings or a mapping of "
                                             "names to numbers"),

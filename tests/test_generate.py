@@ -138,3 +138,33 @@ def test_an_adapter_whose_base_cannot_be_loaded_is_named_in_one_line(tmp_path: P
         assert main(command) == 2
         assert "adapter: cannot load its base model 'someone/llama' (merge takes --base PATH)" in \
             capsys.readouterr().err
+
+
+def test_an_unreachable_hub_puts_the_hub_libraries_offline(tmp_path: Path, trained, monkeypatch, request, capsys):
+    """Without HF_HUB_OFFLINE, a base model that is not local would be looked up on the hub despite
+    local_files_only (transformers looks for an adapter_config.json beside it), retrying for about 25 s."""
+    import shutil
+    import socket
+
+    import huggingface_hub.constants
+
+    from finetune import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as when imported online
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route")
+
+    monkeypatch.setattr(hub.socket, "create_connection", unreachable)
+    hub.hub_reachable.cache_clear()
+    request.addfinalizer(hub.hub_reachable.cache_clear)
+    lookups, resolve = [], socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: lookups.append(host) or resolve(host, *a, **k))
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained[1], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "someone/llama"}))
+    assert main(["generate", str(adapter), "x"]) == 2
+    assert "cannot load its base model 'someone/llama'" in capsys.readouterr().err
+    assert lookups == [] and huggingface_hub.constants.HF_HUB_OFFLINE is True

@@ -152,7 +152,8 @@ class TrainConfig:
         _range("train.warmup_ratio", self.warmup_ratio, lo=0, hi=1, hi_open=True)
         if self.warmup_steps and self.warmup_ratio:
             raise ConfigError(f"train.warmup_steps ({self.warmup_steps}) and train.warmup_ratio "
-                              f"({self.warmup_ratio:g}): expected at most one of them")
+                              f"({self.warmup_ratio:g}): expected one of them, the other 0 (e.g. "
+                              "train.warmup_steps=0 beside train.warmup_ratio=0.1 on the command line)")
         _range("train.weight_decay", self.weight_decay, lo=0)
         _range("train.adam_beta1", self.adam_beta1, lo=0, hi=1, hi_open=True)
         _range("train.adam_beta2", self.adam_beta2, lo=0, hi=1, hi_open=True)

@@ -7,9 +7,10 @@ import json
 import logging
 import os
 import sys
+import time
 
 from finetune.config import TASKS, load_recipe, parse_overrides, read_yaml, to_yaml
-from finetune.errors import UserError
+from finetune.errors import SaidByMainProcess, UserError
 
 EXAMPLES = """examples:
   finetune sft recipes/tiny_sft.yaml
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         setattr(args, trailing, getattr(args, trailing) + extra)
     setup_logging()
+    first = os.environ.get("RANK", "0") == "0"  # the main process of a launch (or the only one)
+    checked = False  # until the recipe is checked: its errors are the same in every process, said once
     try:
         if args.command == "merge":
             from finetune.merge import merge_adapter
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.recipe}: task: the recipe is for `{declared}`, so run `finetune {declared} ...`")
         overrides["task"] = args.command
         recipe = load_recipe(args.recipe, overrides)
+        checked = True
         if args.print_config:
             print(to_yaml(recipe), end="")
             return 0
@@ -127,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         from finetune.tasks import get_task
 
         result = run(recipe, get_task(recipe.task), eval_only=args.eval_only)
-        if args.eval_only and os.environ.get("RANK", "0") == "0":  # once, not by every process of a launch
+        if args.eval_only and first:  # once, not by every process of a launch
             print(json.dumps(result.metrics), flush=True)
     except UserError as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
+        if first or (checked and not isinstance(e, SaidByMainProcess)):
+            print(f"finetune: error: {e}", file=sys.stderr)
+        else:  # the main process says it: let it exit first, and the launcher stop this one (exiting first,
+            time.sleep(10)  # this one could have the main process killed before it printed the error)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before training starts, or a second one during it (the first saves)
         print("finetune: interrupted", file=sys.stderr)

@@ -6,6 +6,10 @@ class UserError(ValueError):
     """Bad input that the user must fix: a recipe key, a data row, a model path, an output directory."""
 
 
+class SaidByMainProcess(UserError):
+    """The main process of a distributed run found a user error and says it; the others stop quietly (exit 2)."""
+
+
 def count(n: int, noun: str, plural: str = "") -> str:
     """`1 row`, `2 rows`; `plural` where adding an s is wrong (`2 processes`)."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint
 from finetune.config import Recipe, to_yaml
-from finetune.errors import UserError, count
+from finetune.errors import SaidByMainProcess, UserError, count
 from finetune.memory import bound_kernel_caches, heap_trimmer
 from finetune.sampling import EpochBatches, TokenBudgetBatches, eval_shard
 from finetune.schedule import lr_multiplier
@@ -128,6 +128,34 @@ def _explain_oom(step: int, tokens: int, checkpoints: Path) -> Iterator[None]:
                         "lora.enabled") from None
 
 
+@contextmanager
+def _main_process_first(accelerator: Any) -> Iterator[None]:
+    """`accelerator.main_process_first()`, except that a user error on the main process (a bad row, too little
+    data, a model that cannot load) stops the others too, quietly, instead of leaving them in the barrier until
+    the main process exits and they fail with a traceback of their own."""
+    from accelerate.utils import broadcast_object_list
+
+    if accelerator.num_processes == 1:
+        yield
+        return
+    said: list[str | None] = [None]
+    if accelerator.is_main_process:
+        try:
+            yield
+        except BaseException as e:  # a bug too: the others must not wait for a process that is gone
+            said[0] = str(e) or type(e).__name__
+            raise
+        finally:
+            accelerator.wait_for_everyone()
+            broadcast_object_list(said)
+    else:
+        accelerator.wait_for_everyone()
+        broadcast_object_list(said)
+        if said[0] is not None:
+            raise SaidByMainProcess(said[0])
+        yield
+
+
 def _format_metrics(metrics: dict[str, float]) -> str:
     special = {"lr": "{:.2e}", "tokens_per_s": "{:.0f}"}
     return "  ".join(f"{k}={special.get(k, '{:.4f}').format(v)}" for k, v in metrics.items())
@@ -203,7 +231,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
         return EpochBatches(len(data.train), cfg.batch_size, world, rank, recipe.seed, epoch, start)
 
     procs = count(world, "process", "processes")
-    with accelerator.main_process_first():
+    with _main_process_first(accelerator):
         tokenizer = load_tokenizer(recipe.model)
         # data first, and checked: a bad row or too little data is refused before a large model loads
         data = task.build_data(recipe, tokenizer)

@@ -149,3 +149,28 @@ def test_ddp_wrapper_is_freed_before_the_process_group(tmp_path: Path, chat_file
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = sorted(line for line in proc.stdout.splitlines() if "DDP wrappers alive" in line)
     assert lines == [f"rank {r}: DDP wrappers alive when the group is destroyed: 0" for r in (0, 1)]
+
+
+def test_user_errors_of_two_processes_are_said_once_without_worker_tracebacks(tmp_path: Path):
+    """A recipe error (the same in every process) and a data error found by the main process alone (token
+    budgets: three short rows fill one bin, and each process needs one per micro-batch): one line each, no
+    traceback from the other process, and the main process is the launcher's root cause."""
+    import json
+
+    from finetune.builtin import task_rows
+
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps(r) + "\n" for r in task_rows("train")[:3]))
+    for overrides, message in (
+            (["train.lrr=3"], "finetune: error: recipes/tiny_sft.yaml: train.lrr: unknown key (did you mean "
+                              "train.lr?)"),
+            ([f"data.train={three}", "data.eval=null", "data.packing=true", "data.max_length=64",
+              "train.batch_tokens=512"],
+             "finetune: error: data.train: 3 rows cannot fill one batch of train.batch_tokens=512 x 2 processes "
+             "(one bin of rows per process); set train.batch_tokens lower")):
+        proc = run_cli(shutil.which("accelerate"), "launch", "-q", *DDP, "finetune", "sft", "recipes/tiny_sft.yaml",
+                       f"output_dir={tmp_path / 'run'}", *overrides, env={"ACCELERATE_USE_CPU": "1"})
+        assert proc.returncode != 0 and proc.stderr.count(message) == 1, proc.stderr[-3000:]
+        assert "[rank1]" not in proc.stderr and "Root Cause" in proc.stderr
+        cause = proc.stderr.split("Root Cause")[1]
+        assert "rank      : 0" in cause and "exitcode  : 2" in cause

@@ -156,6 +156,11 @@ def _main_process_first(accelerator: Any) -> Iterator[None]:
         yield
 
 
+def _amount(n: int) -> str:
+    """12,345,678 -> '12.3M'; 45,678 -> '45.7k'."""
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
 def _format_metrics(metrics: dict[str, float]) -> str:
     special = {"lr": "{:.2e}", "tokens_per_s": "{:.0f}"}
     return "  ".join(f"{k}={special.get(k, '{:.4f}').format(v)}" for k, v in metrics.items())
@@ -258,10 +263,14 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("%s: %s, %s, %s (%s/epoch x %s), %.2fM of %.2fM parameters trainable", task.name,
-                count(len(data.train), "train row"), count(0 if data.eval is None else len(data.eval), "eval row"),
-                count(total_steps, "optimizer step"), count(per_epoch, "micro-batch", "micro-batches"), procs,
-                n_trainable / 1e6, n_params / 1e6)
+    rows = count(len(data.train), "train row")
+    if data.train_lengths:  # what an epoch costs, in the unit throughput is measured in
+        rows += f" ({_amount(sum(data.train_lengths))} tokens)"
+    steps = "" if eval_only else (f"{count(total_steps, 'optimizer step')} ("
+                                  f"{count(per_epoch, 'micro-batch', 'micro-batches')}/epoch x {procs}), ")
+    logger.info("%s: %s, %s, %s%.2fM of %.2fM parameters trainable", task.name, rows,
+                count(0 if data.eval is None else len(data.eval), "eval row"), steps, n_trainable / 1e6,
+                n_params / 1e6)
 
     # ---- optimizer and warmup-then-decay schedule (a pure function of the step, stepped once per optimizer step)
     frozen_dtype = frozen_weights_dtype(cfg.mixed_precision, accelerator.distributed_type.name)

@@ -110,15 +110,23 @@ def test_a_sigterm_during_evaluation_saves_and_stops_at_that_step(tmp_path: Path
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"]
 
 
-def test_the_start_of_run_line_counts_in_words(tmp_path: Path, chat_files, caplog):
+def test_the_start_of_run_line_counts_in_words(tmp_path: Path, chat_files, caplog, tiny_dir):
     import re
 
     train, _ = chat_files
     with caplog.at_level("INFO", logger="finetune"):
         finetune.train(small_recipe(tmp_path, train), **{"train.max_steps": 1})
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sft: ")]
-    assert re.match(r"sft: \d+ train rows, 0 eval rows, 1 optimizer step \(\d+ micro-batches/epoch x 1 process\), ",
-                    line), line
+    assert re.match(r"sft: 256 train rows \((\d+\.\d)k tokens\), 0 eval rows, 1 optimizer step \(32 micro-batches/"
+                    r"epoch x 1 process\), ", line), line
+    from transformers import AutoTokenizer
+
+    from finetune.tasks.sft import SFTTask
+
+    built = SFTTask().build_data(finetune.load_recipe(small_recipe(tmp_path, train)),
+                                 AutoTokenizer.from_pretrained(tiny_dir))
+    tokens = sum(len(ids) for ids in built.train["input_ids"])  # an epoch's tokens, counted here
+    assert re.match(r"sft: 256 train rows \((\d+\.\d)k", line)[1] == f"{tokens / 1e3:.1f}"
 
 
 def test_without_a_progress_bar_each_logged_step_is_a_log_line(tmp_path: Path, chat_files, caplog):

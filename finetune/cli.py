@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 from finetune.config import TASKS, load_recipe, parse_overrides, read_yaml, to_yaml
 from finetune.errors import SaidByMainProcess, UserError
@@ -51,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                        help="dotted overrides, e.g. train.lr=1e-4")
         s.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+        s.add_argument("--show-rows", type=int, default=0, metavar="N",
+                       help="print the first N training rows as the model sees them (the loss is on the text "
+                            "inside [[ ]]) and exit")
         s.add_argument("--eval-only", action="store_true",
                        help="evaluate the model (or the checkpoint it would resume from) on the held-out data, "
                             "print the metrics as JSON and exit; nothing is trained or written")
@@ -83,6 +87,16 @@ def generate(args: argparse.Namespace) -> None:
     prompts = args.prompts or (line.strip() for line in sys.stdin if line.strip())
     for answer in answers(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.raw):
         print(answer, flush=True)
+
+
+def show(recipe: Any, n: int) -> None:
+    """`--show-rows N`: the data as a run would build it (cached the same way), without loading the model."""
+    from finetune.model import load_tokenizer
+    from finetune.preview import show_rows
+    from finetune.tasks import get_task
+
+    tokenizer = load_tokenizer(recipe.model)
+    print(show_rows(tokenizer, get_task(recipe.task).build_data(recipe, tokenizer).train, n))
 
 
 def setup_logging() -> None:
@@ -126,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         checked = True
         if args.print_config:
             print(to_yaml(recipe), end="")
+            return 0
+        if args.show_rows:
+            show(recipe, args.show_rows)
             return 0
         from finetune.loop import run
         from finetune.tasks import get_task

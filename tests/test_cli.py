@@ -123,3 +123,28 @@ def test_overrides_may_follow_a_flag_and_eval_only_prints_json(tmp_path: Path, m
     assert done.value.code == 2 and capsys.readouterr().err.strip().endswith("unrecognized arguments: --bogus")
     assert main(["sft", "recipes/tiny_sft.yaml", "--print-config", "seed=5"]) == 0
     assert "seed: 5" in capsys.readouterr().out
+
+
+def test_show_rows_marks_the_tokens_with_a_loss_and_trains_nothing(tmp_path: Path, capsys, tiny_dir):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from finetune.cli import main
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    eos = tokenizer.eos_token
+    rows = [{"prompt": f"Say {i}:", "completion": f" {i * 7}"} for i in range(3)]
+    (tmp_path / "say.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main(["sft", "recipes/tiny_sft.yaml", "--show-rows", "2", f"data.train={tmp_path / 'say.jsonl'}",
+                 "data.eval=null", f"output_dir={out}", "log.progress=false"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[1::2] == [f"Say 0:[[ 0{eos}]]", f"Say 1:[[ 7{eos}]]"] and len(shown) == 4
+    trained = len(tokenizer(f" 0{eos}", add_special_tokens=False)["input_ids"])
+    assert shown[0].startswith("--- row 0: ") and shown[0].endswith(f" tokens, {trained} with a loss (inside [[ ]])")
+    assert main(["dpo", "recipes/tiny_dpo.yaml", "--show-rows", "1", f"output_dir={out}"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].startswith("--- pair 0: tokens of prompt ")
+    assert "chosen: key sun cat<|im_end|>" in shown and "rejected: key sun cat key<|im_end|>" in shown
+    assert not out.exists()

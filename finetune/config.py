@@ -182,6 +182,7 @@ class DPOConfig:
     label_smoothing: float = 0.0  # cDPO (sigmoid) or the flip rate (robust)
     gamma: float = 0.5  # SimPO's target margin
     precompute_ref_logps: bool = False  # reference log-probs computed once before training and cached
+    ref_model: str | None = None  # the reference policy's model when it is not the initial policy (same tokenizer)
 
     def __post_init__(self) -> None:
         _range("dpo.beta", self.beta, lo=0, lo_open=True)
@@ -241,6 +242,8 @@ class Recipe:
         if t.early_stopping and not (held_out and t.eval_every):
             raise ConfigError("train.early_stopping: needs evaluations during the run to stop on: held-out data "
                               "(data.eval or data.eval_fraction) and train.eval_every above 0")
+        if self.dpo.ref_model and self.dpo.loss_type == "simpo":
+            raise ConfigError("dpo.ref_model: dpo.loss_type simpo uses no reference model; leave it unset")
         if self.train.neftune_alpha and self.task != "sft":
             raise ConfigError(f"train.neftune_alpha: NEFTune is for sft (instruction tuning), not {self.task}; it "
                               "would also perturb DPO's reference log-probs")

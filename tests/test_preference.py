@@ -536,3 +536,59 @@ def test_dpo_checkpoint_evaluated_alone_gives_the_runs_rewards(tmp_path: Path, p
     for key in ("eval_loss", "eval_rewards/margin", "eval_rewards/accuracy", "eval_logps/chosen"):
         assert alone.metrics[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-6), key
     assert not (tmp_path / "elsewhere").exists()
+    if "lora" not in sections:  # the exported model, against the model it started from
+        exported = finetune.evaluate(recipe, **{"model.name_or_path": str(trained.model_dir),
+                                                "dpo.ref_model": "builtin:tiny-llama",
+                                                "output_dir": str(tmp_path / "elsewhere")})
+        assert exported.metrics["eval_rewards/margin"] == pytest.approx(trained.metrics["eval_rewards/margin"],
+                                                                        rel=1e-5, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory, tiny_dir) -> Path:
+    """The tiny model with its weights perturbed: another policy of the same tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("other_model")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("sections", [
+    {},
+    {"lora": {"enabled": True, "r": 4, "dropout": 0.0}},
+    {"dpo": {"precompute_ref_logps": True}},
+    {"train": {"fused_linear_loss": True}},
+], ids=["frozen-copy", "lora", "precomputed", "fused-output-layers"])
+def test_dpo_ref_model_is_the_reference_instead_of_the_initial_policy(tmp_path: Path, pair_files, other_model,
+                                                                       sections: dict):
+    """Rewards at step 0 are beta x (policy - reference) log-probs, the reference's being what that model scores
+    as a policy of its own."""
+    dpo = {**sections.get("dpo", {}), "ref_model": str(other_model), "beta": 0.1}
+    train = {**sections.get("train", {}), "max_steps": 1}
+    run = finetune.train(pair_recipe(tmp_path / "run", pair_files, "dpo", **{**sections, "dpo": dpo, "train": train}))
+    at_start = run.history[0]
+    reference = finetune.evaluate(pair_recipe(tmp_path / "ref", pair_files, "dpo"),
+                                  **{"model.name_or_path": str(other_model)}).metrics
+    for side in ("chosen", "rejected"):
+        expected = 0.1 * (at_start[f"eval_logps/{side}"] - reference[f"eval_logps/{side}"])
+        assert at_start[f"eval_rewards/{side}"] == pytest.approx(expected, rel=1e-4, abs=1e-5), side
+    assert abs(at_start["eval_rewards/margin"]) > 1e-3  # not the initial policy
+
+
+def test_dpo_ref_model_of_another_vocabulary_is_refused(tmp_path: Path, pair_files, other_model):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.errors import UserError
+
+    model = AutoModelForCausalLM.from_pretrained(other_model)
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    model.save_pretrained(tmp_path / "bigger")
+    with pytest.raises(UserError, match=r"dpo.ref_model: \S+bigger has a vocabulary of \d+ tokens, the policy \d+"):
+        finetune.train(pair_recipe(tmp_path / "run", pair_files, "dpo", dpo={"ref_model": str(tmp_path / "bigger")}))

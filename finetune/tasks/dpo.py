@@ -4,11 +4,14 @@ The reference is, by cost:
 - with LoRA: the same model with its adapter disabled (no second copy in memory);
 - `dpo.precompute_ref_logps`: log-probs computed once before training by the initial model, cached on disk;
 - otherwise: a frozen copy of the initial model.
+`dpo.ref_model` names another model as the reference: loaded frozen beside the policy (also with LoRA), or only
+while its log-probs are precomputed.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,8 +34,9 @@ LENGTH_AVERAGED = ("ipo", "simpo")
 
 def data_key(recipe: Any, train: Any, evals: Any | None) -> str:
     """Cache key of reference log-probs: the reference model and every token of the pairs."""
-    h = hashlib.sha256(json.dumps([recipe.model.name_or_path, recipe.model.revision, recipe.model.dtype,
-                                   recipe.model.load_in_4bit, recipe.model.load_in_8bit]).encode())
+    m = recipe.model
+    h = hashlib.sha256(json.dumps([m.name_or_path, m.revision, m.dtype, m.load_in_4bit, m.load_in_8bit,
+                                   recipe.dpo.ref_model]).encode())
     for ds in (train, evals):
         if ds is not None:
             for column in ("prompt", "chosen", "rejected", "uid"):
@@ -60,13 +64,26 @@ class DPOTask:
         self.cfg, self.lora = recipe.dpo, recipe.lora.enabled
         model = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,
                                 tokenizer, packed=recipe.data.packing, fused_head=recipe.train.fused_linear_loss)
-        if not self.lora and not self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
+        if self.cfg.ref_model and self.cfg.loss_type != "simpo":
+            reference = dataclasses.replace(recipe.model, name_or_path=self.cfg.ref_model, revision=None)
+            self.ref_model = model_lib.load_model(reference, tokenizer, accelerator.device, packed=recipe.data.packing)
+            vocab, ref_vocab = (m.get_input_embeddings().num_embeddings for m in (model, self.ref_model))
+            if vocab != ref_vocab:
+                raise model_lib.ModelError(f"dpo.ref_model: {self.cfg.ref_model} has a vocabulary of {ref_vocab} "
+                                           f"tokens, the policy {vocab}; the two must share the tokenizer")
+            if recipe.train.fused_linear_loss:
+                model_lib.make_fused_head(self.ref_model)
+            self.ref_model.eval().requires_grad_(False)
+        elif not self.lora and not self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         return model
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any, eval_only: bool = False) -> None:
         self.keep_logits = accepts_logits_to_keep(model)
-        if self.ref_model is not None:
+        precompute = self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo"
+        if self.ref_model is not None and precompute:  # dpo.ref_model, needed only until its log-probs are computed
+            self.ref_model.to(accelerator.device)
+        elif self.ref_model is not None:
             frozen_dtype = model_lib.frozen_weights_dtype(recipe.train.mixed_precision,
                                                           accelerator.distributed_type.name)
             if frozen_dtype is not None:  # the whole copy is frozen: cast once instead of at every forward
@@ -75,9 +92,11 @@ class DPOTask:
         if recipe.train.fused_linear_loss:
             self.head = model_lib.output_head(model)
             self.ref_head = None if self.ref_model is None else model_lib.output_head(self.ref_model)
-        if self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
-            # runs before any checkpoint is loaded, so `model` is still the initial policy = the reference
+        if precompute:
+            # runs before any checkpoint is loaded, so `model` is still the initial policy = the reference (or
+            # dpo.ref_model is, which is then freed)
             self.collate.ref_logps = self.cached_reference(recipe, accelerator, model, eval_only)
+            self.ref_model = self.ref_head = None
 
     # ---- reference log-probs
 

@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   accelerate launch --config_file accelerate_configs/ddp.yaml finetune sft recipes/llama_lora.yaml
   finetune sft recipes/tiny_sft.yaml --eval-only model.name_or_path=runs/tiny_sft/model
   finetune generate runs/tiny_sft/model "What is 12 + 7?"
+  finetune score runs/tiny_rm/model "Sort: 3 1 2" "1 2 3" "3 2 1"
 """
 
 
@@ -42,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune", description="Fine-tune language models with one Accelerate loop.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=versions(), help="versions, for bug reports")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join((*TASKS, "merge", "generate")) + "}")
+    commands = (*TASKS, "merge", "generate", "score")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(commands) + "}")
     helps = {"sft": "supervised fine-tuning (full or LoRA/QLoRA)", "rm": "reward model (Bradley-Terry)",
              "dpo": "direct preference optimisation"}
     for task in TASKS:
@@ -70,8 +72,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy decoding")
     g.add_argument("--raw", action="store_true", help="the prompt as plain text, not a chat turn")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto (the default): bfloat16 on a GPU, float32 on a CPU")
+    c = sub.add_parser("score", help="score responses to a prompt with a trained reward model (or adapter)")
+    c.add_argument("model", help="a trained reward model or adapter directory (OUTPUT_DIR/model of finetune rm)")
+    c.add_argument("prompt")
+    c.add_argument("responses", nargs="+", metavar="response", help="responses to score, one line of output each")
+    c.add_argument("--raw", action="store_true",
+                   help="prompt and response as plain text (a pair of strings in training), not chat turns")
+    for command in (g, c):
+        command.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                             help="auto (the default): bfloat16 on a GPU, float32 on a CPU")
     return p
 
 
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     # overrides (and prompts) may also follow a flag (`sft r.yaml --eval-only train.lr=1`), which argparse alone
     # would refuse
     args, extra = p.parse_known_args(argv)
-    trailing = "overrides" if hasattr(args, "overrides") else "prompts" if hasattr(args, "prompts") else None
+    trailing = next((name for name in ("overrides", "prompts", "responses") if hasattr(args, name)), None)
     unknown = [e for e in extra if e.startswith("-") or trailing is None]
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -130,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "generate":
             generate(args)
+            return 0
+        if args.command == "score":
+            from finetune.generate import load
+            from finetune.score import scores
+
+            model, tokenizer = load(args.model, args.dtype, reward=True)
+            for value in scores(model, tokenizer, args.prompt, args.responses, args.raw):
+                print(f"{value:.6g}")
             return 0
         overrides = parse_overrides(args.overrides)
         declared = read_yaml(args.recipe).get("task", args.command)

@@ -15,12 +15,13 @@ from typing import Any
 from finetune.errors import UserError
 
 
-def load(model_dir: str | Path, dtype: str = "auto") -> tuple[Any, Any]:
-    """(causal LM, tokenizer) of an exported model or LoRA adapter directory, on the GPU when there is one.
-    `dtype` auto: bfloat16 on a GPU, float32 on a CPU."""
+def load(model_dir: str | Path, dtype: str = "auto", reward: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of an exported model or LoRA adapter directory, on the GPU when there is one: a causal
+    LM, or with `reward` a reward model (one score per sequence). `dtype` auto: bfloat16 on a GPU, float32 on a
+    CPU."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from finetune.merge import load_merged
 
@@ -34,16 +35,22 @@ def load(model_dir: str | Path, dtype: str = "auto") -> tuple[Any, Any]:
         raise UserError(f"{path}: no such directory (expected a trained model, e.g. OUTPUT_DIR/model)")
     adapter = path / "adapter_config.json"
     if adapter.is_file():
-        if json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS":
-            raise UserError(f"{path}: a reward model adapter; it scores text and does not generate")
+        is_reward, what = json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS", " adapter"
+    elif (path / "config.json").is_file():
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        is_reward, what = any(a.endswith("ForSequenceClassification") for a in architectures), ""
+    else:
+        raise UserError(f"{path}: not a model directory (no config.json or adapter_config.json)")
+    if is_reward and not reward:
+        raise UserError(f"{path}: a reward model{what}; it scores text and does not generate (finetune score)")
+    if reward and not is_reward:
+        raise UserError(f"{path}: a language model{what}, not a reward model; it generates and does not score "
+                        "(train one with finetune rm)")
+    if adapter.is_file():
         model, tokenizer = load_merged(path, dtype=dtype)
     else:
-        if not (path / "config.json").is_file():
-            raise UserError(f"{path}: not a model directory (no config.json or adapter_config.json)")
-        config = json.loads((path / "config.json").read_text())
-        if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
-            raise UserError(f"{path}: a reward model; it scores text and does not generate")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        cls, kwargs = (AutoModelForSequenceClassification, {"num_labels": 1}) if reward else (AutoModelForCausalLM, {})
+        model = cls.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer
 

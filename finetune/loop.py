@@ -52,6 +52,12 @@ class Result:
 
         return list(answers(self.model, self.tokenizer, prompts, max_new_tokens, temperature))
 
+    def score(self, prompt: str, *responses: str) -> list[float]:
+        """A reward model's scores of `responses` to `prompt`, as `finetune score` gives them."""
+        from finetune.score import scores
+
+        return scores(self.model, self.tokenizer, prompt, list(responses))
+
 
 class _Signals:
     """SIGTERM/SIGINT: finish the step, save, exit cleanly (a second one stops at once). SIGUSR1: save a

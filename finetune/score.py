@@ -1,0 +1,40 @@
+"""`finetune score`: a trained reward model's scores of responses to a prompt, e.g. to rank samples (best-of-n)
+or to check what a run has learned. The prompt and each response are encoded as in training: one user turn and
+the assistant's answer with the chat template (as a conversational pair), or, with `raw` or a tokenizer without
+a template, the prompt text followed by the response and the eos token (as a pair of strings)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.pairs import encode_pair
+
+UNLIMITED = 1 << 30  # scoring truncates nothing
+
+
+def response_ids(tokenizer: Any, prompt: str, response: str, raw: bool = False) -> list[int]:
+    """The tokens the reward model scores for `response` to `prompt`."""
+    if raw or getattr(tokenizer, "chat_template", None) is None:
+        row: dict[str, Any] = {"prompt": prompt, "chosen": response, "rejected": response}
+    else:
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        row = {"chosen": turns, "rejected": turns}
+    encoded = encode_pair(row, tokenizer, UNLIMITED, UNLIMITED, "score")
+    return encoded["prompt"] + encoded["chosen"]
+
+
+def scores(model: Any, tokenizer: Any, prompt: str, responses: list[str], raw: bool = False) -> list[float]:
+    """The reward of each response, one forward each (no padding to get wrong), in evaluation mode."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for response in responses:
+            ids = torch.tensor([response_ids(tokenizer, prompt, response, raw)], device=model.device)
+            with torch.no_grad():
+                out.append(model(input_ids=ids).logits[0, 0].float().item())
+        return out
+    finally:
+        model.train(was_training)

@@ -72,9 +72,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy decoding")
     g.add_argument("--raw", action="store_true", help="the prompt as plain text, not a chat turn")
-    c = sub.add_parser("score", help="score responses to a prompt with a trained reward model (or adapter)")
+    c = sub.add_parser("score", help="score responses to a prompt with a trained reward model")
     c.add_argument("model", help="a trained reward model or adapter directory (OUTPUT_DIR/model of finetune rm)")
-    c.add_argument("prompt")
+    c.add_argument("prompt", help="what the responses answer (a user turn of the chat template unless --raw)")
     c.add_argument("responses", nargs="+", metavar="response", help="responses to score, one line of output each")
     c.add_argument("--raw", action="store_true",
                    help="prompt and response as plain text (a pair of strings in training), not chat turns")

@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -212,6 +212,9 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     set_seed(recipe.seed)  # python, numpy, torch (all devices); data order has its own seeded generator
     if eval_only and not (recipe.data.eval or recipe.data.eval_fraction):
         raise UserError("--eval-only: needs held-out data to evaluate on: data.eval or data.eval_fraction")
+    if eval_only and recipe.data.eval:  # no training rows are needed (nor need they be on this machine)
+        d = recipe.data
+        recipe = replace(recipe, data=replace(d, train=d.eval, split=d.eval_split))
     out = Path(recipe.output_dir)
     candidates = checkpoint.resume_candidates(recipe.resume, out, recipe.overwrite_output_dir)
     if main and not eval_only:
@@ -272,11 +275,13 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     rows = count(len(data.train), "train row")
     if data.train_lengths:  # what an epoch costs, in the unit throughput is measured in
         rows += f" ({_amount(sum(data.train_lengths))} tokens)"
-    steps = "" if eval_only else (f"{count(total_steps, 'optimizer step')} ("
-                                  f"{count(per_epoch, 'micro-batch', 'micro-batches')}/epoch x {procs}), ")
-    logger.info("%s: %s, %s, %s%.2fM of %.2fM parameters trainable", task.name, rows,
-                count(0 if data.eval is None else len(data.eval), "eval row"), steps, n_trainable / 1e6,
-                n_params / 1e6)
+    evals = count(0 if data.eval is None else len(data.eval), "eval row")
+    if eval_only:
+        logger.info("%s: %s, %.2fM parameters", task.name, evals, n_params / 1e6)
+    else:
+        logger.info("%s: %s, %s, %s (%s/epoch x %s), %.2fM of %.2fM parameters trainable", task.name, rows, evals,
+                    count(total_steps, "optimizer step"), count(per_epoch, "micro-batch", "micro-batches"), procs,
+                    n_trainable / 1e6, n_params / 1e6)
 
     # ---- optimizer and warmup-then-decay schedule (a pure function of the step, stepped once per optimizer step)
     frozen_dtype = frozen_weights_dtype(cfg.mixed_precision, accelerator.distributed_type.name)
@@ -299,9 +304,9 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     # ---- resume: restores model, optimizer, scheduler, scaler, RNG; the data order is positioned, not replayed
     resume_from, state = checkpoint.load_first_readable(accelerator, candidates)
     units = world if budget else cfg.batch_size * world  # rows (or token-budget bins) per global batch
-    if resume_from is not None:
+    if resume_from is not None and not eval_only:  # (eval_only says what it evaluates below)
         logger.info("resumed from %s at step %d", resume_from, state.step)
-        if state.step >= total_steps and not eval_only:
+        if state.step >= total_steps:
             logger.warning("the checkpoint is at step %d, the run has %d steps: nothing left to train; the model "
                            "is exported as it is (raise train.max_steps or epochs to go on)", state.step, total_steps)
         if state.batch_tokens != budget:
@@ -316,7 +321,8 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
                 logger.warning("resuming with %d rows per global batch instead of %d: the data position is rounded "
                                "down to a whole batch", units, state.rows_per_batch)
     state.rows_per_batch, state.batch_tokens = units, budget
-    checkpoint.note_training_data(state, resume_from, len(data.train), sum(data.train_lengths or ()))
+    if not eval_only:
+        checkpoint.note_training_data(state, resume_from, len(data.train), sum(data.train_lengths or ()))
     tracker = Tracker(out, recipe.log, recipe.to_dict(), state.step if resume_from else None) \
         if main and not eval_only else NullTracker()
 

@@ -699,7 +699,8 @@ def test_evaluate_only_gives_the_runs_own_evaluations_and_writes_nothing(tmp_pat
     files = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
 
     exported = finetune.evaluate(recipe, **{"model.name_or_path": str(trained.model_dir),
-                                            "output_dir": str(tmp_path / "elsewhere")})
+                                            "output_dir": str(tmp_path / "elsewhere"),
+                                            "data.train": str(tmp_path / "not-here.jsonl")})  # not needed
     assert exported.metrics["eval_loss"] == pytest.approx(logged[4], rel=1e-6)
     assert exported.steps == 0 and exported.history == [] and not (tmp_path / "elsewhere").exists()
     base = finetune.evaluate(recipe, output_dir=str(tmp_path / "elsewhere"))

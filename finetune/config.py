@@ -183,12 +183,14 @@ class DPOConfig:
     gamma: float = 0.5  # SimPO's target margin
     precompute_ref_logps: bool = False  # reference log-probs computed once before training and cached
     ref_model: str | None = None  # the reference policy's model when it is not the initial policy (same tokenizer)
+    rpo_alpha: float = 0.0  # weight of the chosen response's NLL per token added to the loss (RPO); 0: none
 
     def __post_init__(self) -> None:
         _range("dpo.beta", self.beta, lo=0, lo_open=True)
         _choice("dpo.loss_type", self.loss_type, ("sigmoid", "robust", "hinge", "ipo", "simpo"))
         _range("dpo.label_smoothing", self.label_smoothing, lo=0, hi=0.5, hi_open=True)
         _range("dpo.gamma", self.gamma, lo=0)
+        _range("dpo.rpo_alpha", self.rpo_alpha, lo=0)
 
 
 @dataclass(frozen=True)

@@ -592,3 +592,27 @@ def test_dpo_ref_model_of_another_vocabulary_is_refused(tmp_path: Path, pair_fil
     model.save_pretrained(tmp_path / "bigger")
     with pytest.raises(UserError, match=r"dpo.ref_model: \S+bigger has a vocabulary of \d+ tokens, the policy \d+"):
         finetune.train(pair_recipe(tmp_path / "run", pair_files, "dpo", dpo={"ref_model": str(tmp_path / "bigger")}))
+
+
+def test_dpo_rpo_alpha_adds_the_chosen_responses_nll_per_token(tmp_path: Path, pair_files, tiny_dir):
+    """At step 0 the policy is the reference: the loss is ln 2 plus alpha x the mean over held-out pairs of the
+    chosen response's negative log-likelihood per token, computed here with a plain forward of the model."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.pairs import encode_pair
+
+    run = finetune.train(pair_recipe(tmp_path, pair_files, "dpo", dpo={"rpo_alpha": 0.5}, train={"max_steps": 1}))
+    at_start = run.history[0]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+    per_pair = []
+    for line in pair_files[1].read_text().splitlines():
+        pair = encode_pair(json.loads(line), tokenizer, 48, 24, "x")
+        ids = torch.tensor([pair["prompt"] + pair["chosen"]])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+        per_pair.append(-logps[-len(pair["chosen"]):].mean().item())
+    nll = sum(per_pair) / len(per_pair)
+    assert at_start["eval_nll"] == pytest.approx(nll, rel=1e-4)
+    assert at_start["eval_loss"] == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)

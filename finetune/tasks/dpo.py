@@ -174,9 +174,10 @@ class DPOTask:
         simpo = self.cfg.loss_type == "simpo"
         ref = None if simpo else self.reference_logps(model, batch)
         policy = self.pair_logps(model, batch, self.head)
+        lengths = sequence_lengths(batch["labels"], segment_ids=batch.get("segment_ids")).clamp(min=1).view(2, -1).T
+        # RPO's term (Pang et al. 2024): the chosen response's negative log-likelihood per token, pair by pair
+        chosen_nll = -policy[:, 0] / lengths[:, 0]
         if self.cfg.loss_type in LENGTH_AVERAGED:
-            lengths = sequence_lengths(batch["labels"], segment_ids=batch.get("segment_ids"))
-            lengths = lengths.clamp(min=1).view(2, -1).T
             policy = policy / lengths
             ref = None if simpo else ref / lengths
         losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -189,7 +190,10 @@ class DPOTask:
         metrics = {"accuracy": accuracy, "rewards/accuracy": accuracy,
                    "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
                    "rewards/margin": (chosen_rewards - rejected_rewards).sum(),
-                   "logps/chosen": policy[:, 0].detach().sum(), "logps/rejected": policy[:, 1].detach().sum()}
+                   "logps/chosen": policy[:, 0].detach().sum(), "logps/rejected": policy[:, 1].detach().sum(),
+                   "nll": chosen_nll.detach().sum()}
+        if self.cfg.rpo_alpha:
+            losses = losses + self.cfg.rpo_alpha * chosen_nll
         return LossOutput(loss_sum=losses.sum(), metric_sums=metrics)
 
     def extra_eval(self, recipe: Any, accelerator: Any, model: Any) -> dict[str, float]:

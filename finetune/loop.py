@@ -216,7 +216,8 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
         d = recipe.data
         recipe = replace(recipe, data=replace(d, train=d.eval, split=d.eval_split))
     out = Path(recipe.output_dir)
-    candidates = checkpoint.resume_candidates(recipe.resume, out, recipe.overwrite_output_dir)
+    # eval_only writes nothing, so resume: false needs no overwrite_output_dir to evaluate the model itself
+    candidates = checkpoint.resume_candidates(recipe.resume, out, recipe.overwrite_output_dir or eval_only)
     if main and not eval_only:
         if not candidates and recipe.overwrite_output_dir:  # starting over: old checkpoints must not be resumed
             shutil.rmtree(out / "checkpoints", ignore_errors=True)

@@ -703,7 +703,7 @@ def test_evaluate_only_gives_the_runs_own_evaluations_and_writes_nothing(tmp_pat
                                             "data.train": str(tmp_path / "not-here.jsonl")})  # not needed
     assert exported.metrics["eval_loss"] == pytest.approx(logged[4], rel=1e-6)
     assert exported.steps == 0 and exported.history == [] and not (tmp_path / "elsewhere").exists()
-    base = finetune.evaluate(recipe, output_dir=str(tmp_path / "elsewhere"))
+    base = finetune.evaluate(recipe, resume=False)  # the recipe's model, beside the run's checkpoints
     assert base.metrics["eval_loss"] == pytest.approx(logged[0], rel=1e-6)
     # the checkpoint a run would resume from: step 2's weights, evaluated as the run did at step 2
     middle = finetune.evaluate(recipe, resume=str(run / "checkpoints" / "step-0000002"))

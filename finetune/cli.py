@@ -19,7 +19,7 @@ EXAMPLES = """examples:
   accelerate launch --config_file accelerate_configs/ddp.yaml finetune sft recipes/llama_lora.yaml
   finetune sft recipes/tiny_sft.yaml --eval-only model.name_or_path=runs/tiny_sft/model
   finetune generate runs/tiny_sft/model "What is 12 + 7?"
-  finetune score runs/tiny_rm/model "Sort: 3 1 2" "1 2 3" "3 2 1"
+  finetune score runs/tiny_rm/model "Reverse: fire star key rain" "rain key star fire" "fire star key rain"
 """
 
 
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(recipe), end="")
             return 0
+        if args.show_rows < 0:
+            raise UserError(f"--show-rows: expected a number of rows >= 1, got {args.show_rows}")
         if args.show_rows:
             show(recipe, args.show_rows)
             return 0

@@ -148,3 +148,5 @@ def test_show_rows_marks_the_tokens_with_a_loss_and_trains_nothing(tmp_path: Pat
     assert shown[0].startswith("--- pair 0: tokens of prompt ")
     assert "chosen: key sun cat<|im_end|>" in shown and "rejected: key sun cat key<|im_end|>" in shown
     assert not out.exists()
+    assert main(["sft", "recipes/tiny_sft.yaml", "--show-rows", "-1"]) == 2
+    assert "--show-rows: expected a number of rows >= 1, got -1" in capsys.readouterr().err

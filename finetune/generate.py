@@ -69,12 +69,12 @@ def answers(model: Any, tokenizer: Any, prompts: Iterable[str], max_new_tokens: 
     """Each prompt's completion (greedy at temperature 0, else sampled), one prompt at a time, in order."""
     import torch
 
+    from finetune.model import in_eval_mode
+
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    was_training = model.training
-    model.eval()  # no dropout (a model just trained, in a notebook, is still in training mode)
-    try:
+    with in_eval_mode(model):
         for prompt in prompts:
             ids = torch.tensor([prompt_ids(tokenizer, prompt, raw)], device=model.device)
             sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
@@ -82,5 +82,3 @@ def answers(model: Any, tokenizer: Any, prompts: Iterable[str], max_new_tokens: 
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                      max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **sampling)
             yield tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    finally:
-        model.train(was_training)

@@ -255,6 +255,18 @@ def build(cfg_model: ModelConfig, cfg_lora: LoraConfig, gradient_checkpointing: 
     return model
 
 
+@contextmanager
+def in_eval_mode(model: Any) -> Iterator[Any]:
+    """The model in evaluation mode (no dropout, NEFTune off), and back to the mode it was in afterwards: a model
+    just trained, in a notebook, is still in training mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def frozen_weights_dtype(mixed_precision: str, distributed_type: str) -> torch.dtype | None:
     """The dtype to store frozen weights in for `store_frozen_linears_in`: autocast's compute dtype, or None
     (no mixed precision; FSDP and DeepSpeed manage parameter dtypes themselves)."""

@@ -27,14 +27,11 @@ def scores(model: Any, tokenizer: Any, prompt: str, responses: list[str], raw: b
     """The reward of each response, one forward each (no padding to get wrong), in evaluation mode."""
     import torch
 
-    was_training = model.training
-    model.eval()
-    try:
-        out = []
+    from finetune.model import in_eval_mode
+
+    out = []
+    with in_eval_mode(model), torch.no_grad():
         for response in responses:
             ids = torch.tensor([response_ids(tokenizer, prompt, response, raw)], device=model.device)
-            with torch.no_grad():
-                out.append(model(input_ids=ids).logits[0, 0].float().item())
-        return out
-    finally:
-        model.train(was_training)
+            out.append(model(input_ids=ids).logits[0, 0].float().item())
+    return out

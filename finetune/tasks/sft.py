@@ -53,20 +53,18 @@ def exact_match(model: Any, tokenizer: Any, examples: list[tuple[list, str]], ma
     `synced`: every process decodes until all are done (sharded models run a collective per forward)."""
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
     correct: list[bool] = []
     starts = range(0, len(examples), batch_size)
-    for start in tqdm(starts, desc="generate", leave=False, dynamic_ncols=True, disable=not progress):
-        chunk = examples[start:start + batch_size]
-        ids = pad([p for p, _ in chunk], tokenizer.pad_token_id, left=True).to(device)
-        mask = pad([[1] * len(p) for p, _ in chunk], 0, left=True).to(device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
-        texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        correct += [t.strip() == ref.strip() for t, (_, ref) in zip(texts, chunk, strict=True)]
-    model.train(was_training)
+    with model_lib.in_eval_mode(model):
+        for start in tqdm(starts, desc="generate", leave=False, dynamic_ncols=True, disable=not progress):
+            chunk = examples[start:start + batch_size]
+            ids = pad([p for p, _ in chunk], tokenizer.pad_token_id, left=True).to(device)
+            mask = pad([[1] * len(p) for p, _ in chunk], 0, left=True).to(device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
+            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            correct += [t.strip() == ref.strip() for t, (_, ref) in zip(texts, chunk, strict=True)]
     return correct
 
 

@@ -55,10 +55,16 @@ def load(model_dir: str | Path, dtype: str = "auto", reward: bool = False) -> tu
     return model.to(device).eval(), tokenizer
 
 
+def as_chat(tokenizer: Any, raw: bool) -> bool:
+    """Whether a prompt from the command line is a user turn of the chat template: unless `raw`, or the tokenizer
+    has no template (`generate` and `score` alike)."""
+    return not raw and getattr(tokenizer, "chat_template", None) is not None
+
+
 def prompt_ids(tokenizer: Any, prompt: str, raw: bool = False) -> list[int]:
     """The prompt as one user turn of the chat template (ending where the assistant's answer starts), or its plain
     tokens when the tokenizer has no template or `raw`."""
-    if raw or getattr(tokenizer, "chat_template", None) is None:
+    if not as_chat(tokenizer, raw):
         return list(tokenizer(prompt)["input_ids"])
     return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
                                               add_generation_prompt=True, return_dict=True)["input_ids"])

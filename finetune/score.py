@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from finetune.generate import as_chat
 from finetune.pairs import encode_pair
 
 UNLIMITED = 1 << 30  # scoring truncates nothing
@@ -14,7 +15,7 @@ UNLIMITED = 1 << 30  # scoring truncates nothing
 
 def response_ids(tokenizer: Any, prompt: str, response: str, raw: bool = False) -> list[int]:
     """The tokens the reward model scores for `response` to `prompt`."""
-    if raw or getattr(tokenizer, "chat_template", None) is None:
+    if not as_chat(tokenizer, raw):
         row: dict[str, Any] = {"prompt": prompt, "chosen": response, "rejected": response}
     else:
         turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]

@@ -13,17 +13,17 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
-    try:
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-            raise OSError("offline")
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        # Tell huggingface_hub, and so transformers and peft, for the rest of the process (it reads the variable
-        # only when imported): some lookups ignore local_files_only (transformers' for an adapter_config.json
-        # beside a model) and would retry each file for about 25 s.
-        constants.HF_HUB_OFFLINE = True
-        return False
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            return True
+        except OSError:
+            pass
+    # Tell huggingface_hub, and so transformers and peft, for the rest of the process (it reads the variable only
+    # when imported): some lookups ignore local_files_only (transformers' for an adapter_config.json beside a
+    # model) and would retry each file for about 25 s.
+    constants.HF_HUB_OFFLINE = True
+    return False
 
 
 def local_only(name: str) -> bool:

@@ -273,13 +273,13 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * per_epoch / cfg.grad_accum)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_params = sum(p.numel() for p in model.parameters())
-    rows = count(len(data.train), "train row")
-    if data.train_lengths:  # what an epoch costs, in the unit throughput is measured in
-        rows += f" ({_amount(sum(data.train_lengths))} tokens)"
     evals = count(0 if data.eval is None else len(data.eval), "eval row")
     if eval_only:
         logger.info("%s: %s, %.2fM parameters", task.name, evals, n_params / 1e6)
     else:
+        rows = count(len(data.train), "train row")
+        if data.train_lengths:  # what an epoch costs, in the unit throughput is measured in
+            rows += f" ({_amount(sum(data.train_lengths))} tokens)"
         logger.info("%s: %s, %s, %s (%s/epoch x %s), %.2fM of %.2fM parameters trainable", task.name, rows, evals,
                     count(total_steps, "optimizer step"), count(per_epoch, "micro-batch", "micro-batches"), procs,
                     n_trainable / 1e6, n_params / 1e6)

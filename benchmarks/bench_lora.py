@@ -6,8 +6,9 @@ LoRA skips the frozen weights' gradients (one of the three GEMMs of every linear
 state; attention, norms, the loss and LoRA's own rank-r products cost it as much as full fine-tuning. How much
 the skipped part weighs depends on the model's size, so both runs are made on the benchmark's 10M-parameter
 Llama (bench_trl.py) and on a 100M-parameter one (hidden 1024, 8 layers), same data, packed, BF16, LoRA r=16
-on all linear layers. Each run is its own process, A B B A per size; printed: non-padding tokens/s, peak RSS
-and the ratios LoRA / full.
+on all linear layers. LoRA runs twice: with finetune's fused LoRA forward (the default, `lora.fused`) and with
+peft's own. Each run is its own process, A B C C B A per size; printed: non-padding tokens/s, peak RSS and the
+ratios LoRA / full.
 """
 
 from __future__ import annotations
@@ -31,16 +32,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sizes", nargs="*", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--dropout", action="store_true", help="LoRA dropout 0.05 (the recipes' default), not 0")
     args = parser.parse_args()
-    print(f"{args.steps} steps per run, batch 8 x accumulation 2, packed, BF16, no checkpointing")
+    print(f"{args.steps} steps per run, batch 8 x accumulation 2, packed, BF16, no checkpointing, LoRA dropout "
+          f"{0.05 if args.dropout else 0}")
     print("| model | run | tokens/s | peak RSS GB | train loss |\n|---|---|---|---|---|")
     ratios = []
     for size in args.sizes:
         folder = Path(tempfile.mkdtemp(prefix="bench-lora-"))
         assets_file = folder / "assets.json"
         assets_file.write_text(json.dumps(make_assets(folder, model=SIZES[size])))
-        runs: dict[str, list[dict]] = {"sft_full_packed": [], "sft_lora_packed": []}
-        for kind in ("sft_full_packed", "sft_lora_packed", "sft_lora_packed", "sft_full_packed"):
+        lora = "_dropout" if args.dropout else ""
+        kinds = ("sft_full_packed", f"sft_lora_packed{lora}", f"sft_lora_packed_peft{lora}")
+        runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
+        for kind in (*kinds, *reversed(kinds)):
             runs[kind].append(spawn("finetune", kind, assets_file, args.steps))
         figures = {}
         for kind, group in runs.items():
@@ -48,11 +53,12 @@ def main() -> None:
             rss = mean(group, "peak_rss_gb")
             figures[kind] = (tps, rss)
             print(f"| {size} | {kind} | {tps:.0f} | {rss:.2f} | {group[-1]['train_loss']:.3f} |")
-        (lora_tps, lora_rss), (full_tps, full_rss) = figures["sft_lora_packed"], figures["sft_full_packed"]
-        ratios.append((size, lora_tps / full_tps, lora_rss / full_rss))
+        full_tps, full_rss = figures["sft_full_packed"]
+        ratios.append((size, *(v / f for v, f in zip(figures[kinds[1]], (full_tps, full_rss), strict=True)),
+                       figures[kinds[2]][0] / full_tps))
     print("\nratios LoRA / full (same invocation):")
-    for size, t, m in ratios:
-        print(f"  {size}: tokens/s x{t:.2f}, peak RSS x{m:.2f}")
+    for size, t, m, t_peft in ratios:
+        print(f"  {size}: tokens/s x{t:.2f}, peak RSS x{m:.2f} (with peft's own LoRA forward: tokens/s x{t_peft:.2f})")
 
 
 if __name__ == "__main__":

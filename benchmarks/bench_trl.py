@@ -143,7 +143,10 @@ def run_finetune(kind: str, assets: dict, steps: int) -> dict:
     recipe = {
         "task": task, "output_dir": tempfile.mkdtemp(), "seed": HP["seed"],
         "model": {"name_or_path": assets["model"]},
-        "lora": {"enabled": "lora" in kind, "r": 16, "alpha": 32, "dropout": 0.0},
+        # "_peft": LoRA layers run peft's own forward instead of finetune's fused one (lora.fused); "_dropout": LoRA
+        # dropout 0.05, the recipes' default (TRL's side and the other runs have none)
+        "lora": {"enabled": "lora" in kind, "r": 16, "alpha": 32, "dropout": 0.05 if "_dropout" in kind else 0.0,
+                 "fused": "_peft" not in kind},
         "data": {"train": assets["pref_train" if pref else "sft_train"],
                  "eval": assets["pref_eval" if pref else "sft_eval"], "max_length": HP["max_length"],
                  "packing": "packed" in kind},

@@ -61,6 +61,7 @@ class LoraConfig:
     modules_to_save: list[str] = field(default_factory=list)  # whole modules also trained (e.g. [norm])
     use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA)
     use_dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output feature as well
+    fused: bool = True  # plain LoRA linear layers run finetune's one-node forward (same results); false: peft's
 
     def __post_init__(self) -> None:
         _range("lora.r", self.r, lo=1)

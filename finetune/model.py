@@ -198,9 +198,14 @@ def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointi
                               use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     try:
         with peft_quietly():
-            return get_peft_model(model, peft_cfg)
+            model = get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise ModelError(f"lora.target_modules: {str(e).splitlines()[0]}") from None
+    if cfg.fused:
+        from finetune.lora_linear import fuse_lora_layers
+
+        fuse_lora_layers(model)
+    return model
 
 
 def enable_gradient_checkpointing(model: Any, lora: bool) -> None:

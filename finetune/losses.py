@@ -19,8 +19,17 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+# Rows of logits handled at once: about 2**22 float32 values (16 MB) fit this CPU's 32 MB L3 cache. Measured
+# on 1600 rows of 8192 bf16 logits, forward and backward: 20 ms in chunks of 256-512 rows, 44-53 ms in 4096.
+CHUNK_ELEMENTS = 2**22
+
+
+def _rows_per_chunk(chunk_size: int | None, vocab: int) -> int:
+    return chunk_size or max(1, CHUNK_ELEMENTS // vocab)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                   chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and the number of target tokens.
 
     loss = -sum_{t: labels[t+1] != ignore} log softmax(logits[t])[labels[t+1]]
@@ -28,7 +37,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     `labels` is (batch, seq), aligned with the inputs; the shift happens here. `logits` is either (batch, seq,
     vocab), or (n, vocab) holding only the rows at `target_positions(labels)` (what a model returns for
     `logits_to_keep=target_positions(labels)`, so logits of prompt and padding positions are never computed).
-    Rows are processed in chunks of `chunk_size`, so no float32 copy of all logits is alive at once.
+    Computed as `-token_logps(...).sum()`: by chunks of `chunk_size` rows (default: about 2**22 values).
     """
     targets = labels[:, 1:]
     mask = targets != ignore_index
@@ -36,24 +45,54 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return token_cross_entropy_sum(picked, targets[mask], chunk_size), mask.sum()
 
 
-def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """Summed cross-entropy of already aligned (n, vocab) logits and (n,) targets, upcast chunk by chunk so no
-    float32 copy of all logits is alive at once."""
-    total = logits.new_zeros((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    for start in range(0, logits.shape[0], chunk_size):
-        total = total + F.cross_entropy(_wide(logits[start:start + chunk_size]), targets[start:start + chunk_size],
-                                        reduction="sum")
-    return total
+def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor,
+                            chunk_size: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of already aligned (n, vocab) logits and (n,) targets: `-token_logps(...).sum()`."""
+    return -token_logps(logits, targets, chunk_size).sum()
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """log p(target) for aligned (n, vocab) logits and (n,) targets: logit[y] - logsumexp(logits), by chunks."""
-    out = []
-    for start in range(0, logits.shape[0], chunk_size):
-        chunk = _wide(logits[start:start + chunk_size])
-        picked = chunk.gather(-1, targets[start:start + chunk_size].unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(chunk, dim=-1))
-    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+def _logp_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """d sum_i grad_i logp_i / d logits for one chunk, logp_i = logits[i, y_i] - lse_i: grad (onehot(y) -
+    softmax(logits)), in lse's dtype (a half-precision chunk is promoted by the subtraction, not copied first)."""
+    g = grad[:, None].to(lse.dtype)
+    return torch.exp(logits - lse[:, None]).mul_(-g).scatter_add_(-1, targets[:, None], g)
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log p(target) of (n, vocab) logits by chunks in float32 (float64 stays float64). Saves the logits as they
+    came (bf16 under autocast) and each row's logsumexp; backward forms the gradient chunk by chunk. F.cross_entropy
+    would keep a float32 log-softmax of every row for backward and fill and scatter another tensor that size."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        wide = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        logps = torch.empty(logits.shape[0], dtype=wide, device=logits.device)
+        lse = torch.empty_like(logps)
+        for s in range(0, logits.shape[0], rows):
+            chunk = logits[s:s + rows].to(wide)
+            lse[s:s + rows] = torch.logsumexp(chunk, dim=-1)
+            logps[s:s + rows] = chunk.gather(-1, targets[s:s + rows, None]).squeeze(-1) - lse[s:s + rows]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.rows = rows
+        return logps
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        logits, targets, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.rows):
+            out[s:s + ctx.rows] = _logp_grad(logits[s:s + ctx.rows], lse[s:s + ctx.rows], targets[s:s + ctx.rows],
+                                             grad[s:s + ctx.rows])
+        return out, None, None
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """log p(target) for aligned (n, vocab) logits and (n,) targets, logit[y] - logsumexp(logits), in float32
+    (float64 inputs stay float64), by chunks of `chunk_size` rows (default: about 2**22 values), so no float32
+    copy of all logits is alive at once in forward or backward."""
+    if logits.shape[0] == 0:  # still part of the graph (DDP expects every gradient)
+        return logits.new_zeros(0, dtype=torch.float32) + 0 * logits.sum()
+    return _TokenLogps.apply(logits, targets, _rows_per_chunk(chunk_size, logits.shape[-1]))
 
 
 class _LinearTokenLogps(torch.autograd.Function):
@@ -82,10 +121,8 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=lse.dtype, device=w.device) if need_w else None
         for s in range(0, h.shape[0], ctx.chunk):
-            g = grad[s:s + ctx.chunk, None].to(lse.dtype)
-            # d logp_y / d logits = onehot(y) - softmax(logits), scaled by the incoming gradient
-            d = torch.exp((h[s:s + ctx.chunk] @ w.T).to(lse.dtype) - lse[s:s + ctx.chunk, None]).mul_(-g)
-            d = d.scatter_add_(-1, targets[s:s + ctx.chunk, None], g).to(h.dtype)
+            d = _logp_grad(h[s:s + ctx.chunk] @ w.T, lse[s:s + ctx.chunk], targets[s:s + ctx.chunk],
+                           grad[s:s + ctx.chunk]).to(h.dtype)
             if need_h:
                 grad_h[s:s + ctx.chunk] = d @ w
             if need_w:

@@ -9,6 +9,7 @@ from finetune.losses import (
     per_sequence,
     sequence_logps,
     target_positions,
+    token_cross_entropy_sum,
     token_logps,
 )
 
@@ -50,6 +51,38 @@ def test_chunking_does_not_change_the_loss_or_gradient():
     lb.backward()
     torch.testing.assert_close(la, lb)
     torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_token_logps_gradients_against_log_softmax():
+    """Its own backward (softmax - onehot, by chunks): gradcheck in float64 over uneven chunks, and under bf16
+    logits against autograd through a float32 log-softmax, as F.cross_entropy computes it."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (5,), generator=g)
+    assert torch.autograd.gradcheck(lambda x: token_logps(x, t, chunk_size=2), (logits,))
+    weights = torch.randn(5, generator=g, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((token_logps(logits, t, chunk_size=2) * weights).sum(), [logits])
+    (ref,) = torch.autograd.grad((logits.log_softmax(-1)[torch.arange(5), t] * weights).sum(), [logits])
+    torch.testing.assert_close(ours, ref)
+
+    half = torch.randn(300, 1000, generator=g).mul_(3).bfloat16().requires_grad_(True)
+    t = torch.randint(0, 1000, (300,), generator=g)
+    total = token_cross_entropy_sum(half, t, chunk_size=64)
+    (ours,) = torch.autograd.grad(total, [half])
+    wide = half.detach().float().requires_grad_(True)
+    ref_total = F.cross_entropy(wide, t, reduction="sum")
+    ref_total.backward()
+    assert total.dtype == torch.float32 and ours.dtype == torch.bfloat16
+    torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(ours.float(), wide.grad, rtol=1e-2, atol=1e-4)  # bf16 rounding of the gradient
+
+
+def test_token_logps_of_no_targets_is_empty_and_still_in_the_graph():
+    logits = torch.randn(0, 7, requires_grad=True)
+    out = token_logps(logits, torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0,) and out.grad_fn is not None
+    token_cross_entropy_sum(logits, torch.zeros(0, dtype=torch.long)).backward()
+    assert logits.grad is not None and logits.grad.shape == (0, 7)
 
 
 def test_sequence_logps_against_log_softmax():

@@ -8,7 +8,9 @@ the skipped part weighs depends on the model's size, so both runs are made on th
 Llama (bench_trl.py) and on a 100M-parameter one (hidden 1024, 8 layers), same data, packed, BF16, LoRA r=16
 on all linear layers. LoRA runs twice: with finetune's fused LoRA forward (the default, `lora.fused`) and with
 peft's own. Each run is its own process, A B C C B A per size; printed: non-padding tokens/s, peak RSS and the
-ratios LoRA / full.
+ratios LoRA / full. Tokens/s is given twice: over the runs' summed step times, and over the sum of each step's
+fastest time among a kind's runs (the same tokens each time), which a slowdown of the shared machine during one
+run moves less.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{args.steps} steps per run, batch 8 x accumulation 2, packed, BF16, no checkpointing, LoRA dropout "
           f"{0.05 if args.dropout else 0}")
-    print("| model | run | tokens/s | peak RSS GB | train loss |\n|---|---|---|---|---|")
+    print("| model | run | tokens/s | tokens/s, per-step minima | peak RSS GB | train loss |")
+    print("|---|---|---|---|---|---|")
     ratios = []
     for size in args.sizes:
         folder = Path(tempfile.mkdtemp(prefix="bench-lora-"))
@@ -50,15 +53,18 @@ def main() -> None:
         figures = {}
         for kind, group in runs.items():
             tps = sum(r["tokens"] for r in group) / sum(r["train_s"] for r in group)
-            rss = mean(group, "peak_rss_gb")
-            figures[kind] = (tps, rss)
-            print(f"| {size} | {kind} | {tps:.0f} | {rss:.2f} | {group[-1]['train_loss']:.3f} |")
-        full_tps, full_rss = figures["sft_full_packed"]
-        ratios.append((size, *(v / f for v, f in zip(figures[kinds[1]], (full_tps, full_rss), strict=True)),
-                       figures[kinds[2]][0] / full_tps))
+            # every run of a size trains on the same steps' tokens: each step's fastest run shows the work
+            # without the slowdowns a shared machine adds to one run or another
+            fastest = group[0]["tokens"] / sum(min(times) for times in zip(*(r["step_s"] for r in group), strict=True))
+            figures[kind] = (tps, fastest, mean(group, "peak_rss_gb"))
+            print(f"| {size} | {kind} | {tps:.0f} | {fastest:.0f} | {figures[kind][2]:.2f} | "
+                  f"{group[-1]['train_loss']:.3f} |")
+        full, lora, peft = (figures[kind] for kind in kinds)
+        ratios.append((size, lora[0] / full[0], lora[1] / full[1], lora[2] / full[2], peft[0] / full[0]))
     print("\nratios LoRA / full (same invocation):")
-    for size, t, m, t_peft in ratios:
-        print(f"  {size}: tokens/s x{t:.2f}, peak RSS x{m:.2f} (with peft's own LoRA forward: tokens/s x{t_peft:.2f})")
+    for size, t, fastest, m, t_peft in ratios:
+        print(f"  {size}: tokens/s x{t:.2f} (per-step minima x{fastest:.2f}), peak RSS x{m:.2f}; with peft's own "
+              f"LoRA forward: tokens/s x{t_peft:.2f}")
 
 
 if __name__ == "__main__":

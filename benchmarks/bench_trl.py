@@ -163,10 +163,10 @@ def run_finetune(kind: str, assets: dict, steps: int) -> dict:
     # each step logs the non-padding tokens it processed per second; recover tokens and time per step
     tokens = [b["tokens_seen"] - a["tokens_seen"] for a, b in zip([{"tokens_seen": 0}, *events], events,
                                                                   strict=False)]
-    seconds = sum(t / e["tokens_per_s"] for t, e in zip(tokens, events, strict=True))
+    step_s = [t / e["tokens_per_s"] for t, e in zip(tokens, events, strict=True)]
     return {"train_loss": events[-1]["loss"], "eval_loss": result.metrics.get("eval_loss"),
-            "eval_accuracy": result.metrics.get("eval_accuracy"), "tokens": sum(tokens), "train_s": seconds,
-            "padding_share": 0.0 if "packed" in kind else None}
+            "eval_accuracy": result.metrics.get("eval_accuracy"), "tokens": sum(tokens), "train_s": sum(step_s),
+            "step_s": step_s, "padding_share": 0.0 if "packed" in kind else None}
 
 
 def run_trl(kind: str, assets: dict, steps: int) -> dict:

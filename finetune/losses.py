@@ -55,7 +55,7 @@ def _logp_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g
     """d sum_i grad_i logp_i / d logits for one chunk, logp_i = logits[i, y_i] - lse_i: grad (onehot(y) -
     softmax(logits)), in lse's dtype (a half-precision chunk is promoted by the subtraction, not copied first)."""
     g = grad[:, None].to(lse.dtype)
-    return torch.exp(logits - lse[:, None]).mul_(-g).scatter_add_(-1, targets[:, None], g)
+    return (logits - lse[:, None]).exp_().mul_(-g).scatter_add_(-1, targets[:, None], g)
 
 
 class _TokenLogps(torch.autograd.Function):

@@ -1,6 +1,7 @@
 """finetune LoRA vs finetune full fine-tuning, per token, at two model sizes, in one invocation.
 
     python benchmarks/bench_lora.py --steps 4
+    python benchmarks/bench_lora.py --sizes 10M --interleaved 20 [--dropout]
 
 LoRA skips the frozen weights' gradients (one of the three GEMMs of every linear layer) and their optimizer
 state; attention, norms, the loss and LoRA's own rank-r products cost it as much as full fine-tuning. How much
@@ -23,11 +24,64 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trl import MODEL, make_assets, mean, spawn  # noqa: E402
+from bench_trl import MODEL, VOCAB, make_assets, mean, spawn  # noqa: E402
 
 SIZES = {"10M": MODEL,
          "100M": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                       num_key_value_heads=16, max_position_embeddings=1024, tie_word_embeddings=True)}
+
+
+def interleaved(size: str, dropout: float, steps: int) -> dict[str, float]:
+    """Seconds per optimizer step of full fine-tuning, LoRA and LoRA with peft's forward, the three models in one
+    process taking turns step by step (A B C, then C B A), so a slowdown of the machine falls on all three.
+    A step: one packed row of 2048 tokens (sequences of 20-450), forward, loss, backward and AdamW, BF16."""
+    import random
+    import time
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune import attention
+    from finetune.config import LoraConfig
+    from finetune.losses import causal_lm_loss
+    from finetune.model import apply_lora, store_frozen_linears_in
+
+    attention.register()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, attn_implementation=attention.NAME, **SIZES[size])
+    models = {}
+    for kind in ("full", "lora", "lora_peft"):
+        model = LlamaForCausalLM(config)
+        if kind != "full":
+            model = apply_lora(model, LoraConfig(enabled=True, r=16, alpha=32, dropout=dropout,
+                                                 fused=kind == "lora"), "CAUSAL_LM", False)
+            store_frozen_linears_in(model, torch.bfloat16)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        models[kind] = (model.train(), optimizer)
+    rng = random.Random(0)
+    lengths = []
+    while sum(lengths) < 2048:
+        lengths.append(min(rng.randint(20, 450), 2048 - sum(lengths)))
+    ids = torch.randint(0, VOCAB, (1, 2048))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+
+    def step(kind: str) -> float:
+        model, optimizer = models[kind]
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        causal_lm_loss(logits, ids)[0].div(2048).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {kind: [] for kind in models}
+    for kind in models:  # warm-up: first-call allocations and kernel creation
+        step(kind)
+    for i in range(steps):
+        for kind in list(models) if i % 2 == 0 else reversed(list(models)):
+            times[kind].append(step(kind))
+    return {kind: sorted(t)[len(t) // 2] for kind, t in times.items()}
 
 
 def main() -> None:
@@ -35,7 +89,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sizes", nargs="*", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--dropout", action="store_true", help="LoRA dropout 0.05 (the recipes' default), not 0")
+    parser.add_argument("--interleaved", type=int, default=0, metavar="STEPS",
+                        help="instead: the three models in one process, taking turns for STEPS steps each")
     args = parser.parse_args()
+    if args.interleaved:
+        dropout = 0.05 if args.dropout else 0.0
+        print(f"one process, models taking turns, median of {args.interleaved} steps, LoRA dropout {dropout}")
+        for size in args.sizes:
+            t = interleaved(size, dropout, args.interleaved)
+            print(f"  {size}: seconds per step full {t['full']:.3f}, LoRA {t['lora']:.3f}, LoRA with peft's forward "
+                  f"{t['lora_peft']:.3f}; LoRA / full tokens/s x{t['full'] / t['lora']:.2f} (peft's forward "
+                  f"x{t['full'] / t['lora_peft']:.2f})")
+        return
     print(f"{args.steps} steps per run, batch 8 x accumulation 2, packed, BF16, no checkpointing, LoRA dropout "
           f"{0.05 if args.dropout else 0}")
     print("| model | run | tokens/s | tokens/s, per-step minima | peak RSS GB | train loss |")

@@ -32,9 +32,11 @@ SIZES = {"10M": MODEL,
 
 
 def interleaved(size: str, dropout: float, steps: int) -> dict[str, float]:
-    """Seconds per optimizer step of full fine-tuning, LoRA and LoRA with peft's forward, the three models in one
-    process taking turns step by step (A B C, then C B A), so a slowdown of the machine falls on all three.
-    A step: one packed row of 2048 tokens (sequences of 20-450), forward, loss, backward and AdamW, BF16."""
+    """Seconds per optimizer step of full fine-tuning, LoRA, LoRA with peft's forward and training the norms only
+    (LoRA with adapters that cost nothing: the bound for any LoRA), the models in one process taking turns step
+    by step (A B C D, then D C B A), so a slowdown of the machine falls on all of them.
+    A step: one packed row of 2048 tokens (sequences of 20-450, the second half of each a target), forward,
+    loss, backward and AdamW, BF16."""
     import random
     import time
 
@@ -43,16 +45,20 @@ def interleaved(size: str, dropout: float, steps: int) -> dict[str, float]:
 
     from finetune import attention
     from finetune.config import LoraConfig
-    from finetune.losses import causal_lm_loss
-    from finetune.model import apply_lora, store_frozen_linears_in
+    from finetune.losses import IGNORE_INDEX, causal_lm_loss
+    from finetune.model import apply_lora, causal_lm_forward, store_frozen_linears_in
 
     attention.register()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, attn_implementation=attention.NAME, **SIZES[size])
     models = {}
-    for kind in ("full", "lora", "lora_peft"):
+    for kind in ("full", "lora", "lora_peft", "norms"):
         model = LlamaForCausalLM(config)
-        if kind != "full":
+        if kind == "norms":  # LoRA's bound: every linear layer frozen, gradients still flow through all of them
+            for name, p in model.named_parameters():
+                p.requires_grad_("norm" in name)
+            store_frozen_linears_in(model, torch.bfloat16)
+        elif kind != "full":
             model = apply_lora(model, LoraConfig(enabled=True, r=16, alpha=32, dropout=dropout,
                                                  fused=kind == "lora"), "CAUSAL_LM", False)
             store_frozen_linears_in(model, torch.bfloat16)
@@ -64,13 +70,16 @@ def interleaved(size: str, dropout: float, steps: int) -> dict[str, float]:
         lengths.append(min(rng.randint(20, 450), 2048 - sum(lengths)))
     ids = torch.randint(0, VOCAB, (1, 2048))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = torch.where(positions < torch.cat([torch.full((n,), n // 2) for n in lengths]), IGNORE_INDEX, ids)
+    batch = {"input_ids": ids, "position_ids": positions, "labels": labels}  # the first half of each: prompt
 
     def step(kind: str) -> float:
         model, optimizer = models[kind]
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-        causal_lm_loss(logits, ids)[0].div(2048).backward()
+            logits = causal_lm_forward(model, batch, keep_logits=True)  # as the sft task: at targets only
+        loss, count = causal_lm_loss(logits, labels)
+        loss.div(count).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
@@ -90,7 +99,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="*", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--dropout", action="store_true", help="LoRA dropout 0.05 (the recipes' default), not 0")
     parser.add_argument("--interleaved", type=int, default=0, metavar="STEPS",
-                        help="instead: the three models in one process, taking turns for STEPS steps each")
+                        help="instead: the models in one process, taking turns for STEPS steps each")
     args = parser.parse_args()
     if args.interleaved:
         dropout = 0.05 if args.dropout else 0.0
@@ -98,8 +107,9 @@ def main() -> None:
         for size in args.sizes:
             t = interleaved(size, dropout, args.interleaved)
             print(f"  {size}: seconds per step full {t['full']:.3f}, LoRA {t['lora']:.3f}, LoRA with peft's forward "
-                  f"{t['lora_peft']:.3f}; LoRA / full tokens/s x{t['full'] / t['lora']:.2f} (peft's forward "
-                  f"x{t['full'] / t['lora_peft']:.2f})")
+                  f"{t['lora_peft']:.3f}, norms only {t['norms']:.3f}; LoRA / full tokens/s "
+                  f"x{t['full'] / t['lora']:.2f} (peft's forward x{t['full'] / t['lora_peft']:.2f}, free adapters "
+                  f"x{t['full'] / t['norms']:.2f})")
         return
     print(f"{args.steps} steps per run, batch 8 x accumulation 2, packed, BF16, no checkpointing, LoRA dropout "
           f"{0.05 if args.dropout else 0}")

@@ -1,13 +1,14 @@
 """The output projection + loss, unfused (logits, then cross-entropy by chunks) vs `train.fused_linear_loss`
-(`finetune.losses.linear_token_logps`), side by side in one invocation.
+(`finetune.losses.linear_token_logps`), side by side in one invocation, with PyTorch's own cross-entropy on
+the same logits as a reference ("torch").
 
     python benchmarks/bench_loss.py                         # Llama 3's vocabulary (128256), hidden 1024
     python benchmarks/bench_loss.py --vocab 8192 --tokens 8192
 
 Forward and backward of the summed cross-entropy of `--tokens` target tokens under bf16 autocast, with the
 weight trained (full fine-tuning, tied or untied head) and frozen (LoRA). Each measurement runs in its own
-process, in A B B A order; printed: seconds per forward+backward and the peak RSS above the inputs' (the memory
-the loss itself needs), then the ratios fused / unfused.
+process, in A B C C B A order; printed: seconds per forward+backward and the peak RSS above the inputs' (the
+memory the loss itself needs), then the ratios fused / unfused and unfused / torch.
 """
 
 from __future__ import annotations
@@ -47,8 +48,12 @@ def child(kind: str, trained: bool, tokens: int, hidden: int, vocab: int, repeat
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if kind == "fused":
                 loss = -linear_token_logps(h, w, targets).sum()
-            else:  # what the sft task does without the option: logits at target rows, then the loss
+            elif kind == "unfused":  # what the sft task does without the option: logits at target rows, the loss
                 loss = token_cross_entropy_sum(torch.nn.functional.linear(h, w), targets)
+            else:  # PyTorch's cross-entropy on float32 copies of 4096-row chunks (finetune's loss until 2026-11-24)
+                logits = torch.nn.functional.linear(h, w)
+                loss = sum(torch.nn.functional.cross_entropy(logits[s:s + 4096].float(), targets[s:s + 4096],
+                                                             reduction="sum") for s in range(0, tokens, 4096))
         loss.backward()
         times.append(time.perf_counter() - start)
         h.grad = w.grad = None
@@ -82,8 +87,8 @@ def main() -> None:
     print("| weight | loss | s per fwd+bwd | peak RSS above inputs GB | loss value |\n|---|---|---|---|---|")
     ratios = []
     for trained in ("1", "0"):
-        runs: dict[str, list[dict]] = {"unfused": [], "fused": []}
-        for kind in ("unfused", "fused", "fused", "unfused"):
+        runs: dict[str, list[dict]] = {"torch": [], "unfused": [], "fused": []}
+        for kind in (*runs, *reversed(runs)):
             runs[kind].append(spawn(kind, trained, str(args.tokens), str(args.hidden), str(args.vocab),
                                     str(args.repeats)))
         label = "trained" if trained == "1" else "frozen (LoRA)"
@@ -92,11 +97,12 @@ def main() -> None:
             means[kind] = {k: mean(group, k) for k in group[0]}
             m = means[kind]
             print(f"| {label} | {kind} | {m['seconds']:.2f} | {m['peak_above_inputs_gb']:.2f} | {m['loss']:.4f} |")
-        ratios.append((label, means["fused"]["seconds"] / means["unfused"]["seconds"],
-                       means["fused"]["peak_above_inputs_gb"] / max(means["unfused"]["peak_above_inputs_gb"], 1e-9)))
-    print("\nratios fused / unfused (same invocation):")
-    for label, t, m in ratios:
-        print(f"  weight {label}: time x{t:.2f}, peak RSS above inputs x{m:.2f}")
+        for a, b in (("fused", "unfused"), ("unfused", "torch")):
+            ratios.append((label, a, b, means[a]["seconds"] / means[b]["seconds"],
+                           means[a]["peak_above_inputs_gb"] / max(means[b]["peak_above_inputs_gb"], 1e-9)))
+    print("\nratios (same invocation):")
+    for label, a, b, t, m in ratios:
+        print(f"  weight {label}, {a} / {b}: time x{t:.2f}, peak RSS above inputs x{m:.2f}")
 
 
 if __name__ == "__main__":

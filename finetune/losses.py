@@ -132,15 +132,16 @@ class _LinearTokenLogps(torch.autograd.Function):
 
 
 def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       chunk_logits: int = 2**25) -> torch.Tensor:
+                       chunk_logits: int | None = None) -> torch.Tensor:
     """log p(target) under the output projection, fused with it: (n, hidden) states, a (vocab, hidden) weight
     and (n,) targets give (n,) float32 log-probs,
 
     logp_i = (h_i W^T)[y_i] - logsumexp(h_i W^T),
 
-    computed by chunks of `chunk_logits // vocab` tokens and recomputed by chunks in backward (one extra
-    projection), so the full (n, vocab) logits and their gradient never exist: with a 128k vocabulary that is
-    0.5 MB per token in bfloat16 saved. The cross-entropy sum is `-linear_token_logps(...).sum()`. Under autocast
+    computed by chunks of `chunk_logits // vocab` tokens (default: about 2**22 logits, at least 256 tokens so
+    the projection's GEMMs stay efficient) and recomputed by chunks in backward (one extra projection), so the
+    full (n, vocab) logits and their gradient never exist: with a 128k vocabulary that is 0.5 MB per token in
+    bfloat16 saved. The cross-entropy sum is `-linear_token_logps(...).sum()`. Under autocast
     the projection runs in the autocast dtype, as `F.linear` would; the softmax is taken in float32 (float64
     inputs stay float64). Gradients flow to `hidden` and to `weight` (when it requires them).
     """
@@ -149,7 +150,8 @@ def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else hidden.dtype
     dtype = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else dtype
-    chunk = max(1, chunk_logits // weight.shape[0])
+    vocab = weight.shape[0]
+    chunk = max(1, chunk_logits // vocab) if chunk_logits else max(256, CHUNK_ELEMENTS // vocab)
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearTokenLogps.apply(hidden, weight, targets, chunk, dtype)
 

@@ -24,10 +24,6 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 CHUNK_ELEMENTS = 2**22
 
 
-def _rows_per_chunk(chunk_size: int | None, vocab: int) -> int:
-    return chunk_size or max(1, CHUNK_ELEMENTS // vocab)
-
-
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                    chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and the number of target tokens.
@@ -92,7 +88,7 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | N
     copy of all logits is alive at once in forward or backward."""
     if logits.shape[0] == 0:  # still part of the graph (DDP expects every gradient)
         return logits.new_zeros(0, dtype=torch.float32) + 0 * logits.sum()
-    return _TokenLogps.apply(logits, targets, _rows_per_chunk(chunk_size, logits.shape[-1]))
+    return _TokenLogps.apply(logits, targets, chunk_size or max(1, CHUNK_ELEMENTS // logits.shape[-1]))
 
 
 class _LinearTokenLogps(torch.autograd.Function):

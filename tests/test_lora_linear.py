@@ -43,10 +43,7 @@ def _pair(dropout: float = 0.0, dtype: torch.dtype = torch.float64, **lora: obje
                 p.copy_(torch.randn(p.shape) * 0.1)  # drawn in float32: the same values at either dtype
     fused = copy.deepcopy(peft_model)
     assert fuse_lora_layers(fused) == 14  # q k v o gate up down in each of 2 layers
-    if dropout:
-        for layer in peft_model.modules():
-            if isinstance(layer, torch.nn.Dropout):
-                layer.p = 1.0  # the fused path must not run peft's dropout modules; their masks replace these
+    if dropout:  # peft's side draws the fused path's masks, so the two compare exactly
         for layer in peft_model.modules():
             if hasattr(layer, "lora_dropout"):
                 layer.lora_dropout["default"] = _SameMaskDropout(dropout)

@@ -9,13 +9,19 @@ of the sequence before it (see `sequence_bounds`): preference pairs run their pr
 attention mask (padded eval batches, left-padded generation) and KV-cache steps go to transformers' own SDPA
 path unchanged.
 
+On a CUDA GPU, in half precision, rows without shared prefixes go to PyTorch's flash-attention varlen kernel
+(`torch.nn.attention.varlen`, torch >= 2.10) in one call for the whole batch, the same computation as the
+flash-attention package's varlen path with nothing extra to install.
+
 Registered with transformers' AttentionInterface under `sdpa_varlen`; `model.attn_implementation: sdpa` with
 `data.packing: true` uses it.
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
+from functools import cache
 from typing import Any
 
 import torch
@@ -51,17 +57,25 @@ def sequence_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int, int
     return out
 
 
-_last_bounds: tuple[torch.Tensor, int, list] | None = None
+_per_forward: tuple[torch.Tensor, int, dict] | None = None
+
+
+def _once_per_forward(position_ids: torch.Tensor, key: Any, compute: Any) -> Any:
+    """`compute()`, cached for as long as `position_ids` is the same tensor, unmodified: every layer of a
+    forward receives the same `position_ids`, and what is derived from it (the bounds read back to the CPU, the
+    offsets copied to the GPU) would otherwise cost a device sync per layer. Keyed on the tensor itself and its
+    version counter, so a new or modified tensor starts afresh."""
+    global _per_forward
+    if _per_forward is None or _per_forward[0] is not position_ids or _per_forward[1] != position_ids._version:
+        _per_forward = (position_ids, position_ids._version, {})
+    values = _per_forward[2]
+    if key not in values:
+        values[key] = compute()
+    return values[key]
 
 
 def _bounds_once_per_forward(position_ids: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
-    """`sequence_bounds`, computed once per forward: every layer receives the same `position_ids` tensor, and
-    finding the bounds reads it back to the CPU (a device sync per layer on GPUs). Keyed on the tensor itself
-    and its version counter, so a new or modified tensor is read again."""
-    global _last_bounds
-    if _last_bounds is None or _last_bounds[0] is not position_ids or _last_bounds[1] != position_ids._version:
-        _last_bounds = (position_ids, position_ids._version, sequence_bounds(position_ids))
-    return _last_bounds[2]
+    return _once_per_forward(position_ids, "bounds", lambda: sequence_bounds(position_ids))
 
 
 def _row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -94,7 +108,7 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
     """query (batch, heads, q_len, dim), key/value (batch, kv_heads, kv_len, dim) -> (batch, q_len, heads, dim)."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
     packed = (attention_mask is None and position_ids is not None and query.shape[2] == key.shape[2]
@@ -104,9 +118,6 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
                                       **kwargs)
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{NAME}: attention logit soft-capping is not supported; use eager attention")
-    window = kwargs.get("sliding_window")
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dtype = query.dtype
     half = (torch.bfloat16, torch.float16)
     upcast = query.device.type == "cpu" and (dtype in half or torch.is_autocast_enabled("cpu"))
@@ -117,8 +128,8 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
         # Under autocast the inputs often arrive as float32 already (Llama's rotary embedding promotes them), but
         # autocast would cast them to half precision inside SDPA: it is off around the call.
         query, key, value = query.float(), key.float(), value.float()
-    out = _packed_attention(query, key, value, position_ids, dropout, scaling, window, upcast)
-    return out.transpose(1, 2).to(dtype).contiguous(), None
+    out = _packed_attention(query, key, value, position_ids, dropout, scaling, kwargs.get("sliding_window"), upcast)
+    return (out.to(dtype) if upcast else out).contiguous(), None
 
 
 # Eager under torch.compile (the projections around it still compile): the sequences are data that the loop
@@ -126,18 +137,81 @@ def varlen_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
 @torch.compiler.disable
 def _packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor,
                       dropout: float, scaling: float | None, window: int | None, upcast: bool) -> torch.Tensor:
+    """(batch, heads, len, dim) inputs -> (batch, len, heads, dim)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
     if position_ids.shape[0] not in (1, query.shape[0]):
         raise ValueError(f"{NAME}: position_ids has {position_ids.shape[0]} rows for a batch of {query.shape[0]}")
     bounds = _bounds_once_per_forward(position_ids)
     if len(bounds) == 1:  # one row of positions shared by the whole batch
         bounds = bounds * query.shape[0]
+    if window is not None and max(e - s + pe - ps for row in bounds for s, e, ps, pe in row) > window:
+        raise ValueError(f"{NAME}: a packed sequence is longer than the model's sliding window ({window})")
+    flash = _flash_dtype(query, scaling)
+    if flash is not None and dropout == 0 and all(ps == pe for row in bounds for _, _, ps, pe in row):
+        return _flash_rows(query, key, value, bounds, position_ids, scaling, flash)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     rows = []
     with torch.autocast(query.device.type, enabled=False) if upcast else nullcontext():
         for q, k, v, row in zip(query.split(1), key.split(1), value.split(1), bounds, strict=True):
-            if window is not None and max(e - s + pe - ps for s, e, ps, pe in row) > window:
-                raise ValueError(f"{NAME}: a packed sequence is longer than the model's sliding window ({window})")
             rows.append(_row_attention(q, k, v, row, dropout, scaling))
-    return torch.cat(rows)
+    return torch.cat(rows).transpose(1, 2)
+
+
+@cache
+def _varlen_kernel() -> tuple[Any, dict, set[str]] | None:
+    """torch's flash-attention varlen function, the keyword that makes it causal, and the names of its optional
+    parameters; None before torch 2.10. torch 2.10 spells causal `is_causal=True`, later ones
+    `window_size=(-1, 0)`."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = set(inspect.signature(varlen_attn).parameters)
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    return varlen_attn, causal, params
+
+
+def _flash_dtype(query: torch.Tensor, scaling: float | None) -> torch.dtype | None:
+    """The half-precision dtype in which the varlen kernel would run this attention, or None where it cannot:
+    not on a CUDA GPU of compute capability 8 or more, torch < 2.10, float32 without autocast, heads wider than
+    256, or a scaling other than 1/sqrt(dim) where the kernel takes none."""
+    kernel = _varlen_kernel()
+    if kernel is None or not query.is_cuda or torch.cuda.get_device_capability(query.device)[0] < 8:
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    dim = query.shape[-1]
+    default_scale = scaling is None or abs(scaling - dim ** -0.5) < 1e-6
+    if dtype not in (torch.bfloat16, torch.float16) or dim > 256 or not ("scale" in kernel[2] or default_scale):
+        return None
+    return dtype
+
+
+def _flash_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list, position_ids: torch.Tensor,
+                scaling: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """All rows' sequences in one varlen call: (batch, heads, len, dim) -> (batch, len, heads, dim)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    varlen_attn, causal, params = _varlen_kernel()
+    batch, heads, length, dim = query.shape
+    extra = {"scale": scaling} if "scale" in params and scaling is not None else {}
+    if key.shape[1] != heads:
+        if "enable_gqa" in params:  # the kernel reads each key/value head for its group of query heads
+            extra["enable_gqa"] = True
+        else:
+            key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // key.shape[1])
+    # the kernel's layout, (tokens, heads, dim): a view where the projections' (batch, len, heads, dim) is kept
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim).to(dtype) for t in (query, key, value))
+
+    def offsets() -> tuple[torch.Tensor, int]:
+        starts = [r * length + s for r, row in enumerate(bounds) for s, _, _, _ in row] + [batch * length]
+        longest = max(e - s for row in bounds for s, e, _, _ in row)
+        return torch.tensor(starts, dtype=torch.int32, device=query.device), longest
+
+    cu, longest = _once_per_forward(position_ids, ("offsets", batch), offsets)
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, **causal, **extra)
+    return out.view(batch, length, heads, dim)
 
 
 def _mask_only_for_padding(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:

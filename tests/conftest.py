@@ -9,8 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# tests that also run on a CUDA GPU where there is one (CI has none; see tests/test_cuda.py)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                               reason="needs a CUDA GPU"))]
 
 
 @pytest.fixture(scope="session", autouse=True)

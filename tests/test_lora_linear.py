@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_recipe
+from conftest import DEVICES, small_recipe
 
 import finetune
 from finetune.lora_linear import FusedLoraLinear, dropout_keep_mask, fuse_lora_layers
@@ -26,7 +26,7 @@ class _SameMaskDropout(torch.nn.Module):
         return x * dropout_keep_mask(x.shape, self.p, x.device) / (1 - self.p)
 
 
-def _pair(dropout: float = 0.0, dtype: torch.dtype = torch.float64, **lora: object) -> tuple:
+def _pair(dropout: float = 0.0, dtype: torch.dtype = torch.float64, device: str = "cpu", **lora: object) -> tuple:
     """A tiny Llama with biases under LoRA, adapters randomised (B starts at zero), as peft's and fused."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -34,13 +34,13 @@ def _pair(dropout: float = 0.0, dtype: torch.dtype = torch.float64, **lora: obje
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True)
-    model = LlamaForCausalLM(config).to(dtype)
+    model = LlamaForCausalLM(config).to(device, dtype)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout,
                                                   target_modules="all-linear", **lora))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape) * 0.1)  # drawn in float32: the same values at either dtype
+                p.copy_(torch.randn(p.shape) * 0.1)  # drawn in float32 on the CPU: the same values everywhere
     fused = copy.deepcopy(peft_model)
     assert fuse_lora_layers(fused) == 14  # q k v o gate up down in each of 2 layers
     if dropout:  # peft's side draws the fused path's masks, so the two compare exactly
@@ -54,17 +54,18 @@ def _run(model: torch.nn.Module, embeds: torch.Tensor, autocast: bool) -> tuple[
     """Logits and the gradients of a fixed function of them: the adapters' and the input embeddings'."""
     torch.manual_seed(1)  # the same dropout masks for both models
     x = embeds.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = model(inputs_embeds=x).logits
-    (logits.float() * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+    (logits.float() * torch.linspace(-1, 1, logits.shape[-1], device=x.device)).sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     return logits.float(), {**grads, "inputs_embeds": x.grad}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout", "dropout"])
-def test_fused_lora_equals_peft_in_float64(dropout: float):
-    peft_model, fused = _pair(dropout)
-    embeds = torch.randn(2, 7, 32, dtype=torch.float64)
+def test_fused_lora_equals_peft_in_float64(dropout: float, device: str):
+    peft_model, fused = _pair(dropout, device=device)
+    embeds = torch.randn(2, 7, 32, dtype=torch.float64, device=device)
     ref_logits, ref_grads = _run(peft_model, embeds, autocast=False)
     logits, grads = _run(fused, embeds, autocast=False)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-12, atol=1e-12)
@@ -73,13 +74,14 @@ def test_fused_lora_equals_peft_in_float64(dropout: float):
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout", "dropout"])
-def test_fused_lora_under_bf16_autocast_is_as_close_to_float64_as_peft(dropout: float):
+def test_fused_lora_under_bf16_autocast_is_as_close_to_float64_as_peft(dropout: float, device: str):
     """Both compute in bf16. Against the float64 result, over four inputs, the fused path's errors are no larger
     than peft's in total (it rounds the adapter's product once, inside the GEMM, where peft rounds it, scales it
     and rounds the sum); per input and tensor, bf16 rounding may favour either."""
-    exact_model, _ = _pair(dropout)
-    peft_model, fused = _pair(dropout, dtype=torch.float32)
+    exact_model, _ = _pair(dropout, device=device)
+    peft_model, fused = _pair(dropout, dtype=torch.float32, device=device)
     for model in (peft_model, fused):
         for layer in model.modules():  # the frozen base in bf16, as the loop stores it under autocast
             if isinstance(layer, torch.nn.Linear) and not layer.weight.requires_grad:
@@ -91,6 +93,7 @@ def test_fused_lora_under_bf16_autocast_is_as_close_to_float64_as_peft(dropout: 
     totals = {"ours": [0.0, 0.0], "theirs": [0.0, 0.0]}  # logits, gradients
     for seed in range(4):
         embeds = torch.randn(2, 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        embeds = embeds.to(device)
         exact_logits, exact_grads = _run(exact_model, embeds, autocast=False)
         for side, model in (("theirs", peft_model), ("ours", fused)):
             logits, grads = _run(model, embeds.float(), autocast=True)
@@ -152,19 +155,21 @@ def test_lora_fused_is_the_default_and_can_be_turned_off(tmp_path: Path, chat_fi
     assert configs[0] == configs[1]
 
 
-def test_dropout_keep_mask_draws_bernoulli_from_the_seeded_generator():
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_keep_mask_draws_bernoulli_from_the_seeded_generator(device: str):
+    device = torch.device(device)
     for p in (0.05, 0.5):
         torch.manual_seed(0)
-        mask = dropout_keep_mask(torch.Size([1000, 1001]), p, torch.device("cpu"))
+        mask = dropout_keep_mask(torch.Size([1000, 1001]), p, device)
         n = mask.numel()
         assert mask.dtype == torch.bool and mask.shape == (1000, 1001)
         assert abs(mask.sum().item() - n * (1 - p)) < 5 * (n * p * (1 - p)) ** 0.5
         for rows in (mask[:, :500], mask[500:]):  # no part of the mask is constant or skewed
             assert abs(rows.float().mean().item() - (1 - p)) < 0.01
         torch.manual_seed(0)
-        assert torch.equal(dropout_keep_mask(torch.Size([1000, 1001]), p, torch.device("cpu")), mask)
-        assert not torch.equal(dropout_keep_mask(torch.Size([1000, 1001]), p, torch.device("cpu")), mask)
-    assert dropout_keep_mask(torch.Size([3, 5]), 0.3, torch.device("cpu")).shape == (3, 5)  # not a multiple of 4
+        assert torch.equal(dropout_keep_mask(torch.Size([1000, 1001]), p, device), mask)
+        assert not torch.equal(dropout_keep_mask(torch.Size([1000, 1001]), p, device), mask)
+    assert dropout_keep_mask(torch.Size([3, 5]), 0.3, device).shape == (3, 5)  # not a multiple of 4
 
 
 def test_fused_dropout_only_while_training():

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES
 
 from finetune.losses import (
     IGNORE_INDEX,
@@ -53,20 +54,22 @@ def test_chunking_does_not_change_the_loss_or_gradient():
     torch.testing.assert_close(a.grad, b.grad)
 
 
-def test_token_logps_gradients_against_log_softmax():
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_logps_gradients_against_log_softmax(device: str):
     """Its own backward (softmax - onehot, by chunks): gradcheck in float64 over uneven chunks, and under bf16
     logits against autograd through a float32 log-softmax, as F.cross_entropy computes it."""
     g = torch.Generator().manual_seed(3)
-    logits = torch.randn(5, 11, generator=g, dtype=torch.float64, requires_grad=True)
-    t = torch.randint(0, 11, (5,), generator=g)
+    logits = torch.randn(5, 11, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    t = torch.randint(0, 11, (5,), generator=g).to(device)
     assert torch.autograd.gradcheck(lambda x: token_logps(x, t, chunk_size=2), (logits,))
-    weights = torch.randn(5, generator=g, dtype=torch.float64)
+    weights = torch.randn(5, generator=g, dtype=torch.float64).to(device)
     (ours,) = torch.autograd.grad((token_logps(logits, t, chunk_size=2) * weights).sum(), [logits])
-    (ref,) = torch.autograd.grad((logits.log_softmax(-1)[torch.arange(5), t] * weights).sum(), [logits])
+    (ref,) = torch.autograd.grad((logits.log_softmax(-1)[torch.arange(5, device=device), t] * weights).sum(),
+                                 [logits])
     torch.testing.assert_close(ours, ref)
 
-    half = torch.randn(300, 1000, generator=g).mul_(3).bfloat16().requires_grad_(True)
-    t = torch.randint(0, 1000, (300,), generator=g)
+    half = torch.randn(300, 1000, generator=g).mul_(3).bfloat16().to(device).requires_grad_(True)
+    t = torch.randint(0, 1000, (300,), generator=g).to(device)
     total = token_cross_entropy_sum(half, t, chunk_size=64)
     (ours,) = torch.autograd.grad(total, [half])
     wide = half.detach().float().requires_grad_(True)
@@ -148,11 +151,13 @@ def test_linear_token_logps_of_no_targets_keeps_zero_gradients():
     assert not gh.any() and not gw.any()
 
 
-def test_linear_token_logps_under_bf16_autocast_matches_autocast_linear():
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_token_logps_under_bf16_autocast_matches_autocast_linear(device: str):
     """The projection in bf16 as F.linear under autocast, the softmax in float32: identical values; gradients
     within bf16 rounding (the weight's is summed over chunks in float32 instead of one bf16 product)."""
-    h, w, t, g = projection(n=64, hidden=32, vocab=50)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    h, w, t, g = (x.detach().to(device).requires_grad_(x.requires_grad) for x in projection(n=64, hidden=32,
+                                                                                            vocab=50))
+    with torch.autocast(device, dtype=torch.bfloat16):
         fused = linear_token_logps(h, w, t, chunk_logits=50 * 16)
         plain = token_logps(F.linear(h, w), t)
     assert fused.dtype == torch.float32

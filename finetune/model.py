@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -221,8 +222,8 @@ def enable_gradient_checkpointing(model: Any, lora: bool) -> None:
 
 def liger_applier(device: torch.device) -> Callable[[Any], None]:
     """For `model.liger_kernel`: checked before any model loads, a function that puts liger-kernel's Triton
-    kernels in place of a model's RMSNorm, SwiGLU MLP and rotary embedding, through transformers' own
-    integration (what its Trainer's `use_liger_kernel` calls). Liger's fused linear cross-entropy stays off: it
+    kernels in place of a model's RMSNorm and SwiGLU MLP, through transformers' own integration (what its
+    Trainer's `use_liger_kernel` calls), on that model alone. Liger's fused linear cross-entropy stays off: it
     replaces the model's forward with one that needs the labels; `train.fused_linear_loss` keeps the logits from
     being materialised for every task here instead."""
     if device.type != "cuda":
@@ -238,7 +239,17 @@ def liger_applier(device: torch.device) -> Callable[[Any], None]:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # liger would only log this and change nothing
             raise ModelError(f"model.liger_kernel: liger-kernel has no kernels for model type {model_type!r}")
-        apply_liger_kernel(model, {"fused_linear_cross_entropy": False, "cross_entropy": False})
+        # Besides patching this model's modules, liger swaps its norm and MLP classes and the rotary function
+        # into the modeling module itself: every model built later in the process, on any device, would get
+        # them (seen on an H100: a CPU model loaded after a liger run failed in a Triton kernel). Put the
+        # module back; this model keeps its patched norms and MLPs. The rotary kernel exists only as that
+        # module-level swap, so it stays off.
+        modeling = sys.modules[type(model).__module__]
+        before = dict(vars(modeling))
+        apply_liger_kernel(model, {"fused_linear_cross_entropy": False, "cross_entropy": False, "rope": False})
+        for name, value in before.items():
+            if vars(modeling).get(name) is not value:
+                setattr(modeling, name, value)
 
     return apply
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fused_spy, small_recipe
+from conftest import NO_GPU, fused_spy, small_recipe
 
 import finetune
 from finetune.errors import UserError
@@ -277,7 +277,7 @@ def test_merge_folds_the_adapter_into_the_base(tmp_path: Path, chat_files, monke
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
     ids = torch.tensor([[2, 40, 41, 42, 43]])
-    result.model.eval()
+    result.model.cpu().eval()
     torch.testing.assert_close(merged(ids).logits, result.model(ids).logits, rtol=1e-4, atol=1e-5)
     # peft's read of transformers' deprecated is_gradient_checkpointing: no FutureWarning for the user
     assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
@@ -442,7 +442,7 @@ def test_large_export_is_sharded_with_an_index(tmp_path: Path, chat_files):
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
     ids = torch.tensor([[2, 40, 41]])
-    result.model.eval()
+    result.model.cpu().eval()
     torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits)
 
 
@@ -459,6 +459,7 @@ def test_compile_option_trains_the_same(tmp_path: Path, chat_files, packing: boo
     assert (tmp_path / "b" / "model" / "model.safetensors").is_file()
 
 
+@NO_GPU
 def test_trim_memory_trains_the_same_and_trims_after_each_backward(tmp_path: Path, chat_files, monkeypatch):
     import finetune.loop
     from finetune.memory import heap_trimmer
@@ -590,7 +591,7 @@ def test_fused_linear_loss_trains_like_logits_then_loss(tmp_path: Path, chat_fil
 
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "model").eval()
         ids = torch.tensor([[2, 40, 41, 42]])
-        fused.model.eval()
+        fused.model.cpu().eval()
         torch.testing.assert_close(reloaded(ids).logits, fused.model(ids).logits)
 
 
@@ -619,9 +620,11 @@ def test_fused_linear_loss_refuses_a_lora_wrapped_output_layer(tmp_path: Path, c
                                                          "lora.target_modules": ["q_proj", "lm_head"]})
 
 
-def test_liger_kernel_patches_norms_mlps_and_rope_but_keeps_the_forward(tiny_dir: Path, monkeypatch):
+def test_liger_kernel_patches_this_models_norms_and_mlps_and_nothing_else(tiny_dir: Path):
     """Where liger-kernel is installed (not in CI: it pulls in Triton, 1 GB): what it patches. Its kernels
-    themselves only run on CUDA."""
+    themselves only run on CUDA. Liger also swaps classes and the rotary function in transformers' modeling
+    module, for every later model of the process: that is undone (on a GPU machine, a CPU model loaded after a
+    liger run failed in a Triton kernel)."""
     pytest.importorskip("liger_kernel")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -629,8 +632,7 @@ def test_liger_kernel_patches_norms_mlps_and_rope_but_keeps_the_forward(tiny_dir
 
     from finetune.model import liger_applier
 
-    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # liger patches the module: undo after
-        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    module = dict(vars(modeling_llama))
     for cls in (AutoModelForCausalLM, AutoModelForSequenceClassification):
         model = cls.from_pretrained(tiny_dir)
         forward = model.forward
@@ -638,8 +640,10 @@ def test_liger_kernel_patches_norms_mlps_and_rope_but_keeps_the_forward(tiny_dir
         layer = model.model.layers[0]
         assert "Liger" in repr(layer.mlp.forward) and "Liger" in repr(layer.input_layernorm.forward)
         assert "Liger" in repr(model.model.norm.forward)
-        assert "liger" in modeling_llama.apply_rotary_pos_emb.__module__
         assert model.forward == forward  # no fused linear cross-entropy: our losses get the logits/hidden states
+        assert [name for name, value in vars(modeling_llama).items() if module.get(name) is not value] == []
+        later = cls.from_pretrained(tiny_dir).model.layers[0]
+        assert "Liger" not in repr(later.mlp.forward) and "Liger" not in repr(later.input_layernorm.forward)
     lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
     assert type(lora.base_model.model.model.layers[0].mlp.gate_proj).__name__ == "Linear"  # peft's, wrapped
     model.config.model_type = "no-such-model"

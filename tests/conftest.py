@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # tests that also run on a CUDA GPU where there is one (CI has none; see tests/test_cuda.py)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                reason="needs a CUDA GPU"))]
+# tests of what a machine without a GPU does (refusals, CPU-only memory handling)
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -62,6 +64,8 @@ def small_recipe(output_dir: Path, train_file: Path, eval_file: Path | None = No
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if full_env.get("ACCELERATE_USE_CPU"):  # CPU processes on a GPU machine too (not one rank per GPU)
+        full_env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run([*args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_recipe
+from conftest import NO_GPU, small_recipe
 
 import finetune
 from finetune.errors import UserError
@@ -31,6 +31,7 @@ def test_resume_false_refuses_existing_checkpoints(tmp_path: Path, chat_files):
     assert finetune.train(recipe, lora={"enabled": True}, resume=False, overwrite_output_dir=True).steps == 2
 
 
+@NO_GPU
 def test_fp16_on_cpu_is_refused_instead_of_silently_training_in_float32(tmp_path: Path, chat_files):
     """Accelerate runs an fp16 recipe on CPU without autocast or loss scaler (float32 training); and LoRA's
     frozen base, stored in fp16 for autocast, then met float32 inputs and crashed."""
@@ -51,6 +52,7 @@ def test_unusable_attention_implementation_is_a_one_line_error(tmp_path: Path, c
     assert "\n" not in str(caught.value)
 
 
+@NO_GPU
 def test_liger_kernel_needs_a_gpu_and_the_package(tmp_path: Path, chat_files, monkeypatch):
     from finetune.model import liger_applier
 

@@ -21,7 +21,7 @@ def greedy_by_hand(model, tokenizer, prompt: str, new_tokens: int) -> str:
     `generate`), from the chat template's rendered text."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     start = ids.shape[1]
     with torch.no_grad():
         for _ in range(new_tokens):

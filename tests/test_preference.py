@@ -343,7 +343,7 @@ def test_dpo_lora_reference_is_the_base_model_with_one_copy(tmp_path: Path, pair
     tok = _tok(tiny_dir)
     rows = [encode_pair(r, tok, 48, 24, "x") | {"uid": i} for i, r in enumerate(preference_rows("test")[:4])]
     batch = PairCollator(0)(rows)
-    policy = result.model.eval()
+    policy = result.model.cpu().eval()
     ref = task.reference_logps(policy, batch)
     base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     with torch.no_grad():

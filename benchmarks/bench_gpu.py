@@ -3,6 +3,7 @@ rows of 2048 tokens, against a bf16 matmul peak measured in the same invocation.
 
     python benchmarks/bench_gpu.py                                   # the configurations below, 20 steps each
     python benchmarks/bench_gpu.py --configs full lora --steps 30
+    python benchmarks/bench_gpu.py --configs full_flash               # with the flash-attn package installed
     python benchmarks/bench_gpu.py --size tiny --steps 3              # a CPU smoke run of this script
 
 Each configuration is its own process (so peak memory is its own) and trains `finetune.train` on the same
@@ -47,10 +48,14 @@ SIZES = {
 # recipe overrides of each configuration
 CONFIGS = {
     "full": {},
+    # packed attention as SDPA per sequence, not torch's flash varlen kernel (what torch < 2.10 runs)
+    "full_per_sequence": {"per_sequence": True},
     "full_liger": {"model": {"liger_kernel": True}},
-    "full_flash": {"model": {"attn_implementation": "flash_attention_2"}},
     "full_checkpointing": {"train": {"gradient_checkpointing": True}},
     "lora": {"lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0}},
+    "full_compile": {"train": {"compile": True}},
+    "lora_compile": {"lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0}, "train": {"compile": True}},
+    "full_flash": {"model": {"attn_implementation": "flash_attention_2"}},  # needs the flash-attn package
 }
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense TFLOP/s, SXM parts
 
@@ -70,7 +75,8 @@ def make_assets(folder: Path, size: str, max_length: int, rows: int) -> dict:
     config = LlamaConfig(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
                          **SIZES[size])
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder / "model")
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 1B random init is slow on a CPU
+        LlamaForCausalLM(config).save_pretrained(folder / "model")
     tok.save_pretrained(folder / "model")
     rng = random.Random(0)
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(48, 1800))) for _ in range(rows)]
@@ -92,6 +98,10 @@ def child(config: str, assets: dict, args: dict, out: Path) -> None:
     import finetune
 
     overrides = CONFIGS[config]
+    if overrides.get("per_sequence"):
+        from finetune import attention
+
+        attention._flash_dtype = lambda query, scaling: None
     recipe = {
         "task": "sft", "output_dir": tempfile.mkdtemp(prefix="bench-gpu-"), "seed": 0,
         "model": {"name_or_path": assets["model"], **overrides.get("model", {})},
@@ -102,7 +112,10 @@ def child(config: str, assets: dict, args: dict, out: Path) -> None:
                   "eval_every": 0, "eval_generate": 0, "log_every": 1, **overrides.get("train", {})},
         "log": {"progress": False, "tensorboard": False},
     }
-    result = finetune.train(recipe)
+    if args["profile"]:
+        result = profiled(recipe, args["warmup"], Path(args["profile"]) / f"{config}.txt")
+    else:
+        result = finetune.train(recipe)
     events = [e for e in result.history if "loss" in e]
     tokens = [b["tokens_seen"] - a["tokens_seen"] for a, b in zip([{"tokens_seen": 0}, *events], events,
                                                                   strict=False)]
@@ -119,9 +132,50 @@ def child(config: str, assets: dict, args: dict, out: Path) -> None:
                                "loss": events[-1]["loss"]}))
 
 
+def profiled(recipe: dict, warmup: int, path: Path, active: int = 3):
+    """`finetune.train(recipe)` with the `active` optimizer steps after the first `warmup` + 1 under
+    torch.profiler. Written to `path`: the operators and kernels that took the most device time, and the most
+    host time, with the totals per step and the wall time per step, so a host-bound run (device time well under
+    wall time) shows."""
+    import time
+
+    import torch
+    from torch.autograd import DeviceType
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    import finetune
+
+    stamps = []
+
+    def step(*_: object) -> None:
+        stamps.append(time.perf_counter())
+        prof.step()
+
+    schedule = torch.profiler.schedule(wait=warmup, warmup=1, active=active, repeat=1)
+    with torch.profiler.profile(schedule=schedule) as prof:
+        hook = register_optimizer_step_post_hook(step)
+        try:
+            result = finetune.train(recipe)
+        finally:
+            hook.remove()
+    if len(stamps) < warmup + 1 + active:
+        raise SystemExit(f"--profile needs --steps of at least {warmup + 1 + active}")
+    events = prof.key_averages()
+    # kernels only: an operator's row repeats the time of the kernels it launched
+    device = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e6 / active
+    host = sum(e.self_cpu_time_total for e in events) / 1e6 / active
+    wall = (stamps[warmup + active] - stamps[warmup]) / active
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"per optimizer step, over {active} steps: wall {wall:.3f} s, self device time {device:.3f} s, "
+                    f"self host time {host:.3f} s\n\n"
+                    + events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60)
+                    + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    return result
+
+
 def spawn(config: str, assets_file: Path, args: argparse.Namespace) -> dict | str:
     out = Path(tempfile.mkdtemp()) / "result.json"
-    settings = json.dumps({k: getattr(args, k) for k in ("steps", "warmup", "batch_tokens", "max_length")})
+    settings = json.dumps({k: getattr(args, k) for k in ("steps", "warmup", "batch_tokens", "max_length", "profile")})
     proc = subprocess.run([sys.executable, __file__, "--child", config, str(assets_file), settings, str(out)],
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
                           capture_output=True, text=True)
@@ -134,12 +188,15 @@ def spawn(config: str, assets_file: Path, args: argparse.Namespace) -> dict | st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="1b")
-    parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="*", choices=list(CONFIGS), default=list(CONFIGS)[:-1])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timings")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per micro-batch (and per step)")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--rows", type=int, default=2000, help="documents in the training set")
+    parser.add_argument("--profile", metavar="DIR", help="profile 3 steps after the warm-up of each configuration "
+                        "and write its top operators to DIR/CONFIG.txt (the table's timings then include the "
+                        "profiler's cost)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

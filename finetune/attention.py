@@ -9,9 +9,10 @@ of the sequence before it (see `sequence_bounds`): preference pairs run their pr
 attention mask (padded eval batches, left-padded generation) and KV-cache steps go to transformers' own SDPA
 path unchanged.
 
-On a CUDA GPU, in half precision, rows without shared prefixes go to PyTorch's flash-attention varlen kernel
+On a CUDA GPU, in half precision, the rows go to PyTorch's flash-attention varlen kernel
 (`torch.nn.attention.varlen`, torch >= 2.10) in one call for the whole batch, the same computation as the
-flash-attention package's varlen path with nothing extra to install.
+flash-attention package's varlen path with nothing extra to install; a shared prompt's keys are gathered in
+front of each branch's own.
 
 Registered with transformers' AttentionInterface under `sdpa_varlen`; `model.attn_implementation: sdpa` with
 `data.packing: true` uses it.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -148,8 +149,10 @@ def _packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if window is not None and max(e - s + pe - ps for row in bounds for s, e, ps, pe in row) > window:
         raise ValueError(f"{NAME}: a packed sequence is longer than the model's sliding window ({window})")
     flash = _flash_dtype(query, scaling)
-    if flash is not None and dropout == 0 and all(ps == pe for row in bounds for _, _, ps, pe in row):
-        return _flash_rows(query, key, value, bounds, position_ids, scaling, flash)
+    if flash is not None and dropout == 0:
+        branched = any(ps < pe for row in bounds for _, _, ps, pe in row)
+        if not branched or _prefix_aligned(query.device, flash):
+            return _flash_rows(query, key, value, bounds, position_ids, scaling, flash)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     rows = []
@@ -188,9 +191,37 @@ def _flash_dtype(query: torch.Tensor, scaling: float | None) -> torch.dtype | No
     return dtype
 
 
+class _Layout(NamedTuple):
+    """Where each packed sequence's queries and keys lie in the varlen kernel's (tokens, heads, dim) layout."""
+
+    cu_q: torch.Tensor  # int32 offsets of each sequence's queries
+    cu_k: torch.Tensor  # ... of its keys: its shared prefix, if any, then its own tokens
+    max_q: int
+    max_k: int
+    keys: torch.Tensor | None  # the token behind each key (None: the keys are the queries' own tokens)
+
+
+def _varlen_layout(bounds: list, length: int, device: torch.device) -> _Layout:
+    cu_q, cu_k, keys = [0], [0], []
+    for r, row in enumerate(bounds):
+        for s, e, ps, pe in row:  # a branch's keys: the root's first pe - ps tokens, then its own
+            keys.extend(range(r * length + ps, r * length + pe))
+            keys.extend(range(r * length + s, r * length + e))
+            cu_q.append(cu_q[-1] + e - s)
+            cu_k.append(cu_k[-1] + pe - ps + e - s)
+    branched = len(keys) > cu_q[-1]
+    return _Layout(torch.tensor(cu_q, dtype=torch.int32, device=device),
+                   torch.tensor(cu_k, dtype=torch.int32, device=device),
+                   max(b - a for a, b in zip(cu_q[:-1], cu_q[1:], strict=True)),
+                   max(b - a for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)),
+                   torch.tensor(keys, device=device) if branched else None)
+
+
 def _flash_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list, position_ids: torch.Tensor,
                 scaling: float | None, dtype: torch.dtype) -> torch.Tensor:
-    """All rows' sequences in one varlen call: (batch, heads, len, dim) -> (batch, len, heads, dim)."""
+    """All rows' sequences in one varlen call: (batch, heads, len, dim) -> (batch, len, heads, dim). A branch
+    gets its shared prefix's keys gathered in front of its own; its queries then see them all, and their own
+    keys causally, by the kernel's bottom-right alignment (see `_prefix_aligned`)."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     varlen_attn, causal, params = _varlen_kernel()
@@ -203,15 +234,29 @@ def _flash_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bou
             key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // key.shape[1])
     # the kernel's layout, (tokens, heads, dim): a view where the projections' (batch, len, heads, dim) is kept
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim).to(dtype) for t in (query, key, value))
-
-    def offsets() -> tuple[torch.Tensor, int]:
-        starts = [r * length + s for r, row in enumerate(bounds) for s, _, _, _ in row] + [batch * length]
-        longest = max(e - s for row in bounds for s, e, _, _ in row)
-        return torch.tensor(starts, dtype=torch.int32, device=query.device), longest
-
-    cu, longest = _once_per_forward(position_ids, ("offsets", batch), offsets)
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, **causal, **extra)
+    layout = _once_per_forward(position_ids, ("layout", batch),
+                               lambda: _varlen_layout(bounds, length, query.device))
+    if layout.keys is not None:
+        k, v = k.index_select(0, layout.keys), v.index_select(0, layout.keys)
+    out = varlen_attn(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, **causal, **extra)
     return out.view(batch, length, heads, dim)
+
+
+@cache
+def _prefix_aligned(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the varlen kernel aligns its causal mask to the bottom right when a sequence has more keys than
+    queries (flash-attention's rule since 2.1): query i of n then sees the first k - n + i + 1 of k keys, which
+    is what a branch's shared prefix needs. torch's varlen API is new, so this is checked once per process on
+    a tiny input against SDPA with that mask written out; where it does not hold, branches take the
+    per-sequence path."""
+    varlen_attn, causal, _ = _varlen_kernel()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, 1, 16, generator=g).to(device, dtype) for n in (2, 3, 3))
+    offsets = [torch.tensor([0, n], dtype=torch.int32, device=device) for n in (2, 3)]
+    out = varlen_attn(q, k, v, *offsets, 2, 3, **causal)
+    mask = torch.tensor([[True, True, False], [True, True, True]], device=device)
+    ref = F.scaled_dot_product_attention(*(t.transpose(0, 1).float() for t in (q, k, v)), attn_mask=mask)
+    return torch.allclose(out.float(), ref.transpose(0, 1), atol=2e-2)
 
 
 def _mask_only_for_padding(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:

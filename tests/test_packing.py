@@ -103,23 +103,45 @@ def test_varlen_attention_equals_sequences_alone(tiny_dir):
         assert torch.equal(gen, expected)
 
 
-def _reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, enable_gqa=False, **causal):
-    """What torch's flash varlen kernel computes, from SDPA on each sequence of the (tokens, heads, dim) layout."""
-    assert causal in ({"is_causal": True}, {"window_size": (-1, 0)}) and cu_seq_q is cu_seq_k and max_q == max_k
-    cu = cu_seq_q.tolist()
-    assert cu_seq_q.dtype == torch.int32 and max_q == max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
-    out = [torch.nn.functional.scaled_dot_product_attention(
-        q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=True, scale=scale,
-        enable_gqa=enable_gqa).transpose(0, 1) for a, b in zip(cu[:-1], cu[1:], strict=True)]
+def _reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, enable_gqa=False,
+                      top_left=False, **causal):
+    """What torch's flash varlen kernel computes, from SDPA on each sequence of the (tokens, heads, dim) layout:
+    a sequence with more keys than queries has its causal mask aligned to the bottom right (flash-attention's
+    rule), or to the top left with `top_left`."""
+    assert causal in ({"is_causal": True}, {"window_size": (-1, 0)})
+    cq, ck = cu_seq_q.tolist(), cu_seq_k.tolist()
+    assert cu_seq_q.dtype == cu_seq_k.dtype == torch.int32 and len(cq) == len(ck)
+    assert max_q == max(b - a for a, b in zip(cq[:-1], cq[1:], strict=True))
+    assert max_k == max(b - a for a, b in zip(ck[:-1], ck[1:], strict=True))
+    out = []
+    for a, b, c, d in zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True):
+        n, m = b - a, d - c
+        mask = torch.ones(n, m, dtype=torch.bool).tril(0 if top_left else m - n)
+        out.append(torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1), attn_mask=mask, scale=scale,
+            enable_gqa=enable_gqa).transpose(0, 1))
     return torch.cat(out)
 
 
+LAYOUTS = {
+    # two packed rows of 24 tokens; positions restart per sequence
+    "roots": ([list(range(10)) + list(range(14)), list(range(5)) + list(range(12)) + list(range(7))],
+              [0, 10, 24, 29, 41, 48], [0, 10, 24, 29, 41, 48]),
+    # with branches (preference pairs' shared prompts): one at position 4 shares its root's first 4 tokens, one
+    # at position 3 the first 3 of the 12-token root before it
+    "branches": ([list(range(10)) + [4, 5, 6] + list(range(11)),
+                  list(range(5)) + list(range(12)) + list(range(3, 10))],
+                 [0, 10, 13, 24, 29, 41, 48], [0, 10, 17, 28, 33, 45, 55]),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("torch_version", ["2.10", "2.11+"])
-def test_varlen_kernel_call_equals_per_sequence_attention(monkeypatch, torch_version: str):
-    """On CUDA, packed rows without shared prefixes go to torch's flash varlen kernel in one call. Checked here
-    with a reference kernel in its place: a batch of two packed rows with grouped-query attention gives the
-    per-sequence path's logits and gradients, for torch 2.10's signature (is_causal; no scale, no GQA: the keys
-    are repeated) and the later one (window_size, scale, enable_gqa)."""
+def test_varlen_kernel_call_equals_per_sequence_attention(monkeypatch, torch_version: str, layout: str):
+    """On CUDA, packed rows go to torch's flash varlen kernel in one call. Checked here with a reference kernel in
+    its place: two packed rows with grouped-query attention give the per-sequence path's logits and gradients,
+    for torch 2.10's signature (is_causal; no scale, no GQA: the keys are repeated) and the later one
+    (window_size, scale, enable_gqa); branches get their shared prefix's keys gathered in front of their own."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     attention.register()
@@ -128,7 +150,8 @@ def test_varlen_kernel_call_equals_per_sequence_attention(monkeypatch, torch_ver
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     ids = torch.randint(0, 100, (2, 24))
-    pos = torch.tensor([list(range(10)) + list(range(14)), list(range(5)) + list(range(12)) + list(range(7))])
+    positions, cu_q, cu_k = LAYOUTS[layout]
+    pos = torch.tensor(positions)
 
     def run():
         model.zero_grad()
@@ -140,7 +163,7 @@ def test_varlen_kernel_call_equals_per_sequence_attention(monkeypatch, torch_ver
     calls = []
 
     def kernel(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, **kw):
-        calls.append((tuple(q.shape), tuple(k.shape), cu_seq_q.tolist()))
+        calls.append((tuple(q.shape), tuple(k.shape), cu_seq_q.tolist(), cu_seq_k.tolist()))
         return _reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, **kw)
 
     if torch_version == "2.10":
@@ -149,12 +172,38 @@ def test_varlen_kernel_call_equals_per_sequence_attention(monkeypatch, torch_ver
         params, causal = {"window_size", "scale", "enable_gqa"}, {"window_size": (-1, 0)}
     monkeypatch.setattr(attention, "_varlen_kernel", lambda: (kernel, causal, params))
     monkeypatch.setattr(attention, "_flash_dtype", lambda query, scaling: torch.float32)
+    monkeypatch.setattr(attention, "_prefix_aligned", lambda device, dtype: True)
     logits, grads = run()
     kv_heads = 4 if torch_version == "2.10" else 2
-    assert calls == [((48, 4, 16), (48, kv_heads, 16), [0, 10, 24, 29, 41, 48])] * 2
+    assert calls == [((48, 4, 16), (cu_k[-1], kv_heads, 16), cu_q, cu_k)] * 2
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     for grad, ref in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_left", [False, True])
+def test_branches_use_the_varlen_kernel_only_if_it_aligns_causal_masks_bottom_right(monkeypatch, top_left: bool):
+    """Whether the kernel sees a shared prefix whole is probed once per process on a tiny input; a kernel that
+    aligns causal masks to the top left leaves branches on the per-sequence path."""
+    from functools import cache
+
+    calls = []
+
+    def kernel(q, *args, **kw):
+        calls.append(q.shape[0])
+        return _reference_varlen(q, *args, top_left=top_left, **kw)
+
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: (kernel, {"window_size": (-1, 0)}, set()))
+    monkeypatch.setattr(attention, "_prefix_aligned", cache(attention._prefix_aligned.__wrapped__))
+    q, k, v = torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 2, 3, 4, 5]])  # a root of 8 and a branch sharing its first 2
+    expected = attention._packed_attention(q, k, v, pos, 0.0, None, None, False)
+    monkeypatch.setattr(attention, "_flash_dtype", lambda query, scaling: torch.float32)
+    for _ in range(2):
+        out = attention._packed_attention(q, k, v, pos, 0.0, None, None, False)
+        torch.testing.assert_close(out, expected)
+    assert attention._prefix_aligned(torch.device("cpu"), torch.float32) is not top_left
+    assert calls == [2] + ([] if top_left else [12, 12])  # the probe, once; then the rows where it holds
 
 
 def test_varlen_attention_runs_float32_under_cpu_autocast(tiny_dir, monkeypatch):

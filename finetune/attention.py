@@ -203,13 +203,14 @@ class _Layout(NamedTuple):
 
 def _varlen_layout(bounds: list, length: int, device: torch.device) -> _Layout:
     cu_q, cu_k, keys = [0], [0], []
+    branched = any(ps < pe for row in bounds for _, _, ps, pe in row)
     for r, row in enumerate(bounds):
         for s, e, ps, pe in row:  # a branch's keys: the root's first pe - ps tokens, then its own
-            keys.extend(range(r * length + ps, r * length + pe))
-            keys.extend(range(r * length + s, r * length + e))
+            if branched:
+                keys.extend(range(r * length + ps, r * length + pe))
+                keys.extend(range(r * length + s, r * length + e))
             cu_q.append(cu_q[-1] + e - s)
             cu_k.append(cu_k[-1] + pe - ps + e - s)
-    branched = len(keys) > cu_q[-1]
     return _Layout(torch.tensor(cu_q, dtype=torch.int32, device=device),
                    torch.tensor(cu_k, dtype=torch.int32, device=device),
                    max(b - a for a, b in zip(cu_q[:-1], cu_q[1:], strict=True)),

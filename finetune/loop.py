@@ -389,8 +389,8 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
 
     # ---- the end of every run, defined before the steps for --eval-only, which ends after its evaluation
     def finish(final_eval: dict[str, float], last_train: dict[str, float], stopped: bool) -> Result:
-        """Float32 weights back, the processes leave together, the model is freed from its wrappers, and the
-        metrics are returned."""
+        """Float32 weights back, the processes leave together, the model is freed from its wrappers and the
+        task's training-only additions, and the metrics are returned."""
         nonlocal model
         tracker.close()
         restore_float32(frozen_cast)  # the returned model runs outside autocast too, e.g. in a notebook
@@ -400,6 +400,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
         # worker threads with the GIL held: a worker still releasing the barrier above waits for the GIL, and the
         # process hangs at exit (seen about once in ten 2-process runs; pytorch/pytorch#56297).
         trained = accelerator.unwrap_model(model)
+        task.finish(trained)
         model = None
         accelerator.free_memory()
         gc.collect()  # modules sit in reference cycles: collect them now, not after the group is gone

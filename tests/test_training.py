@@ -717,6 +717,18 @@ def test_evaluate_only_gives_the_runs_own_evaluations_and_writes_nothing(tmp_pat
         finetune.evaluate(small_recipe(tmp_path / "none", train))
 
 
+def test_neftune_hook_is_gone_from_the_returned_model(tmp_path: Path, chat_files):
+    """As after TRL's training: the model `finetune.train` returns trains on (in a notebook, say) without
+    NEFTune's noise, which was on during the run (the losses differ from a run without it)."""
+    train, _ = chat_files
+    noisy = finetune.train(small_recipe(tmp_path / "a", train, train={"neftune_alpha": 5.0, "max_steps": 2}))
+    plain = finetune.train(small_recipe(tmp_path / "b", train, train={"max_steps": 2}))
+    assert [e["loss"] for e in steps(noisy)] != [e["loss"] for e in steps(plain)]
+    embeddings = noisy.model.train().get_input_embeddings()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    assert torch.equal(embeddings(ids), torch.nn.functional.embedding(ids, embeddings.weight))
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_neftune_adds_bounded_uniform_noise_to_embeddings_in_training_only(tiny_dir, lora: bool):
     from types import SimpleNamespace

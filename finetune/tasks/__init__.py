@@ -43,6 +43,9 @@ class Task(Protocol):
     def extra_eval(self, recipe: Any, accelerator: Any, model: Any) -> dict[str, float]:
         """Task metrics beyond the loss, computed on the held-out split (e.g. generation accuracy)."""
 
+    def finish(self, model: Any) -> None:
+        """Undo what `build_model` added for training alone, on the unwrapped model the run returns."""
+
 
 def get_task(name: str) -> Task:
     from finetune.tasks.dpo import DPOTask

@@ -198,3 +198,6 @@ class DPOTask:
 
     def extra_eval(self, recipe: Any, accelerator: Any, model: Any) -> dict[str, float]:
         return {}
+
+    def finish(self, model: Any) -> None:
+        pass  # nothing added for training alone

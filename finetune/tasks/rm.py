@@ -71,3 +71,6 @@ class RewardModelTask:
 
     def extra_eval(self, recipe: Any, accelerator: Any, model: Any) -> dict[str, float]:
         return {}
+
+    def finish(self, model: Any) -> None:
+        pass  # nothing added for training alone

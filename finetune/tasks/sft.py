@@ -105,11 +105,16 @@ class SFTTask:
     def build_model(self, recipe: Any, accelerator: Any, tokenizer: Any) -> Any:
         model = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,
                                 tokenizer, packed=recipe.data.packing, fused_head=recipe.train.fused_linear_loss)
+        self.neftune = None
         if recipe.train.neftune_alpha:  # noise on the input embeddings in training mode only (transformers' hook)
             from transformers.integrations.neftune import activate_neftune
 
-            activate_neftune(model, recipe.train.neftune_alpha)
+            self.neftune = activate_neftune(model, recipe.train.neftune_alpha)
         return model
+
+    def finish(self, model: Any) -> None:
+        if self.neftune is not None:  # the returned model trains on without noise, as after TRL's training
+            self.neftune.remove()
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any, eval_only: bool = False) -> None:
         self.keep_logits = accepts_logits_to_keep(model)

@@ -21,7 +21,18 @@ def _relative_error(a: torch.Tensor, exact: torch.Tensor) -> float:
     return ((a.double() - exact.double()).norm() / exact.double().norm()).item()
 
 
-def test_flash_varlen_kernel_is_as_close_to_float32_as_per_sequence_sdpa(monkeypatch):
+POSITIONS = {
+    # two packed rows of 512 tokens: sequences of 300, 17 and 195 tokens; of 1 and 511
+    "roots": [list(range(300)) + list(range(17)) + list(range(195)), [0] + list(range(511))],
+    # preference pairs' layout: a branch of 162 tokens sharing its root's first 100 (then a root of 100), and
+    # one of 212 sharing its root's first 7; the shared keys are gathered in front of the branch's own
+    "branches": [list(range(250)) + list(range(100, 262)) + list(range(100)),
+                 list(range(300)) + list(range(7, 219))],
+}
+
+
+@pytest.mark.parametrize("layout", POSITIONS)
+def test_flash_varlen_kernel_is_as_close_to_float32_as_per_sequence_sdpa(monkeypatch, layout: str):
     """Packed rows under bf16 autocast go to the varlen kernel, one call per layer; its logits and gradients
     are as close to a float32 run as the per-sequence SDPA path's (both compute in bf16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -33,9 +44,11 @@ def test_flash_varlen_kernel_is_as_close_to_float32_as_per_sequence_sdpa(monkeyp
                          num_key_value_heads=2, vocab_size=1000, attn_implementation="sdpa_varlen")
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).cuda()
-    lengths = [[300, 17, 195], [1, 511]]
     ids = torch.randint(0, 1000, (2, 512), device="cuda")
-    pos = torch.tensor([[i for n in row for i in range(n)] for row in lengths], device="cuda")
+    pos = torch.tensor(POSITIONS[layout], device="cuda")
+    if layout == "branches":
+        assert any(ps < pe for row in attention.sequence_bounds(pos) for _, _, ps, pe in row)
+        assert attention._prefix_aligned(pos.device, torch.bfloat16), "the kernel's causal mask is not bottom-right"
 
     def run(autocast: bool):
         model.zero_grad()

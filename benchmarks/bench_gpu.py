@@ -13,6 +13,11 @@ are left out of the timings (CUDA/cuDNN autotuning, allocator growth). Printed p
 peak GPU memory (peak RSS on CPU), MFU against the measured peak and, on a GPU whose datasheet figure is known,
 against that (dense bf16, no sparsity), and the final loss.
 
+The dpo_* configurations train DPO with LoRA on preference pairs of random words (prompts of 32-600 words,
+responses of 16-500), packed two sequences a pair, the prompt shared by both (`dpo_lora`) where the attention
+kernel allows, or every sequence by itself through SDPA (`dpo_lora_per_sequence`). Their tokens/s count each
+prompt twice, as TRL's collator does, though it is computed once: no MFU is printed for them.
+
 FLOPs per token: 6 x parameters of the matmuls that see every token (all linear layers and the output layer;
 not the input embedding, a lookup) for full fine-tuning; 4 x those with LoRA (no weight gradients for the frozen
 base; LoRA's own rank-r products are left out) -- plus causal attention, 6 x layers x hidden x s per token for a
@@ -46,15 +51,18 @@ SIZES = {
                  num_key_value_heads=4, vocab_size=8192, max_position_embeddings=2048, tie_word_embeddings=False),
 }
 # recipe overrides of each configuration
+LORA = {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0}
 CONFIGS = {
     "full": {},
     # packed attention as SDPA per sequence, not torch's flash varlen kernel (what torch < 2.10 runs)
     "full_per_sequence": {"per_sequence": True},
     "full_liger": {"model": {"liger_kernel": True}},
     "full_checkpointing": {"train": {"gradient_checkpointing": True}},
-    "lora": {"lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0}},
+    "lora": {"lora": LORA},
     "full_compile": {"train": {"compile": True}},
-    "lora_compile": {"lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0}, "train": {"compile": True}},
+    "lora_compile": {"lora": LORA, "train": {"compile": True}},
+    "dpo_lora": {"task": "dpo", "lora": LORA},
+    "dpo_lora_per_sequence": {"task": "dpo", "lora": LORA, "per_sequence": True},
     "full_flash": {"model": {"attn_implementation": "flash_attention_2"}},  # needs the flash-attn package
 }
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense TFLOP/s, SXM parts
@@ -82,8 +90,15 @@ def make_assets(folder: Path, size: str, max_length: int, rows: int) -> dict:
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(48, 1800))) for _ in range(rows)]
     (folder / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     lengths = [min(len(tok(d)["input_ids"]) + 1, max_length) for d in docs]  # + eos
+
+    def words(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+    pairs = [{"prompt": words(32, 600), "chosen": " " + words(16, 500), "rejected": " " + words(16, 500)}
+             for _ in range(rows)]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return {"model": str(folder / "model"), "train": str(folder / "train.jsonl"),
-            "context": sum(n * n for n in lengths) / sum(lengths)}
+            "pairs": str(folder / "pairs.jsonl"), "context": sum(n * n for n in lengths) / sum(lengths)}
 
 
 def device_peak(device: str) -> float:
@@ -102,11 +117,13 @@ def child(config: str, assets: dict, args: dict, out: Path) -> None:
         from finetune import attention
 
         attention._flash_dtype = lambda query, scaling: None
+    task = overrides.get("task", "sft")
+    data = {"train": assets["train"], "format": "text"} if task == "sft" else {"train": assets["pairs"]}
     recipe = {
-        "task": "sft", "output_dir": tempfile.mkdtemp(prefix="bench-gpu-"), "seed": 0,
+        "task": task, "output_dir": tempfile.mkdtemp(prefix="bench-gpu-"), "seed": 0,
         "model": {"name_or_path": assets["model"], **overrides.get("model", {})},
         "lora": overrides.get("lora", {"enabled": False}),
-        "data": {"train": assets["train"], "format": "text", "max_length": args["max_length"], "packing": True},
+        "data": {**data, "max_length": args["max_length"], "packing": True},
         "train": {"max_steps": args["steps"], "batch_tokens": args["batch_tokens"], "grad_accum": 1, "lr": 3e-4,
                   "warmup_steps": 2, "mixed_precision": "bf16", "gradient_checkpointing": False, "save_every": 0,
                   "eval_every": 0, "eval_generate": 0, "log_every": 1, **overrides.get("train", {})},
@@ -128,7 +145,8 @@ def child(config: str, assets: dict, args: dict, out: Path) -> None:
     peak_memory = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     out.write_text(json.dumps({"tokens_per_s": n_tokens / seconds, "linear_params": linear,
-                               "lora": recipe["lora"]["enabled"], "peak_memory_gb": peak_memory / 1e9,
+                               "lora": recipe["lora"]["enabled"], "sft": task == "sft",
+                               "peak_memory_gb": peak_memory / 1e9,
                                "loss": events[-1]["loss"]}))
 
 
@@ -230,8 +248,9 @@ def main() -> None:
             print(f"| {config} | failed: {r} | | | | |")
             continue
         flops = r["tokens_per_s"] * ((4 if r["lora"] else 6) * r["linear_params"] + attention)
-        datasheet = f"{flops / sheet:.1%}" if sheet else "-"
-        print(f"| {config} | {r['tokens_per_s']:.0f} | {r['peak_memory_gb']:.1f} | {flops / peak:.1%} | {datasheet} "
+        measured = f"{flops / peak:.1%}" if r["sft"] else "-"
+        datasheet = f"{flops / sheet:.1%}" if sheet and r["sft"] else "-"
+        print(f"| {config} | {r['tokens_per_s']:.0f} | {r['peak_memory_gb']:.1f} | {measured} | {datasheet} "
               f"| {r['loss']:.3f} |", flush=True)
 
 

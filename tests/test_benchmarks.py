@@ -13,12 +13,15 @@ pytestmark = pytest.mark.slow
 
 def test_bench_gpu_runs_and_reports_each_configuration():
     proc = run_cli(python(), "benchmarks/bench_gpu.py", "--size", "tiny", "--steps", "3", "--warmup", "1",
-                   "--rows", "60", "--batch-tokens", "2048", "--configs", "full", "lora", "full_liger", timeout=300)
+                   "--rows", "60", "--batch-tokens", "4096", "--configs", "full", "lora", "full_liger", "dpo_lora",
+                   timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
     for config in ("full", "lora"):
         tokens_per_s, memory, mfu = (rows[config].split("|")[i].strip() for i in (2, 3, 4))
         assert float(tokens_per_s) > 0 and float(memory) > 0 and re.fullmatch(r"\d+\.\d%", mfu)
+    tokens_per_s, memory, mfu = (rows["dpo_lora"].split("|")[i].strip() for i in (2, 3, 4))
+    assert float(tokens_per_s) > 0 and float(memory) > 0 and mfu == "-"  # prompts counted twice: no MFU
     if not torch.cuda.is_available():
         assert "failed: model.liger_kernel: its Triton kernels need a CUDA GPU" in rows["full_liger"]
 

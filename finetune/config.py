@@ -179,7 +179,10 @@ class RMConfig:
 @dataclass(frozen=True)
 class DPOConfig:
     beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid | robust | hinge | ipo | simpo
+    # sigmoid | robust | hinge | ipo | bco_pair | simpo, or a list of them (not simpo), whose losses are added with
+    # `loss_weights` (TRL's list; MPO: [sigmoid, bco_pair] with [0.8, 0.2], and its sft term as rpo_alpha)
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = None  # with a list of loss types: one weight each (default: 1.0 each)
     label_smoothing: float = 0.0  # cDPO (sigmoid) or the flip rate (robust)
     gamma: float = 0.5  # SimPO's target margin
     precompute_ref_logps: bool = False  # reference log-probs computed once before training and cached
@@ -188,10 +191,30 @@ class DPOConfig:
 
     def __post_init__(self) -> None:
         _range("dpo.beta", self.beta, lo=0, lo_open=True)
-        _choice("dpo.loss_type", self.loss_type, ("sigmoid", "robust", "hinge", "ipo", "simpo"))
+        kinds = self.loss_types
+        if not kinds:
+            raise ConfigError("dpo.loss_type: expected a loss type or a list of them, got an empty list")
+        for kind in kinds:
+            _choice("dpo.loss_type", kind, ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "simpo"))
+        if "simpo" in kinds and len(kinds) > 1:
+            raise ConfigError("dpo.loss_type: simpo uses no reference model and cannot be combined with other losses")
+        if self.loss_weights is not None:
+            if len(self.loss_weights) != len(kinds):
+                raise ConfigError(f"dpo.loss_weights: expected one weight per loss type ({len(kinds)}), got "
+                                  f"{len(self.loss_weights)}")
+            for i, weight in enumerate(self.loss_weights):
+                _range(f"dpo.loss_weights[{i}]", weight, lo=0)
         _range("dpo.label_smoothing", self.label_smoothing, lo=0, hi=0.5, hi_open=True)
         _range("dpo.gamma", self.gamma, lo=0)
         _range("dpo.rpo_alpha", self.rpo_alpha, lo=0)
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss_types == ["simpo"]
 
 
 @dataclass(frozen=True)
@@ -245,7 +268,7 @@ class Recipe:
         if t.early_stopping and not (held_out and t.eval_every):
             raise ConfigError("train.early_stopping: needs evaluations during the run to stop on: held-out data "
                               "(data.eval or data.eval_fraction) and train.eval_every above 0")
-        if self.dpo.ref_model and self.dpo.loss_type == "simpo":
+        if self.dpo.ref_model and self.dpo.reference_free:
             raise ConfigError("dpo.ref_model: dpo.loss_type simpo uses no reference model; leave it unset")
         if self.train.neftune_alpha and self.task != "sft":
             raise ConfigError(f"train.neftune_alpha: NEFTune is for sft (instruction tuning), not {self.task}; it "

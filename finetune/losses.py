@@ -216,7 +216,7 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return -F.logsigmoid(diff)
 
 
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo")
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "simpo")
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
@@ -235,6 +235,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     - ``hinge`` (SLiC, Zhao et al. 2023, arXiv:2305.10425): max(0, 1 - beta h).
     - ``ipo`` (Azar et al. 2023, arXiv:2310.12036, eq. 17): (h - 1 / (2 beta))^2. Pass length-averaged log-probs,
       as the IPO authors and TRL do, so the target does not scale with response length.
+    - ``bco_pair`` (BCO on pairs, Jung et al. 2024, arXiv:2404.04656, as TRL computes it): each response
+      classified on its own, -log sigmoid(r_c) - log sigmoid(-r_r); MPO combines it with ``sigmoid``.
     - ``simpo`` (Meng et al. 2024, arXiv:2405.14734), reference-free: -log sigmoid(beta (logp_c - logp_r) - gamma),
       with length-averaged log-probs; the ref arguments are ignored (may be None) and rewards are beta * logp.
     """
@@ -258,6 +260,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
                   + label_smoothing * F.logsigmoid(-beta * h)) / (1 - 2 * label_smoothing)
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
+    elif loss_type == "bco_pair":
+        losses = -F.logsigmoid(beta * chosen_ratio) - F.logsigmoid(-beta * rejected_ratio)
     else:  # ipo
         losses = (h - 1 / (2 * beta)) ** 2
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

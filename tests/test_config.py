@@ -55,6 +55,13 @@ def test_unknown_section(tmp_path: Path):
     ("data:\n  train: [a.jsonl, 3]\n",
      "data.train: expected a string, a list of strings or a mapping of names to numbers, got ['a.jsonl', 3]"),
     ("lora:\n  target_modules: 3\n", "lora.target_modules: expected a string or a list of strings, got 3"),
+    ("dpo:\n  loss_type: [sigmoid, kto]\n", "dpo.loss_type: expected one of sigmoid, robust, hinge, ipo, bco_pair"),
+    ("dpo:\n  loss_type: []\n", "dpo.loss_type: expected a loss type or a list of them, got an empty list"),
+    ("dpo:\n  loss_type: [sigmoid, simpo]\n", "dpo.loss_type: simpo uses no reference model and cannot be combined"),
+    ("dpo:\n  loss_type: [sigmoid, bco_pair]\n  loss_weights: [0.8]\n",
+     "dpo.loss_weights: expected one weight per loss type (2), got 1"),
+    ("dpo:\n  loss_type: [sigmoid, bco_pair]\n  loss_weights: [0.8, -1]\n",
+     "dpo.loss_weights[1]: expected a value >= 0"),
 ])
 def test_bad_values_name_the_key(tmp_path: Path, text: str, expected: str):
     with pytest.raises(ConfigError) as e:

@@ -124,12 +124,12 @@ def test_pair_tokens_match_trl_dpo_and_reward_trainers(tok, tiny_dir, tmp_path: 
     assert rm.train_dataset["rejected_ids"] == [p["prompt"] + p["rejected"] for p in ours]
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid+bco_pair+ipo"])
 @pytest.mark.parametrize("layout", ["padded", "packed", "packed-shared-prompt"])
 def test_dpo_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, loss_type: str, layout: str):
     """TRL as the oracle end to end: DPOTrainer.compute_loss of a perturbed policy against the initial model on
-    8 pairs equals our DPO task's loss on the same pairs (log-probs, prompt masking, IPO's length averaging),
-    however our batch is laid out."""
+    8 pairs equals our DPO task's loss on the same pairs (log-probs, prompt masking, IPO's length averaging, a
+    weighted list of losses), however our batch is laid out."""
     import copy
 
     import datasets
@@ -146,15 +146,18 @@ def test_dpo_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, los
         for p in policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     rows = preference_rows("train")[:8]
+    kinds = loss_type.split("+")
+    weights = [0.8, 0.2, 0.5] if len(kinds) > 1 else None
     args = DPOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, max_length=None, beta=0.1,
-                     loss_type=[loss_type], per_device_eval_batch_size=8)
+                     loss_type=kinds, loss_weights=weights, per_device_eval_batch_size=8)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok,
                          train_dataset=datasets.Dataset.from_list(rows))
     with torch.no_grad():
         theirs = trainer.compute_loss(trainer.model, next(iter(trainer.get_eval_dataloader(trainer.train_dataset))))
 
     task = DPOTask()
-    task.cfg, task.keep_logits = OurDPOConfig(beta=0.1, loss_type=loss_type), True
+    task.cfg = OurDPOConfig(beta=0.1, loss_type=kinds if weights else loss_type, loss_weights=weights)
+    task.keep_logits = True
     task.ref_model = ref
     if layout == "packed-shared-prompt":  # the prompt runs once per pair: needs sdpa_varlen
         attention.register()
@@ -168,7 +171,7 @@ def test_dpo_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, los
     with torch.no_grad():
         ours = task.loss(policy, collate(pairs)).loss_sum / len(pairs)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
-    assert abs(theirs.item() - (0.6931 if loss_type == "sigmoid" else 25.0)) > 1e-3  # the policy moved
+    assert abs(theirs.item() - {"sigmoid": 0.6931, "ipo": 25.0}.get(loss_type, 0.0)) > 1e-3  # the policy moved
 
 
 @pytest.mark.parametrize("center", [0.0, 0.01])

@@ -114,7 +114,8 @@ def trl_dpo(pc, pr, rc, rr, lengths_c, lengths_r, beta, loss_type, label_smoothi
     return loss, fake._metrics["train"]
 
 
-@pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("robust", 0.1), ("hinge", 0.0), ("ipo", 0.0)])
+@pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("robust", 0.1), ("hinge", 0.0), ("ipo", 0.0),
+                                                   ("bco_pair", 0.0)])
 def test_matches_trl(loss_type: str, smoothing: float):
     pc, pr, rc, rr = logps(7)
     lengths_c, lengths_r = torch.tensor([3, 5, 8, 2, 4]), torch.tensor([6, 1, 4, 7, 3])

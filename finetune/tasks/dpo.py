@@ -64,7 +64,7 @@ class DPOTask:
         self.cfg, self.lora = recipe.dpo, recipe.lora.enabled
         model = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,
                                 tokenizer, packed=recipe.data.packing, fused_head=recipe.train.fused_linear_loss)
-        if self.cfg.ref_model and self.cfg.loss_type != "simpo":
+        if self.cfg.ref_model and not self.cfg.reference_free:
             reference = dataclasses.replace(recipe.model, name_or_path=self.cfg.ref_model, revision=None)
             self.ref_model = model_lib.load_model(reference, tokenizer, accelerator.device, packed=recipe.data.packing)
             vocab, ref_vocab = (m.get_input_embeddings().num_embeddings for m in (model, self.ref_model))
@@ -74,13 +74,13 @@ class DPOTask:
             if recipe.train.fused_linear_loss:
                 model_lib.make_fused_head(self.ref_model)
             self.ref_model.eval().requires_grad_(False)
-        elif not self.lora and not self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo":
+        elif not self.lora and not self.cfg.precompute_ref_logps and not self.cfg.reference_free:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         return model
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any, eval_only: bool = False) -> None:
         self.keep_logits = accepts_logits_to_keep(model)
-        precompute = self.cfg.precompute_ref_logps and self.cfg.loss_type != "simpo"
+        precompute = self.cfg.precompute_ref_logps and not self.cfg.reference_free
         if self.ref_model is not None and precompute:  # dpo.ref_model, needed only until its log-probs are computed
             self.ref_model.to(accelerator.device)
         elif self.ref_model is not None:
@@ -171,26 +171,31 @@ class DPOTask:
     # ---- the loss
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossOutput:
-        simpo = self.cfg.loss_type == "simpo"
-        ref = None if simpo else self.reference_logps(model, batch)
+        kinds = self.cfg.loss_types
+        weights = self.cfg.loss_weights or [1.0] * len(kinds)
+        ref = None if self.cfg.reference_free else self.reference_logps(model, batch)
         policy = self.pair_logps(model, batch, self.head)
         lengths = sequence_lengths(batch["labels"], segment_ids=batch.get("segment_ids")).clamp(min=1).view(2, -1).T
         # RPO's term (Pang et al. 2024): the chosen response's negative log-likelihood per token, pair by pair
         chosen_nll = -policy[:, 0] / lengths[:, 0]
-        if self.cfg.loss_type in LENGTH_AVERAGED:
-            policy = policy / lengths
-            ref = None if simpo else ref / lengths
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy[:, 0], policy[:, 1], None if simpo else ref[:, 0], None if simpo else ref[:, 1],
-            beta=self.cfg.beta, loss_type=self.cfg.loss_type, label_smoothing=self.cfg.label_smoothing,
-            gamma=self.cfg.gamma)
+        losses = None
+        for i, (kind, weight) in enumerate(zip(kinds, weights, strict=True)):  # TRL's loss list: a weighted sum
+            averaged = kind in LENGTH_AVERAGED
+            p = policy / lengths if averaged else policy
+            r = None if ref is None else ref / lengths if averaged else ref
+            term, chosen_rewards, rejected_rewards = dpo_loss(
+                p[:, 0], p[:, 1], None if r is None else r[:, 0], None if r is None else r[:, 1],
+                beta=self.cfg.beta, loss_type=kind, label_smoothing=self.cfg.label_smoothing, gamma=self.cfg.gamma)
+            losses = weight * term if losses is None else losses + weight * term
+            if i == 0:  # the rewards and log-probs logged are the first loss's
+                logged = chosen_rewards.detach(), rejected_rewards.detach(), p.detach()
+        chosen_rewards, rejected_rewards, logps = logged
         # TRL's names; `accuracy` repeats rewards/accuracy so every task with one logs `eval_accuracy`
-        chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
         accuracy = (chosen_rewards > rejected_rewards).float().sum()
         metrics = {"accuracy": accuracy, "rewards/accuracy": accuracy,
                    "rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
                    "rewards/margin": (chosen_rewards - rejected_rewards).sum(),
-                   "logps/chosen": policy[:, 0].detach().sum(), "logps/rejected": policy[:, 1].detach().sum(),
+                   "logps/chosen": logps[:, 0].sum(), "logps/rejected": logps[:, 1].sum(),
                    "nll": chosen_nll.detach().sum()}
         if self.cfg.rpo_alpha:
             losses = losses + self.cfg.rpo_alpha * chosen_nll

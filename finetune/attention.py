@@ -178,10 +178,12 @@ def _varlen_kernel() -> tuple[Any, dict, set[str]] | None:
 
 def _flash_dtype(query: torch.Tensor, scaling: float | None) -> torch.dtype | None:
     """The half-precision dtype in which the varlen kernel would run this attention, or None where it cannot:
-    not on a CUDA GPU of compute capability 8 or more, torch < 2.10, float32 without autocast, heads wider than
-    256, or a scaling other than 1/sqrt(dim) where the kernel takes none."""
+    not on an NVIDIA GPU of compute capability 8 or more (ROCm builds, whose kernel support differs, keep the
+    per-sequence path), torch < 2.10, float32 without autocast, heads wider than 256, or a scaling other than
+    1/sqrt(dim) where the kernel takes none."""
     kernel = _varlen_kernel()
-    if kernel is None or not query.is_cuda or torch.cuda.get_device_capability(query.device)[0] < 8:
+    if (kernel is None or not query.is_cuda or torch.version.hip is not None
+            or torch.cuda.get_device_capability(query.device)[0] < 8):
         return None
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
     dim = query.shape[-1]

@@ -150,9 +150,10 @@ def _packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
         raise ValueError(f"{NAME}: a packed sequence is longer than the model's sliding window ({window})")
     flash = _flash_dtype(query, scaling)
     if flash is not None and dropout == 0:
-        branched = any(ps < pe for row in bounds for _, _, ps, pe in row)
-        if not branched or _prefix_aligned(query.device, flash):
-            return _flash_rows(query, key, value, bounds, position_ids, scaling, flash)
+        layout = _once_per_forward(position_ids, ("layout", query.shape[0]),
+                                   lambda: _varlen_layout(bounds, query.shape[2], query.device))
+        if layout.keys is None or _prefix_aligned(query.device, flash):  # no branches, or the kernel takes them
+            return _flash_rows(query, key, value, layout, scaling, flash)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     rows = []
@@ -220,7 +221,7 @@ def _varlen_layout(bounds: list, length: int, device: torch.device) -> _Layout:
                    torch.tensor(keys, device=device) if branched else None)
 
 
-def _flash_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list, position_ids: torch.Tensor,
+def _flash_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: _Layout,
                 scaling: float | None, dtype: torch.dtype) -> torch.Tensor:
     """All rows' sequences in one varlen call: (batch, heads, len, dim) -> (batch, len, heads, dim). A branch
     gets its shared prefix's keys gathered in front of its own; its queries then see them all, and their own
@@ -237,8 +238,6 @@ def _flash_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bou
             key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // key.shape[1])
     # the kernel's layout, (tokens, heads, dim): a view where the projections' (batch, len, heads, dim) is kept
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim).to(dtype) for t in (query, key, value))
-    layout = _once_per_forward(position_ids, ("layout", batch),
-                               lambda: _varlen_layout(bounds, length, query.device))
     if layout.keys is not None:
         k, v = k.index_select(0, layout.keys), v.index_select(0, layout.keys)
     out = varlen_attn(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, **causal, **extra)

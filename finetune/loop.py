@@ -47,7 +47,8 @@ class Result:
     tokenizer: Any = field(default=None, repr=False)
 
     def generate(self, *prompts: str, max_new_tokens: int = 64, temperature: float = 0.0) -> list[str]:
-        """The trained model's answers to `prompts`, as `finetune generate` gives them from the exported one."""
+        """The trained model's answers to `prompts`, as `finetune generate` gives them from the exported one in the
+        same dtype (on a GPU it loads bfloat16 by default, and this model may be float32)."""
         from finetune.generate import answers
 
         return list(answers(self.model, self.tokenizer, prompts, max_new_tokens, temperature))

@@ -61,6 +61,8 @@ CONFIGS = {
     "lora": {"lora": LORA},
     "full_compile": {"train": {"compile": True}},
     "lora_compile": {"lora": LORA, "train": {"compile": True}},
+    # the two that each helped on the H100 (compile 1.32x eager, liger 1.13-1.25x), together: never run on a GPU
+    "full_compile_liger": {"model": {"liger_kernel": True}, "train": {"compile": True}},
     "dpo_lora": {"task": "dpo", "lora": LORA},
     "dpo_lora_per_sequence": {"task": "dpo", "lora": LORA, "per_sequence": True},
     "full_flash": {"model": {"attn_implementation": "flash_attention_2"}},  # needs the flash-attn package

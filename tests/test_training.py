@@ -32,8 +32,11 @@ def test_accumulation_4x2_equals_1x8(tmp_path: Path, chat_files):
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)  # Adam hides a scale error; the norm shows it
+    # The two sum in different float32 orders, and Adam divides each element's update by its gradient's own
+    # scale: on elements whose gradient is near zero that left differences of up to 2.2e-6 (measured with two
+    # equally exact loss implementations). Normalising per micro-batch instead moves them by 3e-3.
     for (name, p), q in zip(one.model.named_parameters(), four.model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_same_seed_same_losses_other_seed_differs(tmp_path: Path, chat_files):

@@ -21,6 +21,8 @@ from finetune.errors import UserError
 from finetune.schedule import SHAPES
 
 TASKS = ("sft", "rm", "dpo")
+# `finetune.losses.dpo_loss`'s loss types, named here, where recipes are checked without importing torch
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "simpo")
 # attention implementations for which a packed row gives exactly the padded batch's loss and gradients (tested)
 PACKING_ATTENTION = ("eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flash_attention_3")
 
@@ -195,7 +197,7 @@ class DPOConfig:
         if not kinds:
             raise ConfigError("dpo.loss_type: expected a loss type or a list of them, got an empty list")
         for kind in kinds:
-            _choice("dpo.loss_type", kind, ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "simpo"))
+            _choice("dpo.loss_type", kind, DPO_LOSS_TYPES)
         if "simpo" in kinds and len(kinds) > 1:
             raise ConfigError("dpo.loss_type: simpo uses no reference model and cannot be combined with other losses")
         if self.loss_weights is not None:

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from finetune.config import DPO_LOSS_TYPES
+
 IGNORE_INDEX = -100
 
 
@@ -216,9 +218,6 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     if margin is not None:
         diff = diff - _wide(margin)
     return -F.logsigmoid(diff)
-
-
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "simpo")
 
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,

@@ -73,6 +73,11 @@ def python() -> str:
     return sys.executable
 
 
+def relative_error(a: torch.Tensor, exact: torch.Tensor) -> float:
+    """||a - exact|| / ||exact||, in float64."""
+    return ((a.double() - exact.double()).norm() / exact.double().norm()).item()
+
+
 def fused_spy(monkeypatch, tokens_per_chunk: int = 5) -> list[int]:
     """Force several chunks per batch through the fused output layer and count its calls (rows per call)."""
     import finetune.model

@@ -9,16 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_recipe
+from conftest import relative_error, small_recipe
 
 import finetune
 from finetune import attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _relative_error(a: torch.Tensor, exact: torch.Tensor) -> float:
-    return ((a.double() - exact.double()).norm() / exact.double().norm()).item()
 
 
 POSITIONS = {
@@ -72,8 +68,8 @@ def test_flash_varlen_kernel_is_as_close_to_float32_as_per_sequence_sdpa(monkeyp
     per_sequence = run(autocast=True)
     assert len(calls) == 2
     for i, (a, b, ref) in enumerate(zip(flash, per_sequence, exact, strict=True)):
-        assert _relative_error(a, ref) < 0.02, i
-        assert _relative_error(a, ref) <= 1.5 * _relative_error(b, ref) + 1e-3, i
+        assert relative_error(a, ref) < 0.02, i
+        assert relative_error(a, ref) <= 1.5 * relative_error(b, ref) + 1e-3, i
 
 
 def test_bf16_packed_lora_training_on_cuda_resumes_as_it_would_have_gone_on(tmp_path: Path, chat_files):

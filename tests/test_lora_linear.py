@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICES, small_recipe
+from conftest import DEVICES, relative_error, small_recipe
 
 import finetune
 from finetune.lora_linear import FusedLoraLinear, dropout_keep_mask, fuse_lora_layers
@@ -87,9 +87,6 @@ def test_fused_lora_under_bf16_autocast_is_as_close_to_float64_as_peft(dropout: 
             if isinstance(layer, torch.nn.Linear) and not layer.weight.requires_grad:
                 layer.to(torch.bfloat16)
 
-    def error(a: torch.Tensor, exact: torch.Tensor) -> float:
-        return ((a.double() - exact).norm() / exact.norm()).item()
-
     totals = {"ours": [0.0, 0.0], "theirs": [0.0, 0.0]}  # logits, gradients
     for seed in range(4):
         embeds = torch.randn(2, 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
@@ -97,11 +94,11 @@ def test_fused_lora_under_bf16_autocast_is_as_close_to_float64_as_peft(dropout: 
         exact_logits, exact_grads = _run(exact_model, embeds, autocast=False)
         for side, model in (("theirs", peft_model), ("ours", fused)):
             logits, grads = _run(model, embeds.float(), autocast=True)
-            assert error(logits, exact_logits) < 0.05
-            totals[side][0] += error(logits, exact_logits)
+            assert relative_error(logits, exact_logits) < 0.05
+            totals[side][0] += relative_error(logits, exact_logits)
             for name, g in grads.items():
-                assert g.dtype == torch.float32 and error(g, exact_grads[name]) < 0.1, name
-                totals[side][1] += error(g, exact_grads[name])
+                assert g.dtype == torch.float32 and relative_error(g, exact_grads[name]) < 0.1, name
+                totals[side][1] += relative_error(g, exact_grads[name])
     assert totals["ours"][0] <= 1.2 * totals["theirs"][0]
     assert totals["ours"][1] <= 1.2 * totals["theirs"][1]
 

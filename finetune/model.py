@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,12 +33,19 @@ def resolve(name: str) -> str:
             return str(ensure_builtin_model(name))
         except ValueError as e:
             raise ModelError(f"model.name_or_path: {e}") from None
+    if _is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise ModelError(f"model.name_or_path: no directory {name!r} (a local path, not a hub id; a run saves its "
+                         "model to OUTPUT_DIR/model)")
     return name
 
 
-def _from_pretrained(cls: Any, cfg: ModelConfig, path: str, **kwargs: Any) -> Any:
-    import os
+def _is_local_path(name: str) -> bool:
+    """A name that can only be a local path: a hub id is `name` or `org/name`."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "") \
+        or name.endswith("/")
 
+
+def _from_pretrained(cls: Any, cfg: ModelConfig, path: str, **kwargs: Any) -> Any:
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         if os.path.isfile(os.path.join(path, "adapter_config.json")):  # e.g. SFT with LoRA, then DPO from it
             merged = os.path.join(os.path.dirname(os.path.normpath(path)) or ".", "merged")

@@ -4,6 +4,7 @@ that would silently do something else than asked, and stops that keep the last g
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -92,6 +93,17 @@ def test_a_model_directory_missing_files_is_a_one_line_error(tmp_path: Path, cha
     with pytest.raises(UserError, match=f"^model.name_or_path: .*{says}") as caught:
         finetune.train(small_recipe(tmp_path / "out", train, model={"name_or_path": str(tmp_path / "m")}))
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["runs/tiny_sft/model", "./m", "MISSING_ABS/m", "~/no-such-model-dir"])
+def test_a_missing_local_model_path_says_so_not_offline_hub(tmp_path: Path, chat_files, name: str, monkeypatch):
+    """A name that cannot be a hub id (`org/name`) and is not a directory: a one-line 'no directory' error, not
+    the hub's 'offline' one (e.g. tiny_lora.yaml before tiny_sft.yaml has been run)."""
+    monkeypatch.chdir(tmp_path)
+    train, _ = chat_files
+    name = name.replace("MISSING_ABS", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match=f"^model.name_or_path: no directory '{re.escape(name)}' \\(a local path"):
+        finetune.train(small_recipe(tmp_path / "out", train, model={"name_or_path": name}))
 
 
 def test_max_length_beyond_the_models_positions_is_warned(tmp_path: Path, chat_files, caplog):

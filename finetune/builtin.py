@@ -1,8 +1,8 @@
 """The embedded default: a tiny random-init Llama, a locally trained tokenizer, and small checkable tasks.
 
 Nothing here touches the network. `builtin:tiny-llama` is generated deterministically on first use and cached
-(as an ordinary `save_pretrained` directory, so it loads exactly like a real checkpoint); `builtin:tasks` rows
-are generated in memory from a fixed seed.
+(as an ordinary `save_pretrained` directory, so it loads exactly like a real checkpoint); the rows of
+`builtin:tasks`, `builtin:prefs` and `builtin:descending` are generated in memory from fixed seeds.
 """
 
 from __future__ import annotations
@@ -64,20 +64,36 @@ def _problem(rng: random.Random) -> tuple[str, str]:
     return "Sort: " + " ".join(digits), " ".join(sorted(digits))
 
 
-def task_rows(split: str, n_train: int = 4000, n_test: int = 200, seed: int = 1234) -> list[dict[str, Any]]:
-    """Chat rows for `builtin:tasks`: addition, word reversal, digit sorting; test prompts never occur in train."""
+def _rows(name: str, problem: Any, split: str, n_train: int, n_test: int, seed: int) -> list[dict[str, Any]]:
+    """Chat rows of distinct generated problems; the test split's prompts never occur in train."""
     if split not in ("train", "test"):
-        raise ValueError(f"builtin:tasks has splits train and test, not {split!r}")
+        raise ValueError(f"{name} has splits train and test, not {split!r}")
     rng = random.Random(seed)
     seen: set[str] = set()
     rows: list[dict[str, Any]] = []
     while len(rows) < n_train + n_test:
-        prompt, answer = _problem(rng)
+        prompt, answer = problem(rng)
         if prompt in seen:
             continue
         seen.add(prompt)
         rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
     return rows[:n_train] if split == "train" else rows[n_train:]
+
+
+def task_rows(split: str, n_train: int = 4000, n_test: int = 200, seed: int = 1234) -> list[dict[str, Any]]:
+    """Chat rows for `builtin:tasks`: addition, word reversal, digit sorting; test prompts never occur in train."""
+    return _rows("builtin:tasks", _problem, split, n_train, n_test, seed)
+
+
+def _descending(rng: random.Random) -> tuple[str, str]:
+    digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6))]
+    return "Sort descending: " + " ".join(digits), " ".join(sorted(digits, reverse=True))
+
+
+def descending_rows(split: str, n_train: int = 2000, n_test: int = 200, seed: int = 4321) -> list[dict[str, Any]]:
+    """Chat rows for `builtin:descending`: digits sorted largest first, a task `builtin:tasks` does not teach
+    (its "Sort:" is ascending), for adapting a model trained on those (tiny_lora.yaml)."""
+    return _rows("builtin:descending", _descending, split, n_train, n_test, seed)
 
 
 def _wrong_answer(prompt: str) -> str:
@@ -106,7 +122,7 @@ def preference_rows(split: str) -> list[dict[str, Any]]:
     return rows
 
 
-BUILTIN_DATASETS = {"tasks": task_rows, "prefs": preference_rows}
+BUILTIN_DATASETS = {"tasks": task_rows, "prefs": preference_rows, "descending": descending_rows}
 
 
 def builtin_rows(name: str, split: str) -> list[dict[str, Any]]:

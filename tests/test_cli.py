@@ -29,7 +29,7 @@ def test_accelerate_launch_finetune_from_repo_root(tmp_path: Path):
 
 def test_python_dash_m_and_console_script(tmp_path: Path):
     proc = run_cli(python(), "-m", "finetune", "sft", "recipes/tiny_lora.yaml", f"output_dir={tmp_path}", *QUICK,
-                   "data.eval=null")
+                   "data.eval=null", "model.name_or_path=builtin:tiny-llama")  # not tiny_sft's output
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "model" / "adapter_config.json").is_file()
     assert "kernels-community" not in proc.stderr  # bitsandbytes' CPU 4-bit hint, noise without QLoRA

@@ -4,7 +4,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from finetune.builtin import CHAT_TEMPLATE, task_rows
+from finetune.builtin import CHAT_TEMPLATE, builtin_rows, descending_rows, task_rows
 from finetune.data import DataError, chat_ids_and_mask, detect_format, encode_dataset, encode_row, load_rows
 from finetune.losses import IGNORE_INDEX
 
@@ -153,11 +153,20 @@ def test_a_directory_of_data_files_with_split_names(tmp_path: Path):
         load_rows(str(tmp_path / "empty"), "train")
 
 
-def test_builtin_test_split_is_held_out():
-    train = {r["messages"][0]["content"] for r in task_rows("train")}
-    test = [r["messages"][0]["content"] for r in task_rows("test")]
+@pytest.mark.parametrize("rows", [task_rows, descending_rows])
+def test_builtin_test_split_is_held_out(rows):
+    train = {r["messages"][0]["content"] for r in rows("train")}
+    test = [r["messages"][0]["content"] for r in rows("test")]
     assert len(test) == 200 and not train.intersection(test)
-    assert task_rows("test") == task_rows("test")  # deterministic
+    assert rows("test") == rows("test")  # deterministic
+
+
+def test_builtin_descending_answers_are_the_digits_largest_first():
+    for row in descending_rows("train")[:200] + descending_rows("test"):
+        user, answer = (m["content"] for m in row["messages"])
+        digits = user.removeprefix("Sort descending: ").split()
+        assert 3 <= len(digits) <= 6 and answer == " ".join(sorted(digits, key=int, reverse=True))
+    assert builtin_rows("builtin:descending", "test") == descending_rows("test")
 
 
 def test_hub_dataset_offline_is_a_clear_error():

@@ -41,7 +41,8 @@ def runs(tmp_path_factory) -> tuple:
              "log.tensorboard": False}
     full = finetune.train(str(ROOT / "recipes/tiny_sft.yaml"), output_dir=str(folder / "full"), **short)
     lora = finetune.train(str(ROOT / "recipes/tiny_lora.yaml"), output_dir=str(folder / "lora"), **short,
-                          **{"lora.dropout": 0.5})  # in training mode its answers would be random
+                          **{"lora.dropout": 0.5,  # in training mode its answers would be random
+                             "model.name_or_path": str(full.model_dir)})  # the recipe's base: tiny_sft's model
     return full, lora
 
 
@@ -71,20 +72,21 @@ def test_full_model_answers_as_a_greedy_decode_by_hand(trained, tiny_dir, which)
     assert all(got) or which == "untrained"  # the untrained model answers with whitespace
 
 
-def test_lora_adapter_answers_as_the_unmerged_adapter_and_not_as_its_base(trained, tiny_dir):
+def test_lora_adapter_answers_as_the_unmerged_adapter_and_not_as_its_base(trained):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from finetune.model import peft_quietly
 
-    model, tokenizer = load(trained[1])
-    got = list(answers(model, tokenizer, PROMPTS, max_new_tokens=6))
+    prompts = [*PROMPTS, "Sort descending: 3 1 2"]  # the adapter's own task
+    model, tokenizer = load(trained[1])  # its base, the full run's model, found from the adapter's config
+    got = list(answers(model, tokenizer, prompts, max_new_tokens=6))
     assert all(got)
     with peft_quietly():
-        unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), trained[1]).eval()
-    assert got == [greedy_by_hand(unmerged, tokenizer, p, 6) for p in PROMPTS]
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
-    assert got != [greedy_by_hand(base, tokenizer, p, 6) for p in PROMPTS]
+        unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained[0]), trained[1]).eval()
+    assert got == [greedy_by_hand(unmerged, tokenizer, p, 6) for p in prompts]
+    base = AutoModelForCausalLM.from_pretrained(trained[0]).eval()
+    assert got != [greedy_by_hand(base, tokenizer, p, 6) for p in prompts]
 
 
 def test_sampling_is_seeded_and_raw_prompts_skip_the_template(trained):

@@ -385,7 +385,8 @@ def test_tiny_preference_recipes_end_to_end(tmp_path: Path, task: str):
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [e for e in read_metrics(tmp_path / "metrics.jsonl") if "eval_accuracy" in e]
     assert [e["step"] for e in evals] == [0, 30]
-    assert evals[-1]["eval_accuracy"] > evals[0]["eval_accuracy"]
+    # the README's figures (0.99-1.0 by step 50); measured at step 30: rm 0.52 -> 0.985, dpo 0 -> 0.995
+    assert evals[-1]["eval_accuracy"] >= 0.9 > evals[0]["eval_accuracy"], evals
     assert (tmp_path / "model" / "config.json").is_file()
 
 

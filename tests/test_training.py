@@ -429,6 +429,12 @@ def tiny_sft_run(tmp_path_factory: pytest.TempPathFactory) -> Any:
                                                                             "log.progress": False})
 
 
+def builtin_tasks_exact_match(model_dir: Path, output_dir: Path) -> float:
+    """Held-out exact match of a whole model on builtin:tasks, as tiny_sft.yaml evaluates it."""
+    return finetune.evaluate("recipes/tiny_sft.yaml", output_dir=str(output_dir), **{
+        "model.name_or_path": str(model_dir), "log.progress": False}).metrics["eval_accuracy"]
+
+
 @pytest.mark.slow
 def test_tiny_sft_learns_what_the_readme_says(tiny_sft_run: Any):
     """The README's held-out figures. Measured with seeds 42, 1, 2, 3: final loss 0.015-0.027, exact match
@@ -452,9 +458,7 @@ def test_tiny_lora_teaches_the_sft_model_a_new_task_and_keeps_the_old(tiny_sft_r
     evals = [e for e in result.history if "eval_loss" in e]
     assert evals[0]["eval_accuracy"] == 0 and evals[-1]["eval_accuracy"] >= 0.9, evals
     merge_adapter(result.model_dir, tmp_path / "merged")
-    old = finetune.evaluate("recipes/tiny_sft.yaml", output_dir=str(tmp_path / "old"),
-                            **{"model.name_or_path": str(tmp_path / "merged"), "log.progress": False})
-    assert old.metrics["eval_accuracy"] >= 0.85, old.metrics
+    assert builtin_tasks_exact_match(tmp_path / "merged", tmp_path / "old") >= 0.85
 
 
 @pytest.mark.slow
@@ -466,9 +470,7 @@ def test_dpo_from_the_sft_model_as_the_readme_says_keeps_its_answers(tiny_sft_ru
                          **{"model.name_or_path": str(tiny_sft_run.model_dir), "train.lr": 2e-4,
                             "dpo.rpo_alpha": 1.0, "train.eval_every": 0, "log.progress": False})
     assert dpo.metrics["eval_accuracy"] >= 0.9, dpo.metrics
-    tasks = finetune.evaluate("recipes/tiny_sft.yaml", output_dir=str(tmp_path / "tasks"),
-                              **{"model.name_or_path": str(dpo.model_dir), "log.progress": False})
-    assert tasks.metrics["eval_accuracy"] >= 0.85, tasks.metrics
+    assert builtin_tasks_exact_match(dpo.model_dir, tmp_path / "tasks") >= 0.85
 
 
 def test_large_export_is_sharded_with_an_index(tmp_path: Path, chat_files):

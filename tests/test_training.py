@@ -550,6 +550,10 @@ def test_bounded_kernel_caches_stop_memory_growing_with_new_matmul_shapes():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    # a fixed mmap threshold returns each freed tensor to the OS: with glibc's sliding one, freed buffers stayed in
+    # the heap and made the bounded run's growth 35-81 MB (against 219-363 unbounded; a fresh-clone CI run failed
+    # at 81 / 220); with it, 15.6 against 180.5 MB in six runs of each
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     grown = {mode: float(subprocess.run([sys.executable, "-c", _MATMUL_SHAPES, mode], env=env, check=True,
                                         capture_output=True, text=True).stdout)
              for mode in ("unbounded", "bounded")}

@@ -117,6 +117,14 @@ def setup_logging() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def _close_progress_bars() -> None:
+    """Close the bars an error left drawn (it was raised inside their loop), so the error starts its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     # overrides (and prompts) may also follow a flag (`sft r.yaml --eval-only train.lr=1`), which argparse alone
@@ -171,11 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result.metrics), flush=True)
     except UserError as e:
         if first or (checked and not isinstance(e, SaidByMainProcess)):
+            _close_progress_bars()
             print(f"finetune: error: {e}", file=sys.stderr)
         else:  # the main process says it: let it exit first, and the launcher stop this one (exiting first,
             time.sleep(10)  # this one could have the main process killed before it printed the error)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before training starts, or a second one during it (the first saves)
+        _close_progress_bars()
         print("finetune: interrupted", file=sys.stderr)
         return 130
     return 0

@@ -75,6 +75,23 @@ def test_ctrl_c_before_training_is_one_line_and_exit_130(tmp_path: Path, monkeyp
     assert capsys.readouterr().err.strip() == "finetune: interrupted"
 
 
+def test_an_error_under_a_progress_bar_starts_its_own_line(tmp_path: Path, capsys):
+    """A bad row is found while the tokenizing bar is drawn: the error must not be glued to the bar's line."""
+    import re
+
+    from finetune.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [{"role": "user", "content": 3}]}\n')
+    assert main(["sft", "recipes/tiny_sft.yaml", f"data.train={bad}", f"output_dir={tmp_path / 'run'}",
+                 "log.progress=true"]) == 2
+    err = capsys.readouterr().err
+    assert f"Tokenizing {bad}" in err  # the bar was drawn
+    assert re.search(r"(\A|[\r\n])finetune: error: \S*bad.jsonl: row 1: expected messages\[0\]\.content to be a "
+                     r"string, got int\n\Z", err), repr(err[-400:])
+
+
 def test_version_names_finetune_and_its_libraries(capsys):
     import torch
     import transformers

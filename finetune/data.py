@@ -326,13 +326,15 @@ def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, c
         p_ids = tokenizer(prompt)["input_ids"]
         c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
         ids, mask = p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids)
-    truncated = len(ids) > max_length
-    ids, mask = ids[:max_length], mask[:max_length]
     if not completion_only:
         mask = [1] * len(ids)
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
     # the first token is never a target (nothing predicts it)
-    return {"input_ids": ids, "labels": labels, "truncated": truncated, "n_targets": sum(mask[1:])}
+    untruncated_targets = sum(mask[1:])
+    truncated = len(ids) > max_length
+    ids, mask = ids[:max_length], mask[:max_length]
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+    return {"input_ids": ids, "labels": labels, "truncated": truncated, "n_targets": sum(mask[1:]),
+            "untruncated_targets": untruncated_targets}
 
 
 ROWS_PER_WORKER = 1000  # fewer rows than this per worker process: forking would cost more than it saves
@@ -396,22 +398,31 @@ def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length:
 
     fmt = detect_format(column_names(rows), source, fmt)
     ids, labels, truncated = [], [], 0
+    # rows dropped for having no target: none to begin with, or all cut off by max_length
+    no_target: list[int] = []
+    cut_off: list[int] = []
 
     def encode(row: Any, where: str) -> dict:
         return encode_row(row, fmt, tokenizer, max_length, completion_only, where)
 
-    for enc in map_rows(encode, rows, source, progress, workers):
+    for i, enc in enumerate(map_rows(encode, rows, source, progress, workers)):
         truncated += enc["truncated"]
         if enc["n_targets"] > 0:
             ids.append(enc["input_ids"])
             labels.append(enc["labels"])
+        else:
+            (cut_off if enc["untruncated_targets"] else no_target).append(i)
     stats = EncodeStats(rows=len(rows), kept=len(ids), truncated=truncated, dropped_no_target=len(rows) - len(ids))
     if stats.truncated:
         logger.warning("%s: %d of %d rows truncated to data.max_length=%d", source, stats.truncated, stats.rows,
                        max_length)
-    if stats.dropped_no_target:
-        logger.warning("%s: dropped %d of %d rows that have no trainable token left (after truncation to %d)",
-                       source, stats.dropped_no_target, stats.rows, max_length)
+    if no_target:
+        what = "no assistant message" if fmt == "chat" else "an empty completion"
+        logger.warning("%s: dropped %d of %d rows with no token to train on (%s; first: row %d)", source,
+                       len(no_target), stats.rows, what, no_target[0])
+    if cut_off:
+        logger.warning("%s: dropped %d of %d rows whose every trained token lies beyond data.max_length=%d "
+                       "(first: row %d)", source, len(cut_off), stats.rows, max_length, cut_off[0])
     if not ids:
         raise DataError(f"{source}: no row has a trainable token (all {stats.rows} dropped); check data.format, "
                         f"data.max_length={max_length} and data.completion_only_loss")

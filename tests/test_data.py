@@ -85,7 +85,18 @@ def test_truncation_counted_and_empty_rows_dropped(tok, caplog):
     ds, stats = encode_dataset(rows, "mem", "auto", tok, 16, True)
     assert (stats.rows, stats.kept, stats.truncated, stats.dropped_no_target) == (3, 2, 2, 1)
     assert len(ds) == 2 and all(len(r) <= 16 for r in ds["input_ids"])
-    assert "dropped 1 of 3 rows" in caplog.text and "2 of 3 rows truncated" in caplog.text
+    assert "2 of 3 rows truncated" in caplog.text
+    assert "dropped 1 of 3 rows whose every trained token lies beyond data.max_length=16 (first: row 0)" in caplog.text
+    assert "no token to train on" not in caplog.text
+
+
+def test_a_chat_row_without_an_assistant_message_is_dropped_for_that_reason(tok, caplog):
+    """Not reported as lost to truncation: it had nothing to train on at any length."""
+    rows = [{"messages": CONVO}, {"messages": [{"role": "user", "content": "hi"}]}]
+    ds, stats = encode_dataset(rows, "mem", "auto", tok, 128, True)
+    assert (stats.kept, stats.truncated, stats.dropped_no_target) == (1, 0, 1)
+    assert "mem: dropped 1 of 2 rows with no token to train on (no assistant message; first: row 1)" in caplog.text
+    assert "max_length" not in caplog.text
 
 
 def test_all_rows_dropped_is_an_error(tok):

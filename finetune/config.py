@@ -79,7 +79,7 @@ class DataConfig:
     eval_fraction: float = 0.0
     split: str = "train"  # hub split for `train`
     eval_split: str = "test"  # hub split for `eval` when it names a hub dataset
-    format: str = "auto"  # auto | chat | prompt_completion | alpaca | text
+    format: str = "auto"  # auto | chat | sharegpt | prompt_completion | alpaca | text
     columns: dict[str, str] = field(default_factory=dict)  # a source's column -> the name read ({question: prompt})
     max_length: int = 1024
     max_prompt_length: int = 0  # preference pairs: prompt tokens kept (from the end); 0 means max_length // 2
@@ -90,7 +90,7 @@ class DataConfig:
     cache_tokenized: bool = True  # keep tokenized rows under FINETUNE_HOME/tokenized for the next run
 
     def __post_init__(self) -> None:
-        _choice("data.format", self.format, ("auto", "chat", "prompt_completion", "alpaca", "text"))
+        _choice("data.format", self.format, ("auto", "chat", "sharegpt", "prompt_completion", "alpaca", "text"))
         for key in ("train", "eval"):
             value = getattr(self, key)
             if value in ([], {}, "") or (isinstance(value, (list, dict)) and "" in value):

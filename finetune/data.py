@@ -229,7 +229,7 @@ def concatenate(parts: list[Any], shares: list[float] | None = None, seed: int =
 
 
 def detect_format(columns: list[str], source: str, wanted: str = "auto") -> str:
-    required = {"chat": {"messages"}, "prompt_completion": {"prompt", "completion"},
+    required = {"chat": {"messages"}, "sharegpt": {"conversations"}, "prompt_completion": {"prompt", "completion"},
                 "alpaca": {"instruction", "output"}, "text": {"text"}}
     if wanted != "auto":
         missing = required[wanted] - set(columns)
@@ -240,7 +240,8 @@ def detect_format(columns: list[str], source: str, wanted: str = "auto") -> str:
         if cols <= set(columns):
             return fmt
     raise DataError(f"{source}: cannot tell the format from columns {columns}; expected 'messages', "
-                    "'prompt'+'completion', 'instruction'+'output' or 'text' (data.columns can rename yours)")
+                    "'conversations' (ShareGPT), 'prompt'+'completion', 'instruction'+'output' or 'text' "
+                    "(data.columns can rename yours)")
 
 
 # --------------------------------------------------------------------------------------------- rendering
@@ -260,6 +261,31 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
             raise DataError(f"{where}: messages[{i}] must have 'role' and 'content'")
         _check_str(m["content"], f"messages[{i}].content", where)
     return messages
+
+
+# ShareGPT's speaker names (`from`), as axolotl and LLaMA-Factory read them, to chat roles
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def sharegpt_messages(turns: Any, where: str) -> list[dict[str, str]]:
+    """A ShareGPT row's `conversations` ([{from, value}, ...]) as chat messages."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: expected 'conversations' to be a non-empty list of {{from, value}}")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{where}: conversations[{i}] must have 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise DataError(f"{where}: conversations[{i}].from is {turn['from']!r}; expected one of "
+                            f"{', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def row_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]]:
+    """The checked chat messages of a `chat` or `sharegpt` row."""
+    return check_messages(row["messages"] if fmt == "chat" else sharegpt_messages(row["conversations"], where), where)
 
 
 def has_generation_markers(template: str | None) -> bool:
@@ -316,8 +342,8 @@ def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, c
                where: str) -> dict[str, Any]:
     """Tokenize one row into `input_ids` and `labels` (IGNORE_INDEX where no loss), truncated on the right."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if fmt == "chat":
-        ids, mask = chat_ids_and_mask(tokenizer, check_messages(row["messages"], where), where)
+    if fmt in ("chat", "sharegpt"):
+        ids, mask = chat_ids_and_mask(tokenizer, row_messages(row, fmt, where), where)
     elif fmt == "text":
         ids = tokenizer(_check_str(row["text"], "'text'", where))["input_ids"] + eos
         mask = [1] * len(ids)
@@ -417,7 +443,7 @@ def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length:
         logger.warning("%s: %d of %d rows truncated to data.max_length=%d", source, stats.truncated, stats.rows,
                        max_length)
     if no_target:
-        what = "no assistant message" if fmt == "chat" else "an empty completion"
+        what = "no assistant message" if fmt in ("chat", "sharegpt") else "an empty completion"
         logger.warning("%s: dropped %d of %d rows with no token to train on (%s; first: row %d)", source,
                        len(no_target), stats.rows, what, no_target[0])
     if cut_off:

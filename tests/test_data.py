@@ -70,6 +70,40 @@ def test_completion_only_off_trains_on_everything(tok):
     assert row["labels"] == row["input_ids"]
 
 
+SHAREGPT_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def test_sharegpt_rows_encode_as_their_chat_messages(tok, tmp_path: Path):
+    """`conversations` of {from, value} (axolotl's and LLaMA-Factory's ShareGPT) train exactly as `messages`."""
+    from finetune.tasks.sft import generation_examples
+
+    turns = [{"from": SHAREGPT_NAMES[m["role"]], "value": m["content"]} for m in CONVO]
+    assert detect_format(["conversations", "id"], "x") == "sharegpt"
+    shared = encode_row({"conversations": turns}, "sharegpt", tok, 128, True, "x")
+    chat = encode_row({"messages": CONVO}, "chat", tok, 128, True, "x")
+    assert (shared["input_ids"], shared["labels"]) == (chat["input_ids"], chat["labels"])
+    alias = [dict(t, **{"from": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"])}) for t in turns]
+    assert encode_row({"conversations": alias}, "sharegpt", tok, 128, True, "x")["labels"] == chat["labels"]
+    # the held-out rows' reference answers for exact match come from the last gpt turn
+    path = tmp_path / "sharegpt.jsonl"
+    path.write_text(json.dumps({"conversations": turns}) + "\n")
+    rows = load_rows(str(path), "train")
+    assert generation_examples(rows, "s", "auto", tok, 4) == generation_examples([{"messages": CONVO}], "c", "auto",
+                                                                                 tok, 4)
+
+
+@pytest.mark.parametrize("turns, says", [
+    ([{"from": "bot", "value": "hi"}], r"conversations\[0\]\.from is 'bot'; expected one of system, human, user"),
+    ([{"from": "human"}], r"conversations\[0\] must have 'from' and 'value'"),
+    ([], "expected 'conversations' to be a non-empty list"),
+    ([{"from": "human", "value": 3}], r"expected messages\[0\]\.content to be a string, got int"),
+])
+def test_bad_sharegpt_rows_name_the_row_and_the_turn(tok, turns, says):
+    with pytest.raises(DataError, match=f"^f.jsonl: row 1: {says}"):
+        encode_dataset([{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+                        {"conversations": turns}], "f.jsonl", "auto", tok, 64, True)
+
+
 def test_alpaca_and_text_formats(tok):
     row = encode_row({"instruction": "Add", "input": "2 3", "output": "5"}, "alpaca", tok, 256, True, "x")
     assert tok.decode([t for t in row["labels"] if t != IGNORE_INDEX]) == "5<|im_end|>"

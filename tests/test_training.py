@@ -51,6 +51,29 @@ def test_same_seed_same_losses_other_seed_differs(tmp_path: Path, chat_files):
     assert a.metrics["eval_loss"] == b.metrics["eval_loss"]
 
 
+def test_sharegpt_files_train_as_their_chat_messages(tmp_path: Path, chat_files):
+    """The same rows as ShareGPT `conversations` (read from JSONL and from Parquet): the same run, bitwise."""
+    import datasets
+
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    files = []
+    for source, form in zip(chat_files, ("jsonl", "parquet"), strict=True):
+        rows = [{"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in json.loads(line)[
+            "messages"]]} for line in source.read_text().splitlines()]
+        files.append(tmp_path / f"{source.stem}.{form}")
+        if form == "jsonl":
+            files[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            datasets.Dataset.from_list(rows).to_parquet(str(files[-1]))
+    sections = {"train": {"eval_generate": 8}}
+    chat = finetune.train(small_recipe(tmp_path / "chat", *chat_files, **sections))
+    shared = finetune.train(small_recipe(tmp_path / "sharegpt", *files, **sections))
+    assert [e["loss"] for e in steps(shared)] == [e["loss"] for e in steps(chat)]
+    # (the exact-match examples themselves are compared in test_data)
+    assert shared.metrics["eval_loss"] == chat.metrics["eval_loss"]
+    assert shared.metrics["eval_accuracy"] == chat.metrics["eval_accuracy"]
+
+
 def test_metrics_file_and_outputs(tmp_path: Path, chat_files):
     train, evals = chat_files
     result = finetune.train(small_recipe(tmp_path, train, evals, train={"eval_generate": 8}))

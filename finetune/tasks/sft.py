@@ -16,6 +16,7 @@ from finetune.data import (
     encode_dataset,
     fractions,
     prompt_and_completion,
+    row_messages,
     take,
     tokenizer_workers,
     train_eval_rows,
@@ -33,8 +34,8 @@ def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit:
     fmt = detect_format(column_names(rows), source, fmt)
     out = []
     for i, row in enumerate(take(rows, list(range(min(limit, len(rows)))))):
-        if fmt == "chat":
-            msgs = row["messages"]
+        if fmt in ("chat", "sharegpt"):
+            msgs = row_messages(row, fmt, f"{source}: row {i}")
             if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
                 continue
             ids = tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True,

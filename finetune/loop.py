@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from finetune import checkpoint
+from finetune import checkpoint, lock
 from finetune.config import Recipe, to_yaml
 from finetune.errors import SaidByMainProcess, UserError, count
 from finetune.memory import bound_kernel_caches, heap_trimmer
@@ -220,10 +220,11 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     # eval_only writes nothing, so resume: false needs no overwrite_output_dir to evaluate the model itself
     candidates = checkpoint.resume_candidates(recipe.resume, out, recipe.overwrite_output_dir or eval_only)
     if main and not eval_only:
-        if not candidates and recipe.overwrite_output_dir:  # starting over: old checkpoints must not be resumed
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         try:
             out.mkdir(parents=True, exist_ok=True)
+            lock.claim(out)  # one live run per output_dir, before anything in it is deleted or written
+            if not candidates and recipe.overwrite_output_dir:  # starting over: old checkpoints must not be resumed
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
             (out / "recipe.yaml").write_text(to_yaml(recipe))
         except OSError as e:  # before any model is loaded: a run that cannot save must not start
             raise UserError(f"output_dir: cannot write to {out}: {e.strerror or e}") from None
@@ -406,6 +407,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
         accelerator.free_memory()
         gc.collect()  # modules sit in reference cycles: collect them now, not after the group is gone
         accelerator.end_training()
+        lock.release(out)
         metrics = {f"train_{k}": v for k, v in last_train.items()} | final_eval
         history = read_metrics(out / "metrics.jsonl") if main and not eval_only else []
         return Result(output_dir=out, model_dir=out / "model", metrics=metrics, steps=state.step, history=history,

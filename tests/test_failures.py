@@ -178,6 +178,60 @@ def test_a_diverged_run_stops_before_saving_and_keeps_the_last_checkpoint(tmp_pa
     assert "\n" not in str(caught.value)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"]
     assert not (tmp_path / "model").exists()
+    # the failed run does not keep its output_dir locked in this process (a notebook retries in the same one)
+    monkeypatch.undo()
+    assert finetune.train(recipe).steps == 5
+
+
+def test_a_second_run_in_a_busy_output_dir_is_refused_and_touches_nothing(tmp_path: Path, chat_files):
+    import socket
+    import subprocess
+    import textwrap
+
+    train, evals = chat_files
+    recipe = small_recipe(tmp_path, train, evals, train={"max_steps": 2, "save_every": 2})
+    finetune.train(recipe)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.name != ".lock"}
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        from finetune import lock
+        lock.claim(Path(sys.argv[1]))  # what a running run's main process holds
+        print("held", flush=True)
+        sys.stdin.read()
+        """), str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        # starting over would delete the checkpoints of the run that is still going
+        with pytest.raises(UserError, match=f"^output_dir: {re.escape(str(tmp_path))} is in use by another run "
+                                            rf"\(pid {holder.pid} on {socket.gethostname()}\); wait") as caught:
+            finetune.train(recipe, resume=False, overwrite_output_dir=True, train={"max_steps": 1})
+        assert "\n" not in str(caught.value)
+        assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.name != ".lock"} == before
+    finally:
+        holder.kill()  # as kill -9: the operating system drops the lock with the process
+        holder.wait()
+    again = finetune.train(recipe, resume=False, overwrite_output_dir=True, train={"max_steps": 1})
+    assert again.steps == 1 and not (tmp_path / "checkpoints" / "step-0000002").exists()
+
+
+def test_a_run_after_a_failed_one_in_the_same_process_keeps_the_lock(tmp_path: Path):
+    """A POSIX lock is dropped when any of the process's files on it closes: taking over the failed run's lock
+    must not leave its handle to be closed later, unlocking the directory under the next run."""
+    import gc
+    import subprocess
+
+    from finetune import lock
+
+    lock.claim(tmp_path)  # a run that raised: its lock was never released
+    lock.claim(tmp_path)  # the next run in this process
+    gc.collect()
+    try:
+        other = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from finetune import "
+                                "lock; lock.claim(Path(sys.argv[1]))", str(tmp_path)], capture_output=True, text=True)
+        assert other.returncode != 0 and "is in use by another run" in other.stderr, other.stderr[-500:]
+    finally:
+        lock.release(tmp_path)
 
 
 def test_out_of_memory_names_the_keys_that_make_it_fit(tmp_path: Path, chat_files, monkeypatch):

@@ -219,16 +219,16 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     out = Path(recipe.output_dir)
     # eval_only writes nothing, so resume: false needs no overwrite_output_dir to evaluate the model itself
     candidates = checkpoint.resume_candidates(recipe.resume, out, recipe.overwrite_output_dir or eval_only)
-    if main and not eval_only:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            lock.claim(out)  # one live run per output_dir, before anything in it is deleted or written
-            if not candidates and recipe.overwrite_output_dir:  # starting over: old checkpoints must not be resumed
-                shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            (out / "recipe.yaml").write_text(to_yaml(recipe))
-        except OSError as e:  # before any model is loaded: a run that cannot save must not start
-            raise UserError(f"output_dir: cannot write to {out}: {e.strerror or e}") from None
-    accelerator.wait_for_everyone()
+    with _main_process_first(accelerator):  # the others wait, and stop too if the main process cannot start
+        if main and not eval_only:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                lock.claim(out)  # one live run per output_dir, before anything in it is deleted or written
+                if not candidates and recipe.overwrite_output_dir:  # starting over: old checkpoints are not resumed
+                    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+                (out / "recipe.yaml").write_text(to_yaml(recipe))
+            except OSError as e:  # before any model is loaded: a run that cannot save must not start
+                raise UserError(f"output_dir: cannot write to {out}: {e.strerror or e}") from None
 
     # ---- data, then model (the main process goes first so caches are written once)
     from finetune.model import (

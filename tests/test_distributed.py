@@ -152,9 +152,10 @@ def test_ddp_wrapper_is_freed_before_the_process_group(tmp_path: Path, chat_file
 
 
 def test_user_errors_of_two_processes_are_said_once_without_worker_tracebacks(tmp_path: Path):
-    """A recipe error (the same in every process) and a data error found by the main process alone (token
-    budgets: three short rows fill one bin, and each process needs one per micro-batch): one line each, no
-    traceback from the other process, and the main process is the launcher's root cause."""
+    """A recipe error (the same in every process), a data error found by the main process alone (token
+    budgets: three short rows fill one bin, and each process needs one per micro-batch) and an output directory
+    it cannot write (a file is in its path): one line each, no traceback from the other process, and the main
+    process is the launcher's root cause."""
     import json
 
     from finetune.builtin import task_rows
@@ -167,7 +168,9 @@ def test_user_errors_of_two_processes_are_said_once_without_worker_tracebacks(tm
             ([f"data.train={three}", "data.eval=null", "data.packing=true", "data.max_length=64",
               "train.batch_tokens=512"],
              "finetune: error: data.train: 3 rows cannot fill one batch of train.batch_tokens=512 x 2 processes "
-             "(one bin of rows per process); set train.batch_tokens lower")):
+             "(one bin of rows per process); set train.batch_tokens lower"),
+            # found by the main process alone, before any data: its output directory cannot be written
+            ([f"output_dir={three}/run"], f"finetune: error: output_dir: cannot write to {three}/run: ")):
         proc = run_cli(shutil.which("accelerate"), "launch", "-q", *DDP, "finetune", "sft", "recipes/tiny_sft.yaml",
                        f"output_dir={tmp_path / 'run'}", *overrides, env={"ACCELERATE_USE_CPU": "1"})
         assert proc.returncode != 0 and proc.stderr.count(message) == 1, proc.stderr[-3000:]

@@ -249,6 +249,32 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, chat_files, lor
         assert torch.equal(v, weights[k]), k
 
 
+def test_a_resume_with_a_new_lr_and_weight_decay_trains_with_them(tmp_path: Path, chat_files, caplog):
+    """The checkpoint restores the optimizer's and scheduler's hyperparameters; the recipe's new ones must win
+    (lower the lr and resume is what a user does after a loss spike), with a warning, not be silently dropped."""
+    caplog.set_level(logging.INFO, logger="finetune")
+    train, evals = chat_files
+    recipe = small_recipe(tmp_path, train, evals, train={"max_steps": 4, "save_every": 2, "warmup_steps": 0})
+    full = finetune.train(recipe)
+    lrs = {e["step"]: e["lr"] for e in steps(full)}
+    (tmp_path / "checkpoints" / "step-0000004").rename(tmp_path / "step-0000004")
+    at_2 = {k: v.clone() for k, v in finetune.train(recipe, train={"max_steps": 2}).model.state_dict().items()}
+    resumed = finetune.train(recipe, train={"lr": 1e-12, "weight_decay": 0.5})
+    assert "resuming with train.lr=1e-12 (was 0.001), train.weight_decay=0.5 (was 0): the recipe's values apply " \
+           "from step 3 on" in caplog.text
+    # the same schedule, scaled to the new peak
+    assert {e["step"]: e["lr"] for e in steps(resumed) if e["step"] > 2} == {
+        s: pytest.approx(lr * 1e-9, rel=1e-9, abs=0) for s, lr in lrs.items() if s > 2}
+    # ... and the optimizer used it: two steps at lr 1e-12 leave the step-2 weights (at 0.001 they moved ~1e-3)
+    moved = max((v - at_2[k]).abs().max().item() for k, v in resumed.model.state_dict().items())
+    assert moved < 1e-9
+    caplog.clear()
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000004")
+    (tmp_path / "step-0000004").rename(tmp_path / "checkpoints" / "step-0000004")
+    finetune.train(recipe, train={"max_steps": 6})  # the recipe's own values: nothing to say
+    assert "resumed from" in caplog.text and "resuming with" not in caplog.text
+
+
 def test_resuming_on_other_training_data_is_warned_about(tmp_path: Path, chat_files, caplog):
     train, _ = chat_files
     lines = train.read_text().splitlines(keepends=True)

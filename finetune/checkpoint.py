@@ -41,6 +41,7 @@ class TrainerState:
     best_checkpoint: str | None = None
     train_rows: int = 0  # the saver's training data, to notice a resume on other data (0: not recorded)
     train_tokens: int = 0
+    seed: int | None = None  # the saver's seed, which orders the rows of each epoch (None: not recorded)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -61,14 +62,19 @@ def last_saved(root: Path) -> str:
     return f"the last complete checkpoint, {kept[0]}, is untouched" if kept else "no checkpoint was saved yet"
 
 
-def note_training_data(state: TrainerState, resumed_from: Path | None, rows: int, tokens: int) -> None:
-    """Record the size of this run's training data in `state`, warning first if a resumed checkpoint was saved
-    with other data: the run goes on from the checkpoint's batch position, which then points at other rows."""
+def note_training_data(state: TrainerState, resumed_from: Path | None, rows: int, tokens: int, seed: int) -> None:
+    """Record the size of this run's training data and the seed that orders it in `state`, warning first if a
+    resumed checkpoint was saved with other data or another seed: the run goes on from the checkpoint's batch
+    position, which then points at other rows."""
     if resumed_from is not None and state.train_rows and (state.train_rows, state.train_tokens) != (rows, tokens):
         logger.warning("the training data differ from those of %s (%d rows, %d tokens; now %d rows, %d tokens): "
                        "training goes on from the same batch position, so rows may be skipped or repeated in "
                        "this epoch", resumed_from, state.train_rows, state.train_tokens, rows, tokens)
-    state.train_rows, state.train_tokens = rows, tokens
+    if resumed_from is not None and state.seed is not None and state.seed != seed:
+        logger.warning("resuming %s with seed=%d, not its run's %d: the rows of this epoch are in another order "
+                       "from here, so rows may be skipped or repeated in it (the random state, e.g. dropout's, is "
+                       "the checkpoint's)", resumed_from, seed, state.seed)
+    state.train_rows, state.train_tokens, state.seed = rows, tokens, seed
 
 
 def read_state(path: Path) -> TrainerState:

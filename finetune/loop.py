@@ -368,7 +368,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
                                "down to a whole batch", units, state.rows_per_batch)
     state.rows_per_batch, state.batch_tokens = units, budget
     if not eval_only:
-        checkpoint.note_training_data(state, resume_from, len(data.train), sum(data.train_lengths or ()))
+        checkpoint.note_training_data(state, resume_from, len(data.train), sum(data.train_lengths or ()), recipe.seed)
     tracker = Tracker(out, recipe.log, recipe.to_dict(), state.step if resume_from else None) \
         if main and not eval_only else NullTracker()
 

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,10 @@ def test_resuming_on_other_training_data_is_warned_about(tmp_path: Path, chat_fi
     finetune.train(recipe, **{"train.max_steps": 4})
     (warning,) = [r.getMessage() for r in caplog.records if changed in r.getMessage()]
     assert f"{len(lines)} rows" in warning and f"now {len(lines) - 1} rows" in warning
+    assert "with seed=" not in caplog.text
+    finetune.train(recipe, **{"train.max_steps": 5, "seed": 7})  # the seed orders each epoch's rows
+    assert re.search(r"resuming \S*step-0000004 with seed=7, not its run's 0: the rows of this epoch are in another "
+                     "order", caplog.text)
 
 
 @pytest.mark.slow

@@ -284,8 +284,34 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def unused_settings(self) -> list[str]:
+        """Keys set away from their defaults in a section this run does not use (LoRA's without lora.enabled,
+        another task's section, 4-bit options without load_in_4bit): said as warnings at the start of a run, since
+        each is most likely a forgotten switch. A recipe.yaml written by a run holds every section at its
+        defaults, so reusing one for another task says nothing."""
+        unused = {"lora": (not self.lora.enabled, "lora.enabled is false (all weights are trained)"),
+                  "rm": (self.task != "rm", f"the task is {self.task}"),
+                  "dpo": (self.task != "dpo", f"the task is {self.task}")}
+        out = []
+        for section, (off, why) in unused.items():
+            keys = _changed(getattr(self, section), skip=("enabled",))
+            if off and keys:
+                out.append(f"{', '.join(f'{section}.{k}' for k in keys)}: set, but not used: {why}")
+        quantization = [k for k in _changed(self.model) if k.startswith("bnb_4bit_")]
+        if quantization and not self.model.load_in_4bit:
+            out.append(f"{', '.join(f'model.{k}' for k in quantization)}: set, but not used: model.load_in_4bit "
+                       "is false")
+        return out
+
 
 # --------------------------------------------------------------------------------------------- checks
+
+
+def _changed(section: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """The keys of a config section whose values differ from the defaults."""
+    default = type(section)()
+    return [f.name for f in dataclasses.fields(section)
+            if f.name not in skip and getattr(section, f.name) != getattr(default, f.name)]
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -249,6 +249,8 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     elif not recipe.log.progress:  # e.g. output going to a log file: no bars at all, the libraries' included
         quiet_libraries()
     set_seed(recipe.seed)  # python, numpy, torch (all devices); data order has its own seeded generator
+    for unused in recipe.unused_settings():
+        logger.warning(unused)
     if eval_only and not (recipe.data.eval or recipe.data.eval_fraction):
         raise UserError("--eval-only: needs held-out data to evaluate on: data.eval or data.eval_fraction")
     if eval_only and recipe.data.eval:  # no training rows are needed (nor need they be on this machine)

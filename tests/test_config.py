@@ -18,6 +18,26 @@ def test_every_recipe_validates(path: Path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
     assert recipe.output_dir
+    assert recipe.unused_settings() == []  # a shipped recipe sets nothing it does not use
+
+
+def test_settings_a_run_does_not_use_are_named():
+    """Most likely a forgotten switch: LoRA's settings without lora.enabled, another task's section, 4-bit
+    options without load_in_4bit. Only values away from their defaults count."""
+    sft = {"task": "sft", "lora": {"r": 8, "alpha": 16}, "dpo": {"beta": 0.5}, "rm": {"center_rewards": 0.01},
+           "model": {"bnb_4bit_quant_type": "fp4"}}
+    assert load_recipe(sft).unused_settings() == [
+        "lora.r, lora.alpha: set, but not used: lora.enabled is false (all weights are trained)",
+        "rm.center_rewards: set, but not used: the task is sft",
+        "dpo.beta: set, but not used: the task is sft",
+        "model.bnb_4bit_quant_type: set, but not used: model.load_in_4bit is false"]
+    used = {**sft, "task": "dpo", "lora": {"enabled": True, "r": 8, "alpha": 16}, "rm": {},
+            "model": {"bnb_4bit_quant_type": "fp4", "load_in_4bit": True}}
+    assert load_recipe(used).unused_settings() == []
+    # a run's own recipe.yaml holds every section at its defaults: reused for another task, it says nothing
+    written = load_recipe({"task": "sft"}).to_dict()
+    assert load_recipe({**written, "task": "rm"}).unused_settings() == []
+    assert load_recipe({"task": "sft", "lora": {"r": 16}}).unused_settings() == []  # r's default
 
 
 def write(tmp_path: Path, text: str) -> Path:

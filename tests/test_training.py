@@ -157,6 +157,13 @@ def test_the_start_of_run_line_counts_in_words(tmp_path: Path, chat_files, caplo
     assert re.match(r"sft: 256 train rows \((\d+\.\d)k", line)[1] == f"{tokens / 1e3:.1f}"
 
 
+def test_settings_the_run_does_not_use_are_warned_about(tmp_path: Path, chat_files, caplog):
+    train, _ = chat_files
+    finetune.train(small_recipe(tmp_path, train, train={"max_steps": 1}, lora={"r": 4}))
+    (warning,) = [r for r in caplog.records if "not used" in r.getMessage()]
+    assert warning.levelname == "WARNING" and warning.getMessage().startswith("lora.r: set, but not used")
+
+
 def test_without_a_progress_bar_each_logged_step_is_a_log_line(tmp_path: Path, chat_files, caplog):
     train, evals = chat_files
     with caplog.at_level("INFO", logger="finetune"):

@@ -301,6 +301,19 @@ class Recipe:
         if quantization and not self.model.load_in_4bit:
             out.append(f"{', '.join(f'model.{k}' for k in quantization)}: set, but not used: model.load_in_4bit "
                        "is false")
+        t, d = self.train, self.data
+        evaluating = [k for k in ("eval_every", "eval_generate") if getattr(t, k)]
+        if d.eval and d.eval_fraction:
+            out.append("data.eval_fraction: set, but not used: data.eval names the held-out data")
+        elif not d.eval and not d.eval_fraction and evaluating:
+            out.append(f"{', '.join(f'train.{k}' for k in evaluating)}: set, but not used: no held-out data "
+                       "(data.eval or data.eval_fraction)")
+        generating = [k for k in _changed(t) if k in ("eval_generate", "max_new_tokens")]
+        if generating and self.task != "sft":
+            out.append(f"{', '.join(f'train.{k}' for k in generating)}: set, but not used: the task is {self.task} "
+                       "(exact match of generated answers is sft's)")
+        if t.max_steps and t.epochs != TrainConfig.epochs:
+            out.append("train.epochs: set, but not used: train.max_steps sets the run's length")
         return out
 
 

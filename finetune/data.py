@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from finetune.builtin import builtin_rows, is_builtin
 from finetune.errors import UserError, count
@@ -137,14 +137,37 @@ def take(rows: Any, indices: list[int]) -> Any:
     return rows.select(indices) if hasattr(rows, "select") else [rows[i] for i in indices]
 
 
-def holdout_split(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
-    """Seeded split of `rows` into (train, held-out) with `fraction` of the rows held out (at least one)."""
+def holdout_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of row numbers 0..n-1 into (train, held-out), `fraction` of them held out (at least one)."""
     import random
 
-    order = list(range(len(rows)))
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(rows) * fraction))
-    return take(rows, sorted(order[n_eval:])), take(rows, sorted(order[:n_eval]))
+    n_eval = max(1, round(n * fraction))
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def holdout_split(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """`rows` split into (train, held-out) by `holdout_indices`."""
+    kept, held = holdout_indices(len(rows), fraction, seed)
+    return take(rows, kept), take(rows, held)
+
+
+class Part(NamedTuple):
+    """One data source's raw rows and its name in messages; `origin`: each row's number in the source when the
+    rows are only a part of it (a held-out split), so that messages name the row a user finds in the file."""
+    rows: Any
+    source: str
+    origin: list[int] | None = None
+
+
+def row_name(source: str, i: int, origin: list[int] | None = None) -> str:
+    """How messages name row i of a part: `train.jsonl: row 63`, numbered as in the source."""
+    return f"{source}: row {row_number(i, origin)}"
+
+
+def row_number(i: int, origin: list[int] | None) -> int:
+    return origin[i] if origin else i
 
 
 def rename_columns(rows: Any, columns: dict[str, str], source: str) -> tuple[Any, set[str]]:
@@ -189,16 +212,16 @@ def resampled(n: int, fraction: float, seed: int) -> list[int]:
     return list(range(n)) * int(whole) + sorted(random.Random(seed).sample(range(n), round(rest * n)))
 
 
-def train_eval_rows(d: Any, seed: int) -> tuple[list[tuple[Any, str]], list[tuple[Any, str]] | None]:
-    """Raw (rows, name) of each training source, and of each held-out one (`data.eval`, or a seeded
+def train_eval_rows(d: Any, seed: int) -> tuple[list[Part], list[Part] | None]:
+    """The raw rows of each training source, and of each held-out one (`data.eval`, or a seeded
     `data.eval_fraction` of every training source). Sources stay apart, so each is read in its own format,
     tokenized and cached on its own, and named in messages about its rows."""
     seen: set[str] = set()
 
-    def read(source: str, split: str) -> tuple[Any, str]:
+    def read(source: str, split: str) -> Part:
         rows, names = rename_columns(load_rows(source, split), d.columns, source)
         seen.update(names)
-        return rows, source
+        return Part(rows, source)
 
     train = [read(source, d.split) for source in sources(d.train)]
     held = [read(source, d.eval_split) for source in sources(d.eval)] if d.eval else None
@@ -206,14 +229,15 @@ def train_eval_rows(d: Any, seed: int) -> tuple[list[tuple[Any, str]], list[tupl
     if missing:
         raise DataError(f"data.columns: no data source has a column {missing[0]!r} (they have {sorted(seen)})")
     if not d.eval and d.eval_fraction > 0:
-        split = [(holdout_split(rows, d.eval_fraction, seed), source) for rows, source in train]
-        train = [(kept, source) for (kept, _), source in split]
-        held = [(out, f"{source} (held-out {d.eval_fraction:g})") for (_, out), source in split]
+        split = [(holdout_indices(len(rows), d.eval_fraction, seed), rows, source) for rows, source, _ in train]
+        train = [Part(take(rows, kept), source, kept) for (kept, _), rows, source in split]
+        held = [Part(take(rows, out), f"{source} (held-out {d.eval_fraction:g})", out)
+                for (_, out), rows, source in split]
     for key, parts, shares in (("data.train", train, fractions(d.train)), ("data.eval", held, None)):
         shares = shares or [1.0] * len(parts or ())
         if parts and (len(parts) > 1 or shares != [1.0]):  # a mixture: what each source brings, before tokenizing
-            logger.info("%s: %s", key, ", ".join(f"{source} {count(len(rows), 'row')}" + (
-                f" x {share:g}" if share != 1 else "") for (rows, source), share in zip(parts, shares, strict=True)))
+            logger.info("%s: %s", key, ", ".join(f"{part.source} {count(len(part.rows), 'row')}" + (
+                f" x {share:g}" if share != 1 else "") for part, share in zip(parts, shares, strict=True)))
     return train, held
 
 
@@ -364,7 +388,8 @@ def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, c
 
 
 ROWS_PER_WORKER = 1000  # fewer rows than this per worker process: forking would cost more than it saves
-_JOB: tuple[Callable[[Any, str], dict], Any, str] | None = None  # what forked workers encode: inherited, not pickled
+# what forked workers encode (encode, rows, source, origin): inherited, not pickled
+_JOB: tuple[Callable[[Any, str], dict], Any, str, list[int] | None] | None = None
 
 
 def tokenizer_workers(num_proc: int) -> int:
@@ -378,15 +403,16 @@ def tokenizer_workers(num_proc: int) -> int:
 
 
 def _encode_range(bounds: tuple[int, int]) -> list[dict]:
-    encode, rows, source = _JOB
-    return [encode(rows[i], f"{source}: row {i}") for i in range(*bounds)]
+    encode, rows, source, origin = _JOB
+    return [encode(rows[i], row_name(source, i, origin)) for i in range(*bounds)]
 
 
 def map_rows(encode: Callable[[Any, str], dict], rows: Any, source: str, progress: bool,
-             workers: int = 1) -> Iterator[dict]:
-    """`encode(row, where)` of every row, in order, with a progress bar. With `workers` > 1 (and enough rows) the
-    rows are encoded by that many forked processes, which inherit `encode` and the rows rather than receive them
-    pickled; the first bad row in order is the one reported, as when encoding in this process."""
+             workers: int = 1, origin: list[int] | None = None) -> Iterator[dict]:
+    """`encode(row, where)` of every row, in order, with a progress bar (`where`: the row's `row_name`). With
+    `workers` > 1 (and enough rows) the rows are encoded by that many forked processes, which inherit `encode`
+    and the rows rather than receive them pickled; the first bad row in order is the one reported, as when
+    encoding in this process."""
     global _JOB
     from tqdm.auto import tqdm
 
@@ -395,12 +421,12 @@ def map_rows(encode: Callable[[Any, str], dict], rows: Any, source: str, progres
     bar = tqdm(total=n, desc=f"Tokenizing {source}", disable=not progress, leave=False, dynamic_ncols=True)
     if workers <= 1 or not sys.platform.startswith("linux"):  # fork is safe to rely on only there
         for i in range(n):
-            yield encode(rows[i], f"{source}: row {i}")
+            yield encode(rows[i], row_name(source, i, origin))
             bar.update()
     else:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else each forked worker warns about it
         chunk = -(-n // (workers * 8))  # several chunks per worker: an even finish, a steady progress bar
-        _JOB = (encode, rows, source)
+        _JOB = (encode, rows, source, origin)
         # an executor, not a multiprocessing Pool: a worker killed (e.g. out of memory) breaks it instead of
         # leaving the run waiting forever for that worker's rows
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
@@ -417,9 +443,11 @@ def map_rows(encode: Callable[[Any, str], dict], rows: Any, source: str, progres
     bar.close()
 
 
-def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length: int,
-                   completion_only: bool, progress: bool = True, workers: int = 1) -> tuple[Any, EncodeStats]:
-    """Tokenize every row into a `datasets.Dataset`, report truncation, drop rows left with no target token."""
+def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length: int, completion_only: bool,
+                   progress: bool = True, workers: int = 1,
+                   origin: list[int] | None = None) -> tuple[Any, EncodeStats]:
+    """Tokenize every row into a `datasets.Dataset`, report truncation, drop rows left with no target token.
+    `origin`: the rows' numbers in their source (`Part.origin`), for messages."""
     import datasets
 
     fmt = detect_format(column_names(rows), source, fmt)
@@ -431,7 +459,7 @@ def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length:
     def encode(row: Any, where: str) -> dict:
         return encode_row(row, fmt, tokenizer, max_length, completion_only, where)
 
-    for i, enc in enumerate(map_rows(encode, rows, source, progress, workers)):
+    for i, enc in enumerate(map_rows(encode, rows, source, progress, workers, origin)):
         truncated += enc["truncated"]
         if enc["n_targets"] > 0:
             ids.append(enc["input_ids"])
@@ -445,10 +473,10 @@ def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length:
     if no_target:
         what = "no assistant message" if fmt in ("chat", "sharegpt") else "an empty completion"
         logger.warning("%s: dropped %d of %d rows with no token to train on (%s; first: row %d)", source,
-                       len(no_target), stats.rows, what, no_target[0])
+                       len(no_target), stats.rows, what, row_number(no_target[0], origin))
     if cut_off:
         logger.warning("%s: dropped %d of %d rows whose every trained token lies beyond data.max_length=%d "
-                       "(first: row %d)", source, len(cut_off), stats.rows, max_length, cut_off[0])
+                       "(first: row %d)", source, len(cut_off), stats.rows, max_length, row_number(cut_off[0], origin))
     if not ids:
         raise DataError(f"{source}: no row has a trainable token (all {stats.rows} dropped); check data.format, "
                         f"data.max_length={max_length} and data.completion_only_loss")

@@ -21,6 +21,7 @@ from finetune import attention
 from finetune.collate import pad
 from finetune.data import (
     DataError,
+    Part,
     check_messages,
     concatenate,
     fractions,
@@ -102,11 +103,12 @@ def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt
 
 
 def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_prompt_length: int,
-                 progress: bool = True, uid_start: int = 0, workers: int = 1) -> tuple[Any, PairStats]:
+                 progress: bool = True, uid_start: int = 0, workers: int = 1,
+                 origin: list[int] | None = None) -> tuple[Any, PairStats]:
     """Tokenize all preference rows into a `datasets.Dataset` (prompt, chosen, rejected, margin, uid).
 
     `uid` numbers the kept pairs from `uid_start`, so train and eval pairs can share one table of reference
-    log-probs."""
+    log-probs. `origin`: the rows' numbers in their source (`Part.origin`), for messages."""
     import datasets
 
     max_prompt_length = max_prompt_length or max_length // 2
@@ -116,7 +118,7 @@ def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_pr
     def encode(row: Any, where: str) -> dict:
         return encode_pair(row, tokenizer, max_length, max_prompt_length, where)
 
-    for enc in map_rows(encode, rows, source, progress, workers):
+    for enc in map_rows(encode, rows, source, progress, workers, origin):
         truncated += enc["truncated"]
         if not enc["empty"]:
             for key in out:
@@ -140,17 +142,18 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
     d = recipe.data
     train_parts, eval_parts = train_eval_rows(d, recipe.seed)
 
-    def encode(rows: Any, source: str, uid_start: int) -> Any:
+    def encode(part: Part, uid_start: int) -> Any:
         settings = {"task": "pairs", "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
                     "uid_start": uid_start}
-        return cached(rows, source, tokenizer, settings, enabled=d.cache_tokenized, encode=lambda: encode_pairs(
-            rows, source, tokenizer, d.max_length, d.max_prompt_length, progress, uid_start,
-            tokenizer_workers(d.num_proc))[0])
+        return cached(part.rows, part.source, tokenizer, settings, enabled=d.cache_tokenized,
+                      encode=lambda: encode_pairs(part.rows, part.source, tokenizer, d.max_length,
+                                                  d.max_prompt_length, progress, uid_start,
+                                                  tokenizer_workers(d.num_proc), part.origin)[0])
 
-    def encode_all(parts: list[tuple[Any, str]], uid_start: int, shares: list[float] | None = None) -> Any:
+    def encode_all(parts: list[Part], uid_start: int, shares: list[float] | None = None) -> Any:
         encoded = []
-        for rows, source in parts:  # uids run on across sources and on from train into eval
-            encoded.append(encode(rows, source, uid_start))
+        for part in parts:  # uids run on across sources and on from train into eval
+            encoded.append(encode(part, uid_start))
             uid_start += len(encoded[-1])
         return concatenate(encoded, shares, recipe.seed)  # a pair taken twice keeps its uid
 

@@ -382,6 +382,38 @@ def test_eval_fraction_holds_out_part_of_every_source_and_generation_spans_them(
     assert len(data.eval) == 30 and list(data.eval["input_ids"])[:10] == list(data.train["input_ids"])[20:]
 
 
+def test_rows_of_an_eval_fraction_split_are_named_by_their_number_in_the_file(tok, tmp_path: Path, caplog):
+    """Either part of the split is a subset: a bad row there is still named as it is in the file, not by its
+    place in the part (row 15 of the file was reported as row 12)."""
+    from finetune.data import holdout_indices
+    from finetune.pairs import build_pair_data
+
+    kept, held = holdout_indices(20, 0.2, 42)
+    rows = [{"prompt": f"Say {i}:", "completion": str(i)} for i in range(20)]
+    for number in (kept[-1], held[-1]):  # the last of each part: its place there differs from its number
+        bad = write_jsonl(tmp_path / "bad.jsonl", [dict(r, completion=5) if i == number else r
+                                                    for i, r in enumerate(rows)])
+        with pytest.raises(DataError, match=rf"^{bad}( \(held-out 0.2\))?: row {number}: expected 'completion'"):
+            sft_data(tok, train=str(bad), eval_fraction=0.2)
+    # a row dropped for having nothing to train on, in the held-out part
+    empty = write_jsonl(tmp_path / "empty.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}]} if i == held[-1] else
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for i, r in enumerate(rows)])
+    sft_data(tok, train=str(empty), eval_fraction=0.2)
+    assert f"(no assistant message; first: row {held[-1]})" in caplog.text
+    # preference pairs too
+    pairs = [{"prompt": f"Q{i}", "chosen": " yes", "rejected": " no"} for i in range(20)]
+    pairs[held[-1]]["chosen"] = ["not", "a", "string"]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    from finetune.config import load_recipe
+
+    recipe = load_recipe({"task": "dpo", "data": {"train": str(path), "eval_fraction": 0.2, "max_length": 64,
+                                                  "cache_tokenized": False}, "log": {"progress": False}})
+    with pytest.raises(DataError, match=rf"^{path} \(held-out 0.2\): row {held[-1]}"):
+        build_pair_data(recipe, tok, False)
+
+
 def test_preference_sources_number_their_pairs_across_files_and_splits(tok, tmp_path: Path):
     from finetune.builtin import preference_rows
     from finetune.config import load_recipe

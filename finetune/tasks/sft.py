@@ -10,6 +10,7 @@ import torch
 from finetune import model as model_lib
 from finetune.collate import CausalLMCollator, pad
 from finetune.data import (
+    Part,
     column_names,
     concatenate,
     detect_format,
@@ -17,6 +18,7 @@ from finetune.data import (
     fractions,
     prompt_and_completion,
     row_messages,
+    row_name,
     take,
     tokenizer_workers,
     train_eval_rows,
@@ -29,20 +31,21 @@ from finetune.tokenized import cached
 logger = logging.getLogger("finetune")
 
 
-def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit: int) -> list[tuple[list, str]]:
+def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit: int,
+                        origin: list[int] | None = None) -> list[tuple[list, str]]:
     """(prompt ids, reference answer) pairs for exact-match scoring; rows without a reference are skipped."""
     fmt = detect_format(column_names(rows), source, fmt)
     out = []
     for i, row in enumerate(take(rows, list(range(min(limit, len(rows)))))):
         if fmt in ("chat", "sharegpt"):
-            msgs = row_messages(row, fmt, f"{source}: row {i}")
+            msgs = row_messages(row, fmt, row_name(source, i, origin))
             if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
                 continue
             ids = tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True,
                                                 return_dict=True)["input_ids"]
             out.append((list(ids), msgs[-1]["content"]))
         elif fmt in ("prompt_completion", "alpaca"):
-            prompt, ref = prompt_and_completion(row, fmt, f"{source}: row {i}")
+            prompt, ref = prompt_and_completion(row, fmt, row_name(source, i, origin))
             out.append((tokenizer(prompt)["input_ids"], ref))
     return out
 
@@ -83,22 +86,23 @@ class SFTTask:
         progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)  # off on non-main processes
         train_parts, eval_parts = train_eval_rows(d, recipe.seed)
 
-        def encode(rows: Any, source: str) -> Any:
+        def encode(part: Part) -> Any:
             settings = {"task": "sft", "format": d.format, "max_length": d.max_length,
                         "completion_only_loss": d.completion_only_loss}
-            return cached(rows, source, tokenizer, settings, enabled=d.cache_tokenized, encode=lambda: encode_dataset(
-                rows, source, d.format, tokenizer, d.max_length, d.completion_only_loss, progress,
-                tokenizer_workers(d.num_proc))[0])
+            return cached(part.rows, part.source, tokenizer, settings, enabled=d.cache_tokenized,
+                          encode=lambda: encode_dataset(part.rows, part.source, d.format, tokenizer, d.max_length,
+                                                        d.completion_only_loss, progress,
+                                                        tokenizer_workers(d.num_proc), part.origin)[0])
 
-        train = concatenate([encode(rows, source) for rows, source in train_parts], fractions(d.train), recipe.seed)
+        train = concatenate([encode(part) for part in train_parts], fractions(d.train), recipe.seed)
         evals = None
         if eval_parts is not None:
-            evals = concatenate([encode(rows, source) for rows, source in eval_parts])
+            evals = concatenate([encode(part) for part in eval_parts])
             examples: list[tuple[list, str]] = []
-            for rows, source in eval_parts:  # the first train.eval_generate held-out rows, across sources
+            for part in eval_parts:  # the first train.eval_generate held-out rows, across sources
                 if len(examples) < recipe.train.eval_generate:
-                    examples += generation_examples(rows, source, d.format, tokenizer,
-                                                    recipe.train.eval_generate - len(examples))
+                    examples += generation_examples(part.rows, part.source, d.format, tokenizer,
+                                                    recipe.train.eval_generate - len(examples), part.origin)
             self.examples = examples
         return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id, d.packing),
                         train_lengths=[len(ids) for ids in train["input_ids"]])

@@ -48,8 +48,14 @@ class EncodeStats:
 # --------------------------------------------------------------------------------------------- loading
 
 
+class JsonLines(list):
+    """The rows of a JSON lines file, with the line each one is on (`lines`), for messages."""
+
+    lines: list[int]
+
+
 def read_json_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file (or a JSON list), parsed by Python so each row keeps its own types and line number."""
+    """Rows of a JSONL file (a `JsonLines`) or of a JSON list, parsed by Python so each row keeps its own types."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark (Windows editors) is dropped
     except UnicodeDecodeError as e:
@@ -59,17 +65,21 @@ def read_json_rows(path: Path) -> list[dict[str, Any]]:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+        numbering = ROWS
     else:
-        rows = []
+        rows = JsonLines()
+        rows.lines = []
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: line {n} is not valid JSON: {e.msg}") from None
+                rows.lines.append(n)
+        numbering = Numbering(rows.lines, "line")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DataError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{row_name(str(path), i, numbering)}: expected a JSON object, got {type(row).__name__}")
     return rows
 
 
@@ -153,24 +163,37 @@ def holdout_split(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     return take(rows, kept), take(rows, held)
 
 
+@dataclass(frozen=True)
+class Numbering:
+    """How messages number rows so that a user finds them: as in the source, also for a part of it (a held-out
+    split), and in a JSON lines file by line, as an editor counts them."""
+    numbers: list[int] | None = None  # each row's number in the source; None: its place
+    unit: str = "row"  # row (from 0, as datasets indexes rows) or line (from 1)
+
+    def of(self, i: int) -> str:
+        return f"{self.unit} {i if self.numbers is None else self.numbers[i]}"
+
+    def subset(self, indices: list[int]) -> Numbering:
+        return Numbering(indices if self.numbers is None else [self.numbers[i] for i in indices], self.unit)
+
+
+ROWS = Numbering()
+
+
 class Part(NamedTuple):
-    """One data source's raw rows and its name in messages; `origin`: each row's number in the source when the
-    rows are only a part of it (a held-out split), so that messages name the row a user finds in the file."""
+    """One data source's raw rows, its name in messages and how they number its rows."""
     rows: Any
     source: str
-    origin: list[int] | None = None
+    numbering: Numbering = ROWS
 
 
-def row_name(source: str, i: int, origin: list[int] | None = None) -> str:
-    """How messages name row i of a part: `train.jsonl: row 63`, numbered as in the source."""
-    return f"{source}: row {row_number(i, origin)}"
+def row_name(source: str, i: int, numbering: Numbering = ROWS) -> str:
+    """How messages name row i: `train.jsonl: line 64`, `train.parquet: row 63`."""
+    return f"{source}: {numbering.of(i)}"
 
 
-def row_number(i: int, origin: list[int] | None) -> int:
-    return origin[i] if origin else i
-
-
-def rename_columns(rows: Any, columns: dict[str, str], source: str) -> tuple[Any, set[str]]:
+def rename_columns(rows: Any, columns: dict[str, str], source: str,
+                   numbering: Numbering = ROWS) -> tuple[Any, set[str]]:
     """`data.columns` applied to one source: its columns renamed to the names finetune reads ({"question":
     "prompt"}), and the names it had. A name the source lacks is left to the other sources."""
     if not columns:
@@ -187,7 +210,8 @@ def rename_columns(rows: Any, columns: dict[str, str], source: str) -> tuple[Any
         names.update(row)
         for old, new in columns.items():
             if old in row and new in row and new not in columns:
-                raise DataError(f"{source}: row {i}: data.columns renames {old!r} to {new!r}, a column it already has")
+                raise DataError(f"{row_name(source, i, numbering)}: data.columns renames {old!r} to {new!r}, a "
+                                "column it already has")
         renamed.append({columns.get(k, k): v for k, v in row.items()})
     return renamed, names
 
@@ -219,9 +243,11 @@ def train_eval_rows(d: Any, seed: int) -> tuple[list[Part], list[Part] | None]:
     seen: set[str] = set()
 
     def read(source: str, split: str) -> Part:
-        rows, names = rename_columns(load_rows(source, split), d.columns, source)
+        raw = load_rows(source, split)
+        numbering = Numbering(raw.lines, "line") if isinstance(raw, JsonLines) else ROWS
+        rows, names = rename_columns(raw, d.columns, source, numbering)
         seen.update(names)
-        return Part(rows, source)
+        return Part(rows, source, numbering)
 
     train = [read(source, d.split) for source in sources(d.train)]
     held = [read(source, d.eval_split) for source in sources(d.eval)] if d.eval else None
@@ -229,10 +255,10 @@ def train_eval_rows(d: Any, seed: int) -> tuple[list[Part], list[Part] | None]:
     if missing:
         raise DataError(f"data.columns: no data source has a column {missing[0]!r} (they have {sorted(seen)})")
     if not d.eval and d.eval_fraction > 0:
-        split = [(holdout_indices(len(rows), d.eval_fraction, seed), rows, source) for rows, source, _ in train]
-        train = [Part(take(rows, kept), source, kept) for (kept, _), rows, source in split]
-        held = [Part(take(rows, out), f"{source} (held-out {d.eval_fraction:g})", out)
-                for (_, out), rows, source in split]
+        split = [(holdout_indices(len(part.rows), d.eval_fraction, seed), part) for part in train]
+        train = [Part(take(part.rows, kept), part.source, part.numbering.subset(kept)) for (kept, _), part in split]
+        held = [Part(take(part.rows, out), f"{part.source} (held-out {d.eval_fraction:g})",
+                     part.numbering.subset(out)) for (_, out), part in split]
     for key, parts, shares in (("data.train", train, fractions(d.train)), ("data.eval", held, None)):
         shares = shares or [1.0] * len(parts or ())
         if parts and (len(parts) > 1 or shares != [1.0]):  # a mixture: what each source brings, before tokenizing
@@ -388,8 +414,8 @@ def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, c
 
 
 ROWS_PER_WORKER = 1000  # fewer rows than this per worker process: forking would cost more than it saves
-# what forked workers encode (encode, rows, source, origin): inherited, not pickled
-_JOB: tuple[Callable[[Any, str], dict], Any, str, list[int] | None] | None = None
+# what forked workers encode (encode, rows, source, numbering): inherited, not pickled
+_JOB: tuple[Callable[[Any, str], dict], Any, str, Numbering] | None = None
 
 
 def tokenizer_workers(num_proc: int) -> int:
@@ -403,12 +429,12 @@ def tokenizer_workers(num_proc: int) -> int:
 
 
 def _encode_range(bounds: tuple[int, int]) -> list[dict]:
-    encode, rows, source, origin = _JOB
-    return [encode(rows[i], row_name(source, i, origin)) for i in range(*bounds)]
+    encode, rows, source, numbering = _JOB
+    return [encode(rows[i], row_name(source, i, numbering)) for i in range(*bounds)]
 
 
 def map_rows(encode: Callable[[Any, str], dict], rows: Any, source: str, progress: bool,
-             workers: int = 1, origin: list[int] | None = None) -> Iterator[dict]:
+             workers: int = 1, numbering: Numbering = ROWS) -> Iterator[dict]:
     """`encode(row, where)` of every row, in order, with a progress bar (`where`: the row's `row_name`). With
     `workers` > 1 (and enough rows) the rows are encoded by that many forked processes, which inherit `encode`
     and the rows rather than receive them pickled; the first bad row in order is the one reported, as when
@@ -421,12 +447,12 @@ def map_rows(encode: Callable[[Any, str], dict], rows: Any, source: str, progres
     bar = tqdm(total=n, desc=f"Tokenizing {source}", disable=not progress, leave=False, dynamic_ncols=True)
     if workers <= 1 or not sys.platform.startswith("linux"):  # fork is safe to rely on only there
         for i in range(n):
-            yield encode(rows[i], row_name(source, i, origin))
+            yield encode(rows[i], row_name(source, i, numbering))
             bar.update()
     else:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else each forked worker warns about it
         chunk = -(-n // (workers * 8))  # several chunks per worker: an even finish, a steady progress bar
-        _JOB = (encode, rows, source, origin)
+        _JOB = (encode, rows, source, numbering)
         # an executor, not a multiprocessing Pool: a worker killed (e.g. out of memory) breaks it instead of
         # leaving the run waiting forever for that worker's rows
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
@@ -445,9 +471,9 @@ def map_rows(encode: Callable[[Any, str], dict], rows: Any, source: str, progres
 
 def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length: int, completion_only: bool,
                    progress: bool = True, workers: int = 1,
-                   origin: list[int] | None = None) -> tuple[Any, EncodeStats]:
+                   numbering: Numbering = ROWS) -> tuple[Any, EncodeStats]:
     """Tokenize every row into a `datasets.Dataset`, report truncation, drop rows left with no target token.
-    `origin`: the rows' numbers in their source (`Part.origin`), for messages."""
+    `numbering`: how messages number the rows (`Part.numbering`)."""
     import datasets
 
     fmt = detect_format(column_names(rows), source, fmt)
@@ -459,7 +485,7 @@ def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length:
     def encode(row: Any, where: str) -> dict:
         return encode_row(row, fmt, tokenizer, max_length, completion_only, where)
 
-    for i, enc in enumerate(map_rows(encode, rows, source, progress, workers, origin)):
+    for i, enc in enumerate(map_rows(encode, rows, source, progress, workers, numbering)):
         truncated += enc["truncated"]
         if enc["n_targets"] > 0:
             ids.append(enc["input_ids"])
@@ -472,11 +498,11 @@ def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length:
                        max_length)
     if no_target:
         what = "no assistant message" if fmt in ("chat", "sharegpt") else "an empty completion"
-        logger.warning("%s: dropped %d of %d rows with no token to train on (%s; first: row %d)", source,
-                       len(no_target), stats.rows, what, row_number(no_target[0], origin))
+        logger.warning("%s: dropped %d of %d rows with no token to train on (%s; first: %s)", source,
+                       len(no_target), stats.rows, what, numbering.of(no_target[0]))
     if cut_off:
         logger.warning("%s: dropped %d of %d rows whose every trained token lies beyond data.max_length=%d "
-                       "(first: row %d)", source, len(cut_off), stats.rows, max_length, row_number(cut_off[0], origin))
+                       "(first: %s)", source, len(cut_off), stats.rows, max_length, numbering.of(cut_off[0]))
     if not ids:
         raise DataError(f"{source}: no row has a trainable token (all {stats.rows} dropped); check data.format, "
                         f"data.max_length={max_length} and data.completion_only_loss")

@@ -20,7 +20,9 @@ import torch
 from finetune import attention
 from finetune.collate import pad
 from finetune.data import (
+    ROWS,
     DataError,
+    Numbering,
     Part,
     check_messages,
     concatenate,
@@ -104,11 +106,11 @@ def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt
 
 def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_prompt_length: int,
                  progress: bool = True, uid_start: int = 0, workers: int = 1,
-                 origin: list[int] | None = None) -> tuple[Any, PairStats]:
+                 numbering: Numbering = ROWS) -> tuple[Any, PairStats]:
     """Tokenize all preference rows into a `datasets.Dataset` (prompt, chosen, rejected, margin, uid).
 
     `uid` numbers the kept pairs from `uid_start`, so train and eval pairs can share one table of reference
-    log-probs. `origin`: the rows' numbers in their source (`Part.origin`), for messages."""
+    log-probs. `numbering`: how messages number the rows (`Part.numbering`)."""
     import datasets
 
     max_prompt_length = max_prompt_length or max_length // 2
@@ -118,7 +120,7 @@ def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_pr
     def encode(row: Any, where: str) -> dict:
         return encode_pair(row, tokenizer, max_length, max_prompt_length, where)
 
-    for enc in map_rows(encode, rows, source, progress, workers, origin):
+    for enc in map_rows(encode, rows, source, progress, workers, numbering):
         truncated += enc["truncated"]
         if not enc["empty"]:
             for key in out:
@@ -144,11 +146,11 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
 
     def encode(part: Part, uid_start: int) -> Any:
         settings = {"task": "pairs", "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
-                    "uid_start": uid_start}
+                    "uid_start": uid_start, "numbering": part.numbering}  # rows are named in its warnings
         return cached(part.rows, part.source, tokenizer, settings, enabled=d.cache_tokenized,
                       encode=lambda: encode_pairs(part.rows, part.source, tokenizer, d.max_length,
                                                   d.max_prompt_length, progress, uid_start,
-                                                  tokenizer_workers(d.num_proc), part.origin)[0])
+                                                  tokenizer_workers(d.num_proc), part.numbering)[0])
 
     def encode_all(parts: list[Part], uid_start: int, shares: list[float] | None = None) -> Any:
         encoded = []

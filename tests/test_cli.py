@@ -88,7 +88,7 @@ def test_an_error_under_a_progress_bar_starts_its_own_line(tmp_path: Path, capsy
                  "log.progress=true"]) == 2
     err = capsys.readouterr().err
     assert f"Tokenizing {bad}" in err  # the bar was drawn
-    assert re.search(r"(\A|[\r\n])finetune: error: \S*bad.jsonl: row 1: expected messages\[0\]\.content to be a "
+    assert re.search(r"(\A|[\r\n])finetune: error: \S*bad.jsonl: line 2: expected messages\[0\]\.content to be a "
                      r"string, got int\n\Z", err), repr(err[-400:])
 
 

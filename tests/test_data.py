@@ -354,9 +354,9 @@ def test_several_sources_are_read_each_in_its_format_and_used_in_order(tok, tmp_
              for f in (chat, plain)]
     assert list(data.train["input_ids"]) == alone[0] + alone[1]
     assert data.train_lengths == [len(ids) for ids in alone[0] + alone[1]]
-    # a bad row is named by its own file and row number, not by its place in the mixture
+    # a bad row is named by its own file and line, not by its place in the mixture
     write_jsonl(plain, [{"prompt": "a", "completion": "b"}, {"prompt": 3, "completion": "c"}])
-    with pytest.raises(DataError, match=rf"^{plain}: row 1: expected 'prompt' to be a string"):
+    with pytest.raises(DataError, match=rf"^{plain}: line 2: expected 'prompt' to be a string"):
         sft_data(tok, train=[str(chat), str(plain)])
 
 
@@ -382,26 +382,34 @@ def test_eval_fraction_holds_out_part_of_every_source_and_generation_spans_them(
     assert len(data.eval) == 30 and list(data.eval["input_ids"])[:10] == list(data.train["input_ids"])[20:]
 
 
-def test_rows_of_an_eval_fraction_split_are_named_by_their_number_in_the_file(tok, tmp_path: Path, caplog):
-    """Either part of the split is a subset: a bad row there is still named as it is in the file, not by its
-    place in the part (row 15 of the file was reported as row 12)."""
+def test_rows_are_named_by_their_place_in_the_file_in_a_split_too(tok, tmp_path: Path, caplog):
+    """Either part of an eval_fraction split is a subset: a bad row there is still named as it is in the file
+    (row 15 of the file was reported as row 12); a JSON lines file's rows by line, blank lines counted; other
+    sources' by row from 0."""
     from finetune.data import holdout_indices
     from finetune.pairs import build_pair_data
 
     kept, held = holdout_indices(20, 0.2, 42)
     rows = [{"prompt": f"Say {i}:", "completion": str(i)} for i in range(20)]
     for number in (kept[-1], held[-1]):  # the last of each part: its place there differs from its number
-        bad = write_jsonl(tmp_path / "bad.jsonl", [dict(r, completion=5) if i == number else r
-                                                    for i, r in enumerate(rows)])
-        with pytest.raises(DataError, match=rf"^{bad}( \(held-out 0.2\))?: row {number}: expected 'completion'"):
-            sft_data(tok, train=str(bad), eval_fraction=0.2)
+        bad = [dict(r, completion=5) if i == number else r for i, r in enumerate(rows)]
+        path = tmp_path / "bad.jsonl"
+        path.write_text("\n" + "".join(json.dumps(r) + "\n" for r in bad))  # a blank first line
+        with pytest.raises(DataError, match=rf"^{path}( \(held-out 0.2\))?: line {number + 2}: expected 'completion'"):
+            sft_data(tok, train=str(path), eval_fraction=0.2)
+        parquet = tmp_path / "bad.parquet"
+        chats = [{"messages": [{"role": "user", "content": None if i == number else r["prompt"]},
+                               {"role": "assistant", "content": r["completion"]}]} for i, r in enumerate(rows)]
+        datasets.Dataset.from_list(chats).to_parquet(str(parquet))
+        with pytest.raises(DataError, match=rf"^{parquet}( \(held-out 0.2\))?: row {number}: expected messages"):
+            sft_data(tok, train=str(parquet), eval_fraction=0.2)
     # a row dropped for having nothing to train on, in the held-out part
     empty = write_jsonl(tmp_path / "empty.jsonl", [
         {"messages": [{"role": "user", "content": "hi"}]} if i == held[-1] else
         {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
         for i, r in enumerate(rows)])
     sft_data(tok, train=str(empty), eval_fraction=0.2)
-    assert f"(no assistant message; first: row {held[-1]})" in caplog.text
+    assert f"(no assistant message; first: line {held[-1] + 1})" in caplog.text
     # preference pairs too
     pairs = [{"prompt": f"Q{i}", "chosen": " yes", "rejected": " no"} for i in range(20)]
     pairs[held[-1]]["chosen"] = ["not", "a", "string"]
@@ -410,7 +418,7 @@ def test_rows_of_an_eval_fraction_split_are_named_by_their_number_in_the_file(to
 
     recipe = load_recipe({"task": "dpo", "data": {"train": str(path), "eval_fraction": 0.2, "max_length": 64,
                                                   "cache_tokenized": False}, "log": {"progress": False}})
-    with pytest.raises(DataError, match=rf"^{path} \(held-out 0.2\): row {held[-1]}"):
+    with pytest.raises(DataError, match=rf"^{path} \(held-out 0.2\): line {held[-1] + 1}"):
         build_pair_data(recipe, tok, False)
 
 
@@ -453,7 +461,7 @@ def test_columns_that_clash_or_match_no_source_are_named(tok, tmp_path: Path):
                                         r"\['answer', 'question'\]\)"):
         sft_data(tok, train=str(qa), columns={"questoin": "prompt"})
     both = write_jsonl(tmp_path / "both.jsonl", [{"text": "a", "question": "q"}, {"prompt": "p", "question": "q"}])
-    with pytest.raises(DataError, match=rf"^{both}: row 1: data.columns renames 'question' to 'prompt', a column "
+    with pytest.raises(DataError, match=rf"^{both}: line 2: data.columns renames 'question' to 'prompt', a column "
                                         "it already has"):
         sft_data(tok, train=str(both), columns={"question": "prompt", "answer": "completion"})
     datasets.Dataset.from_list([{"question": "q", "prompt": "p"}]).to_parquet(str(tmp_path / "both.parquet"))

@@ -73,7 +73,7 @@ def test_a_bad_row_is_refused_before_the_model_loads(tmp_path: Path, chat_files,
     bad = tmp_path / "bad.jsonl"
     bad.write_text(train.read_text() + json.dumps({"messages": [{"role": "user", "content": 7}]}) + "\n")
     monkeypatch.setattr(finetune.model, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
-    with pytest.raises(UserError, match=f"^{bad}: row \\d+: expected messages\\[0\\].content"):
+    with pytest.raises(UserError, match=f"^{bad}: line 257: expected messages\\[0\\].content"):  # 256 rows first
         finetune.train(small_recipe(tmp_path / "out", bad))
 
 

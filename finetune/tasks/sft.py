@@ -10,6 +10,8 @@ import torch
 from finetune import model as model_lib
 from finetune.collate import CausalLMCollator, pad
 from finetune.data import (
+    ROWS,
+    Numbering,
     Part,
     column_names,
     concatenate,
@@ -32,20 +34,20 @@ logger = logging.getLogger("finetune")
 
 
 def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit: int,
-                        origin: list[int] | None = None) -> list[tuple[list, str]]:
+                        numbering: Numbering = ROWS) -> list[tuple[list, str]]:
     """(prompt ids, reference answer) pairs for exact-match scoring; rows without a reference are skipped."""
     fmt = detect_format(column_names(rows), source, fmt)
     out = []
     for i, row in enumerate(take(rows, list(range(min(limit, len(rows)))))):
         if fmt in ("chat", "sharegpt"):
-            msgs = row_messages(row, fmt, row_name(source, i, origin))
+            msgs = row_messages(row, fmt, row_name(source, i, numbering))
             if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
                 continue
             ids = tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True,
                                                 return_dict=True)["input_ids"]
             out.append((list(ids), msgs[-1]["content"]))
         elif fmt in ("prompt_completion", "alpaca"):
-            prompt, ref = prompt_and_completion(row, fmt, row_name(source, i, origin))
+            prompt, ref = prompt_and_completion(row, fmt, row_name(source, i, numbering))
             out.append((tokenizer(prompt)["input_ids"], ref))
     return out
 
@@ -88,11 +90,11 @@ class SFTTask:
 
         def encode(part: Part) -> Any:
             settings = {"task": "sft", "format": d.format, "max_length": d.max_length,
-                        "completion_only_loss": d.completion_only_loss}
+                        "completion_only_loss": d.completion_only_loss, "numbering": part.numbering}  # in warnings
             return cached(part.rows, part.source, tokenizer, settings, enabled=d.cache_tokenized,
                           encode=lambda: encode_dataset(part.rows, part.source, d.format, tokenizer, d.max_length,
                                                         d.completion_only_loss, progress,
-                                                        tokenizer_workers(d.num_proc), part.origin)[0])
+                                                        tokenizer_workers(d.num_proc), part.numbering)[0])
 
         train = concatenate([encode(part) for part in train_parts], fractions(d.train), recipe.seed)
         evals = None
@@ -102,7 +104,7 @@ class SFTTask:
             for part in eval_parts:  # the first train.eval_generate held-out rows, across sources
                 if len(examples) < recipe.train.eval_generate:
                     examples += generation_examples(part.rows, part.source, d.format, tokenizer,
-                                                    recipe.train.eval_generate - len(examples), part.origin)
+                                                    recipe.train.eval_generate - len(examples), part.numbering)
             self.examples = examples
         return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id, d.packing),
                         train_lengths=[len(ids) for ids in train["input_ids"]])

@@ -167,6 +167,44 @@ def load_first_readable(accelerator: Any, candidates: list[Path]) -> tuple[Path 
     return None, TrainerState()
 
 
+# optimizer hyperparameters a checkpoint restores, by the recipe key that sets them
+_HYPERPARAMETERS = {"lr": "train.lr", "weight_decay": "train.weight_decay", "betas": "train.adam_beta1/adam_beta2",
+                    "eps": "train.adam_eps"}
+
+
+def recipe_hyperparameters(optimizer: Any, scheduler: Any) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters as the recipe set them, before a checkpoint is loaded (the peak lr is
+    the scheduler's base lr)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper
+    return [{k: base if k == "lr" else g[k] for k in _HYPERPARAMETERS}
+            for g, base in zip(optimizer.param_groups, inner.base_lrs, strict=True)]
+
+
+def keep_recipe_hyperparameters(optimizer: Any, scheduler: Any, wanted: list[dict[str, Any]]) -> list[str]:
+    """Put back the recipe's hyperparameters after a checkpoint restored the earlier run's (a resume with a lower
+    train.lr would otherwise keep the old one, silently); the lr goes on from the schedule's current step.
+    Returns what differed, as `key=new (was old)`; with nothing changed nothing is touched (exact resume)."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    changed: dict[str, str] = {}
+    for i, (group, want) in enumerate(zip(optimizer.param_groups, wanted, strict=True)):
+        had = {k: inner.base_lrs[i] if k == "lr" else group[k] for k in want}
+        for k, v in want.items():
+            if (tuple(had[k]) if k == "betas" else had[k]) != (tuple(v) if k == "betas" else v):
+                changed.setdefault(k, f"{_HYPERPARAMETERS[k]}={_short(v)} (was {_short(had[k])})")
+                if k == "lr":
+                    inner.base_lrs[i] = group["initial_lr"] = v
+                    group["lr"] = v * inner.lr_lambdas[i](inner.last_epoch)
+                else:
+                    group[k] = v
+    if "lr" in changed:
+        inner._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() says (it is logged)
+    return list(changed.values())
+
+
+def _short(value: Any) -> str:
+    return "/".join(f"{v:g}" for v in value) if isinstance(value, (tuple, list)) else f"{value:g}"
+
+
 def load_shards_unsharded(accelerator: Any, path: Path) -> None:
     """Resume an FSDP (sharded, torch distributed checkpoint) checkpoint without FSDP, e.g. on one process:
     model, optimizer and scheduler are loaded and resharded by DCP; RNG streams restart from the seed."""

@@ -173,44 +173,6 @@ def _format_metrics(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k}={special.get(k, '{:.4f}').format(v)}" for k, v in metrics.items())
 
 
-# optimizer hyperparameters a checkpoint restores, by the recipe key that sets them
-_HYPERPARAMETERS = {"lr": "train.lr", "weight_decay": "train.weight_decay", "betas": "train.adam_beta1/adam_beta2",
-                    "eps": "train.adam_eps"}
-
-
-def _recipes_hyperparameters(optimizer: Any, scheduler: Any) -> list[dict[str, Any]]:
-    """Each param group's hyperparameters as the recipe set them, before a checkpoint is loaded (the peak lr is
-    the scheduler's base lr)."""
-    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper
-    return [{k: base if k == "lr" else g[k] for k in _HYPERPARAMETERS}
-            for g, base in zip(optimizer.param_groups, inner.base_lrs, strict=True)]
-
-
-def _keep_recipes_hyperparameters(optimizer: Any, scheduler: Any, wanted: list[dict[str, Any]]) -> list[str]:
-    """Put back the recipe's hyperparameters after a checkpoint restored the earlier run's (a resume with a lower
-    train.lr would otherwise keep the old one, silently); the lr goes on from the schedule's current step.
-    Returns what differed, as `key=new (was old)`; with nothing changed nothing is touched (exact resume)."""
-    inner = getattr(scheduler, "scheduler", scheduler)
-    changed: dict[str, str] = {}
-    for i, (group, want) in enumerate(zip(optimizer.param_groups, wanted, strict=True)):
-        had = {k: inner.base_lrs[i] if k == "lr" else group[k] for k in want}
-        for k, v in want.items():
-            if (tuple(had[k]) if k == "betas" else had[k]) != (tuple(v) if k == "betas" else v):
-                changed.setdefault(k, f"{_HYPERPARAMETERS[k]}={_short(v)} (was {_short(had[k])})")
-                if k == "lr":
-                    inner.base_lrs[i] = group["initial_lr"] = v
-                    group["lr"] = v * inner.lr_lambdas[i](inner.last_epoch)
-                else:
-                    group[k] = v
-    if "lr" in changed:
-        inner._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() says (it is logged)
-    return list(changed.values())
-
-
-def _short(value: Any) -> str:
-    return "/".join(f"{v:g}" for v in value) if isinstance(value, (tuple, list)) else f"{value:g}"
-
-
 def _diverged(grad_norm: Any, accelerator: Any) -> torch.Tensor:
     """1.0 on the device if the step's gradient norm is nan or inf: the optimizer has then made the weights nan.
     0.0 under fp16's loss scaler (it skips such steps itself) and under DeepSpeed (it reports a float or None)."""
@@ -343,14 +305,14 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
                            shape=cfg.lr_schedule))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     task.prepare(recipe, accelerator, model, eval_only)
-    wanted = _recipes_hyperparameters(optimizer, scheduler)
+    wanted = checkpoint.recipe_hyperparameters(optimizer, scheduler)  # before a checkpoint overwrites them
 
     # ---- resume: restores model, optimizer, scheduler, scaler, RNG; the data order is positioned, not replayed
     resume_from, state = checkpoint.load_first_readable(accelerator, candidates)
     units = world if budget else cfg.batch_size * world  # rows (or token-budget bins) per global batch
     if resume_from is not None and not eval_only:  # (eval_only says what it evaluates below)
         logger.info("resumed from %s at step %d", resume_from, state.step)
-        changed = _keep_recipes_hyperparameters(optimizer, scheduler, wanted)
+        changed = checkpoint.keep_recipe_hyperparameters(optimizer, scheduler, wanted)
         if changed:
             logger.warning("resuming with %s: the recipe's values apply from step %d on", ", ".join(changed),
                            state.step + 1)

@@ -234,6 +234,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
 
     # ---- data, then model (the main process goes first so caches are written once)
     from finetune.model import (
+        check_trainable_dtypes,
         frozen_weights_dtype,
         load_tokenizer,
         param_groups,
@@ -269,6 +270,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
         if data.eval is not None and len(data.eval) < world:
             raise UserError(f"data.eval: {count(len(data.eval), 'row')}, fewer than the {world} processes")
         model = task.build_model(recipe, accelerator, tokenizer)
+    check_trainable_dtypes(model, cfg.mixed_precision)
 
     positions = getattr(unwrap(model).config, "max_position_embeddings", None)
     if positions and recipe.data.max_length > positions:

@@ -335,6 +335,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def check_trainable_dtypes(model: torch.nn.Module, mixed_precision: str) -> None:
+    """Refuse float16 weights to train under fp16 mixed precision: its loss scaler cannot unscale float16
+    gradients and would stop the first step with a traceback (`Attempting to unscale FP16 gradients`), a
+    common error when a model is loaded in float16 for full fine-tuning. LoRA adapters are float32 (peft)."""
+    if mixed_precision != "fp16":
+        return
+    half = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if half:
+        raise UserError(f"model.dtype: {len(half)} trainable parameters are float16 (e.g. {half[0]}), and "
+                        "train.mixed_precision fp16's loss scaler cannot unscale float16 gradients; load the weights "
+                        "in float32 (model.dtype: float32) or train LoRA adapters (lora.enabled)")
+
+
 def accepts_logits_to_keep(model: Any) -> bool:
     """Whether the causal LM's forward can compute logits at selected positions only (transformers >= 4.50)."""
     import inspect

@@ -92,3 +92,14 @@ def test_bf16_packed_lora_training_on_cuda_resumes_as_it_would_have_gone_on(tmp_
     assert sorted(b) == [3, 4] and a[4] < a[1]
     for step in (3, 4):
         assert b[step] == pytest.approx(a[step], rel=2e-3), step
+
+
+def test_full_fine_tuning_of_float16_weights_under_fp16_is_a_one_line_error(tmp_path: Path, chat_files):
+    """Without the check, the loss scaler stops the first step with `Attempting to unscale FP16 gradients`."""
+    from finetune.errors import UserError
+
+    train, _ = chat_files
+    recipe = small_recipe(tmp_path, train, model={"dtype": "float16"}, train={"mixed_precision": "fp16"})
+    with pytest.raises(UserError, match="^model.dtype: .* trainable parameters are float16"):
+        finetune.train(recipe)
+    assert finetune.train(recipe, lora={"enabled": True, "r": 4}).steps == 3  # float32 adapters train

@@ -43,6 +43,30 @@ def test_fp16_on_cpu_is_refused_instead_of_silently_training_in_float32(tmp_path
         finetune.train(small_recipe(tmp_path, train), **{"train.mixed_precision": "fp16", "lora.enabled": True})
 
 
+def test_float16_weights_under_fp16_are_refused_before_the_first_step(tiny_dir: Path):
+    """The loss scaler refuses float16 gradients (shown here on the CPU's own GradScaler), which stopped a full
+    fine-tuning of a model loaded in float16 at its first step with a traceback; LoRA's adapters are float32."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config import LoraConfig
+    from finetune.model import apply_lora, check_trainable_dtypes
+
+    weight = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(weight.float().sum()).backward()
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+        scaler.unscale_(torch.optim.SGD([weight], lr=0.1))
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float16)
+    with pytest.raises(UserError, match=r"^model.dtype: \d+ trainable parameters are float16 \(e.g. "
+                                        r"model.embed_tokens.weight\), and train.mixed_precision fp16's loss scaler"):
+        check_trainable_dtypes(model, "fp16")
+    check_trainable_dtypes(model, "bf16")  # no loss scaler
+    lora = apply_lora(model, LoraConfig(enabled=True, r=4), "CAUSAL_LM", False)
+    assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}
+    check_trainable_dtypes(lora, "fp16")
+
+
 @pytest.mark.parametrize("name, says", [("flash_attention_2", "FlashAttention2"), ("nonsense", "nonsense")])
 def test_unusable_attention_implementation_is_a_one_line_error(tmp_path: Path, chat_files, name: str, says: str):
     from finetune.errors import UserError

@@ -120,9 +120,12 @@ def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_pr
     def encode(row: Any, where: str) -> dict:
         return encode_pair(row, tokenizer, max_length, max_prompt_length, where)
 
-    for enc in map_rows(encode, rows, source, progress, workers, numbering):
+    empty: list[int] = []
+    for i, enc in enumerate(map_rows(encode, rows, source, progress, workers, numbering)):
         truncated += enc["truncated"]
-        if not enc["empty"]:
+        if enc["empty"]:
+            empty.append(i)
+        else:
             for key in out:
                 out[key].append(enc[key])
     kept = len(out["prompt"])
@@ -131,8 +134,8 @@ def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_pr
         logger.warning("%s: %d of %d pairs truncated (prompt end kept, at most %d tokens; responses cut to fit "
                        "data.max_length=%d)", source, truncated, stats.rows, max_prompt_length, max_length)
     if stats.dropped_empty:
-        logger.warning("%s: dropped %d of %d pairs whose response is empty after truncation", source,
-                       stats.dropped_empty, stats.rows)
+        logger.warning("%s: dropped %d of %d pairs whose response is empty after truncation (first: %s)", source,
+                       stats.dropped_empty, stats.rows, numbering.of(empty[0]))
     if not kept:
         raise DataError(f"{source}: no pair is left after truncation to data.max_length={max_length}")
     out["uid"] = list(range(uid_start, uid_start + kept))

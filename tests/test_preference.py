@@ -78,10 +78,10 @@ def test_truncation_keeps_the_end_of_the_prompt(tok):
 
 
 def test_pairs_with_empty_response_are_dropped_and_counted(tok, caplog):
-    rows = [{"prompt": "x " * 40, "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": " a", "rejected": " b"}]
+    rows = [{"prompt": "q", "chosen": " a", "rejected": " b"}, {"prompt": "x " * 40, "chosen": "a", "rejected": "b"}]
     ds, stats = encode_pairs(rows, "mem", tok, 16, 16, progress=False)
     assert (stats.rows, stats.kept, stats.dropped_empty) == (2, 1, 1) and len(ds) == 1
-    assert "dropped 1 of 2 pairs" in caplog.text
+    assert "mem: dropped 1 of 2 pairs whose response is empty after truncation (first: row 1)" in caplog.text
 
 
 @pytest.mark.parametrize("row, message", [

@@ -251,6 +251,12 @@ def train_eval_rows(d: Any, seed: int) -> tuple[list[Part], list[Part] | None]:
 
     train = [read(source, d.split) for source in sources(d.train)]
     held = [read(source, d.eval_split) for source in sources(d.eval)] if d.eval else None
+    # a file is the same rows whatever the split; a builtin or hub dataset is when the splits are the same
+    both = [s for s in sources(d.eval or []) if s in sources(d.train)
+            and (Path(s).exists() or d.split == d.eval_split)]
+    if both:
+        logger.warning("data.eval: %s is also trained on, so its scores measure memorisation, not how the model does "
+                       "on rows it has not seen; hold some out instead (data.eval_fraction)", both[0])
     missing = sorted(set(d.columns) - seen)
     if missing:
         raise DataError(f"data.columns: no data source has a column {missing[0]!r} (they have {sorted(seen)})")

@@ -378,8 +378,19 @@ def test_eval_fraction_holds_out_part_of_every_source_and_generation_spans_them(
                 for r in holdout_split(rows_a, 0.2, 42)[1] + holdout_split(rows_b, 0.2, 42)[1]]
     assert held == expected
     assert len(task.examples) == 6  # eval_generate=8 asks for more than the first source holds
+    assert "also trained on" not in caplog.text
     _, data = sft_data(tok, train=[str(a), str(b)], eval=[str(b), str(a)])
     assert len(data.eval) == 30 and list(data.eval["input_ids"])[:10] == list(data.train["input_ids"])[20:]
+    # evaluating on a training file measures memorisation: said once, naming it
+    (said,) = [r.getMessage() for r in caplog.records if "also trained on" in r.getMessage()]
+    assert said.startswith(f"data.eval: {b} is also trained on, so its scores measure memorisation")
+
+
+def test_a_builtin_or_hub_source_is_the_same_rows_only_in_the_same_split(tok, caplog):
+    sft_data(tok, train="builtin:tasks", eval="builtin:tasks")  # train and test splits
+    assert "also trained on" not in caplog.text
+    sft_data(tok, train="builtin:tasks", eval="builtin:tasks", eval_split="train")
+    assert "data.eval: builtin:tasks is also trained on" in caplog.text
 
 
 def test_rows_are_named_by_their_place_in_the_file_in_a_split_too(tok, tmp_path: Path, caplog):

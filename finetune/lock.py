@@ -12,6 +12,7 @@ NFS.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 from pathlib import Path
@@ -23,6 +24,8 @@ try:
     import fcntl
 except ImportError:  # Windows: no lock (the rest works the same)
     fcntl = None
+
+logger = logging.getLogger("finetune")
 
 LOCK_FILE = ".lock"
 _held: dict[Path, IO[str]] = {}  # output_dir -> its open, locked file, while this process runs in it
@@ -39,9 +42,11 @@ def claim(output_dir: Path) -> None:
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):  # held elsewhere; anything else is for the caller
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # not "held elsewhere": a filesystem without locks
             handle.close()
-            raise
+            logger.warning("output_dir: cannot lock %s (%s): a second run started there would not be stopped",
+                           output_dir, e.strerror or e)
+            return
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()

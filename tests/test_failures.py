@@ -258,6 +258,21 @@ def test_a_run_after_a_failed_one_in_the_same_process_keeps_the_lock(tmp_path: P
         lock.release(tmp_path)
 
 
+def test_a_filesystem_without_locks_is_warned_about_not_refused(tmp_path: Path, monkeypatch, caplog):
+    """Some network filesystems have no POSIX locks (lockf fails with ENOLCK): the run goes on, unguarded."""
+    import errno
+
+    from finetune import lock
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock.fcntl, "lockf", no_locks)
+    lock.claim(tmp_path)
+    assert f"output_dir: cannot lock {tmp_path} (No locks available): a second run" in caplog.text
+    lock.release(tmp_path)
+
+
 def test_out_of_memory_names_the_keys_that_make_it_fit(tmp_path: Path, chat_files, monkeypatch):
     from finetune.tasks.sft import SFTTask
 

@@ -312,8 +312,6 @@ class Recipe:
         if generating and self.task != "sft":
             out.append(f"{', '.join(f'train.{k}' for k in generating)}: set, but not used: the task is {self.task} "
                        "(exact match of generated answers is sft's)")
-        if t.max_steps and t.epochs != TrainConfig.epochs:
-            out.append("train.epochs: set, but not used: train.max_steps sets the run's length")
         return out
 
 

@@ -38,14 +38,13 @@ def test_settings_a_run_does_not_use_are_named():
     written = load_recipe({"task": "sft"}).to_dict()
     assert load_recipe({**written, "task": "rm"}).unused_settings() == []
     assert load_recipe({"task": "sft", "lora": {"r": 16}}).unused_settings() == []  # r's default
-    # held-out data and the run's length
+    # held-out data (max_steps beside a recipe's epochs is the usual way to shorten a run: nothing to say)
     dpo = {"task": "dpo", "data": {"train": "builtin:prefs"}, "train": {"eval_every": 5, "eval_generate": 3,
                                                                        "max_steps": 4, "epochs": 2}}
     assert load_recipe(dpo).unused_settings() == [
         "train.eval_every, train.eval_generate: set, but not used: no held-out data (data.eval or "
         "data.eval_fraction)",
-        "train.eval_generate: set, but not used: the task is dpo (exact match of generated answers is sft's)",
-        "train.epochs: set, but not used: train.max_steps sets the run's length"]
+        "train.eval_generate: set, but not used: the task is dpo (exact match of generated answers is sft's)"]
     both = {"data": {"eval": "held.jsonl", "eval_fraction": 0.1}, "train": {"eval_every": 5, "eval_generate": 3}}
     assert load_recipe(both).unused_settings() == [
         "data.eval_fraction: set, but not used: data.eval names the held-out data"]

@@ -157,12 +157,6 @@ def holdout_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
-def holdout_split(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
-    """`rows` split into (train, held-out) by `holdout_indices`."""
-    kept, held = holdout_indices(len(rows), fraction, seed)
-    return take(rows, kept), take(rows, held)
-
-
 @dataclass(frozen=True)
 class Numbering:
     """How messages number rows so that a user finds them: as in the source, also for a part of it (a held-out

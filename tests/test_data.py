@@ -372,10 +372,10 @@ def test_eval_fraction_holds_out_part_of_every_source_and_generation_spans_them(
     assert f"data.eval: {a} (held-out 0.2) 4 rows, {b} (held-out 0.2) 2 rows" in caplog.text
     held = list(data.eval["input_ids"])
     rows_a, rows_b = task_rows("train")[:20], task_rows("train")[20:30]
-    from finetune.data import holdout_split
+    from finetune.data import holdout_indices
 
-    expected = [encode_row(r, "chat", tok, 64, True, "")["input_ids"]
-                for r in holdout_split(rows_a, 0.2, 42)[1] + holdout_split(rows_b, 0.2, 42)[1]]
+    held_rows = [rows[i] for rows in (rows_a, rows_b) for i in holdout_indices(len(rows), 0.2, 42)[1]]
+    expected = [encode_row(r, "chat", tok, 64, True, "")["input_ids"] for r in held_rows]
     assert held == expected
     assert len(task.examples) == 6  # eval_generate=8 asks for more than the first source holds
     assert "also trained on" not in caplog.text

@@ -49,9 +49,9 @@ class EncodeStats:
 
 
 class JsonLines(list):
-    """The rows of a JSON lines file, with the line each one is on (`lines`), for messages."""
+    """The rows of a JSON lines file, and `numbering`: by the line each one is on, for messages."""
 
-    lines: list[int]
+    numbering: Numbering
 
 
 def read_json_rows(path: Path) -> list[dict[str, Any]]:
@@ -67,16 +67,15 @@ def read_json_rows(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
         numbering = ROWS
     else:
-        rows = JsonLines()
-        rows.lines = []
+        rows, lines = JsonLines(), []
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}: line {n} is not valid JSON: {e.msg}") from None
-                rows.lines.append(n)
-        numbering = Numbering(rows.lines, "line")
+                lines.append(n)
+        numbering = rows.numbering = Numbering(lines, "line")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{row_name(str(path), i, numbering)}: expected a JSON object, got {type(row).__name__}")
@@ -238,7 +237,7 @@ def train_eval_rows(d: Any, seed: int) -> tuple[list[Part], list[Part] | None]:
 
     def read(source: str, split: str) -> Part:
         raw = load_rows(source, split)
-        numbering = Numbering(raw.lines, "line") if isinstance(raw, JsonLines) else ROWS
+        numbering = raw.numbering if isinstance(raw, JsonLines) else ROWS
         rows, names = rename_columns(raw, d.columns, source, numbering)
         seen.update(names)
         return Part(rows, source, numbering)

@@ -312,6 +312,7 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
+CHAT_FORMATS = ("chat", "sharegpt")  # the formats whose rows are messages, rendered by the chat template
 # ShareGPT's speaker names (`from`), as axolotl and LLaMA-Factory read them, to chat roles
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -391,7 +392,7 @@ def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, c
                where: str) -> dict[str, Any]:
     """Tokenize one row into `input_ids` and `labels` (IGNORE_INDEX where no loss), truncated on the right."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if fmt in ("chat", "sharegpt"):
+    if fmt in CHAT_FORMATS:
         ids, mask = chat_ids_and_mask(tokenizer, row_messages(row, fmt, where), where)
     elif fmt == "text":
         ids = tokenizer(_check_str(row["text"], "'text'", where))["input_ids"] + eos
@@ -496,7 +497,7 @@ def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length:
         logger.warning("%s: %d of %d rows truncated to data.max_length=%d", source, stats.truncated, stats.rows,
                        max_length)
     if no_target:
-        what = "no assistant message" if fmt in ("chat", "sharegpt") else "an empty completion"
+        what = "no assistant message" if fmt in CHAT_FORMATS else "an empty completion"
         logger.warning("%s: dropped %d of %d rows with no token to train on (%s; first: %s)", source,
                        len(no_target), stats.rows, what, numbering.of(no_target[0]))
     if cut_off:

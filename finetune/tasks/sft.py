@@ -10,6 +10,7 @@ import torch
 from finetune import model as model_lib
 from finetune.collate import CausalLMCollator, pad
 from finetune.data import (
+    CHAT_FORMATS,
     ROWS,
     Numbering,
     Part,
@@ -39,7 +40,7 @@ def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit:
     fmt = detect_format(column_names(rows), source, fmt)
     out = []
     for i, row in enumerate(take(rows, list(range(min(limit, len(rows)))))):
-        if fmt in ("chat", "sharegpt"):
+        if fmt in CHAT_FORMATS:
             msgs = row_messages(row, fmt, row_name(source, i, numbering))
             if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
                 continue

@@ -42,6 +42,7 @@ class TrainerState:
     train_rows: int = 0  # the saver's training data, to notice a resume on other data (0: not recorded)
     train_tokens: int = 0
     seed: int | None = None  # the saver's seed, which orders the rows of each epoch (None: not recorded)
+    optimizer: str | None = None  # the saver's train.optimizer, whose state the checkpoint holds (None: adamw)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -146,18 +147,25 @@ def resume_candidates(resume: str | bool, output_dir: Path, overwrite: bool) -> 
     return [path]
 
 
-def load_first_readable(accelerator: Any, candidates: list[Path]) -> tuple[Path | None, TrainerState]:
+def load_first_readable(accelerator: Any, candidates: list[Path], optimizer: str) -> tuple[Path | None, TrainerState]:
     """Restore the first checkpoint that loads; unreadable ones (e.g. a truncated file) are skipped with a
-    warning. Restores model, optimizer, scheduler, scaler and RNG state; nothing but tensors is unpickled."""
+    warning. Restores model, optimizer, scheduler, scaler and RNG state; nothing but tensors is unpickled.
+    A checkpoint of another `train.optimizer` is refused: its state cannot become this optimizer's."""
     for path in candidates:
         try:
             state = read_state(path)
+            if (state.optimizer or "adamw") != optimizer:
+                raise UserError(f"resume: {path} holds the state of train.optimizer {state.optimizer or 'adamw'}, "
+                                f"not {optimizer}; resume with that optimizer, or set resume: false and "
+                                "overwrite_output_dir: true to start over")
             sharded = (path / "pytorch_model_fsdp_0").is_dir()
             if sharded and accelerator.distributed_type.name != "FSDP":
                 load_shards_unsharded(accelerator, path)
             else:
                 accelerator.load_state(str(path))
             return path, state
+        except UserError:
+            raise
         except Exception as e:  # a damaged checkpoint must not stop the run while an older one is good
             logger.warning("skipping unreadable checkpoint %s: %s", path, str(e).splitlines()[0] if str(e) else e)
     if candidates:

@@ -25,6 +25,7 @@ TASKS = ("sft", "rm", "dpo")
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "simpo")
 # attention implementations for which a packed row gives exactly the padded batch's loss and gradients (tested)
 PACKING_ATTENTION = ("eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flash_attention_3")
+OPTIMIZERS = ("adamw", "adamw_8bit")  # what finetune.optimizer.build_optimizer builds
 
 
 class ConfigError(UserError):
@@ -126,6 +127,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    optimizer: str = "adamw"  # adamw (torch's, fused) | adamw_8bit (bitsandbytes: 8-bit moments, 1/4 the memory)
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still reported)
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
@@ -161,6 +163,7 @@ class TrainConfig:
         _range("train.adam_beta1", self.adam_beta1, lo=0, hi=1, hi_open=True)
         _range("train.adam_beta2", self.adam_beta2, lo=0, hi=1, hi_open=True)
         _range("train.adam_eps", self.adam_eps, lo=0, lo_open=True)
+        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _range("train.max_grad_norm", self.max_grad_norm, lo=0)
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         for key in ("eval_every", "eval_generate", "save_every", "keep_checkpoints", "early_stopping"):

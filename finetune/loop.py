@@ -27,6 +27,7 @@ from finetune import checkpoint, lock
 from finetune.config import Recipe, to_yaml
 from finetune.errors import SaidByMainProcess, UserError, count
 from finetune.memory import bound_kernel_caches, heap_trimmer
+from finetune.optimizer import build_optimizer, check_optimizer
 from finetune.sampling import EpochBatches, TokenBudgetBatches, eval_shard
 from finetune.schedule import lr_multiplier
 from finetune.tasks import Task
@@ -200,6 +201,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
         # Accelerate would silently train in float32 (no fp16 autocast or loss scaler on CPU)
         raise UserError("train.mixed_precision: fp16 needs a GPU (on CPU Accelerate does not autocast to fp16); "
                         "use bf16 or no")
+    check_optimizer(cfg.optimizer, accelerator.distributed_type.name)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > world:  # Accelerate's silent trap: N launched processes, each training alone
         raise UserError(f"{launched} processes were launched but Accelerate set up {world} (no distributed "
@@ -237,7 +239,6 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
         check_trainable_dtypes,
         frozen_weights_dtype,
         load_tokenizer,
-        param_groups,
         restore_float32,
         store_frozen_linears_in,
         unwrap,
@@ -295,11 +296,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     # frozen weights (LoRA's base) kept in the dtype autocast casts them to at each step; float32 again at the end
     frozen_cast = [] if frozen_dtype is None else store_frozen_linears_in(model, frozen_dtype)
 
-    # fused: one kernel per step instead of a chain of elementwise ops per tensor (benchmarks/bench_optimizer.py:
-    # about 5x faster steps on CPU); transformers' Trainer (and so TRL) defaults to it as well
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                                  fused=accelerator.device.type in ("cpu", "cuda"))
+    optimizer = build_optimizer(model, cfg, accelerator.device.type)
     # warmup_ratio rounds up, as transformers does, but not a float's error: 0.28 x 25 steps is 7, not 8
     warmup = cfg.warmup_steps or math.ceil(round(cfg.warmup_ratio * total_steps, 9))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -310,7 +307,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     wanted = checkpoint.recipe_hyperparameters(optimizer, scheduler)  # before a checkpoint overwrites them
 
     # ---- resume: restores model, optimizer, scheduler, scaler, RNG; the data order is positioned, not replayed
-    resume_from, state = checkpoint.load_first_readable(accelerator, candidates)
+    resume_from, state = checkpoint.load_first_readable(accelerator, candidates, cfg.optimizer)
     units = world if budget else cfg.batch_size * world  # rows (or token-budget bins) per global batch
     if resume_from is not None and not eval_only:  # (eval_only says what it evaluates below)
         logger.info("resumed from %s at step %d", resume_from, state.step)
@@ -332,7 +329,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
             if rows_done % units:
                 logger.warning("resuming with %d rows per global batch instead of %d: the data position is rounded "
                                "down to a whole batch", units, state.rows_per_batch)
-    state.rows_per_batch, state.batch_tokens = units, budget
+    state.rows_per_batch, state.batch_tokens, state.optimizer = units, budget, cfg.optimizer
     if not eval_only:
         checkpoint.note_training_data(state, resume_from, len(data.train), sum(data.train_lengths or ()), recipe.seed)
     tracker = Tracker(out, recipe.log, recipe.to_dict(), state.step if resume_from else None) \

@@ -326,15 +326,6 @@ def restore_float32(params: list[torch.nn.Parameter]) -> None:
         p.data = p.data.float()
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay matrices only; biases and norm weights (1-D) never decay. Frozen params left out."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def check_trainable_dtypes(model: torch.nn.Module, mixed_precision: str) -> None:
     """Refuse float16 weights to train under fp16 mixed precision: its loss scaler cannot unscale float16
     gradients and would stop the first step with a traceback (`Attempting to unscale FP16 gradients`), a

@@ -1,4 +1,4 @@
-"""The GPU benchmark script runs end to end (on this CPU, with its tiny model), so it is ready when a GPU is."""
+"""Benchmark scripts run end to end: the GPU one on this CPU with its tiny model, so it is ready when a GPU is."""
 
 from __future__ import annotations
 
@@ -32,3 +32,14 @@ def test_bench_tokenize_reports_each_setting():
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
     for setting in ("1 process", "2 workers", "cache hit"):
         assert float(rows[setting].split("|")[2]) > 0, proc.stdout
+
+
+def test_bench_optimizer_reports_each_variant_and_the_8bit_states_size():
+    proc = run_cli(python(), "benchmarks/bench_optimizer.py", "--sizes", "10M", "--steps", "1", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[2].strip(): line.split("|") for line in proc.stdout.splitlines()
+            if line.startswith("| 10M")}
+    assert sorted(rows) == ["adamw_8bit", "default", "foreach", "fused"], proc.stdout
+    assert all(float(r[3]) > 0 for r in rows.values())
+    state = {k: float(r[5].split()[0]) for k, r in rows.items()}
+    assert state["adamw_8bit"] < 0.3 * state["fused"] and state["fused"] == state["default"]

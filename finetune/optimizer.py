@@ -1,0 +1,65 @@
+"""The optimizer a recipe names (`train.optimizer`), over the model's trainable parameters.
+
+`adamw`: torch's AdamW, fused (one kernel per step instead of a chain of elementwise ops per tensor:
+benchmarks/bench_optimizer.py measures about 5x faster steps on CPU; transformers' Trainer, and so TRL, defaults
+to it as well). Its state is two float32 tensors per weight: 8 bytes per trained parameter.
+
+`adamw_8bit`: bitsandbytes' AdamW8bit, the same update with both moments stored block-wise quantised to 8 bits
+(Dettmers et al. 2022): 2 bytes per trained parameter (tensors under 4096 elements keep float32 moments). For
+full fine-tuning that is most of the optimizer's memory back, e.g. 6 GB of a 1B model's 8 GB.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finetune.errors import UserError
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay matrices only; biases and norm weights (1-D) never decay. Frozen params left out."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def check_optimizer(name: str, distributed_type: str) -> None:
+    """Refuse an optimizer this run cannot use, before the model is loaded."""
+    if name != "adamw_8bit":
+        return
+    if distributed_type == "FSDP":
+        # measured with FSDP2: its first step stops in bitsandbytes' kernel with "got mixed torch.Tensor and
+        # DTensor", as the sharded parameters are DTensors and its quantised state is not
+        raise UserError("train.optimizer: adamw_8bit does not work under FSDP, whose sharded parameters "
+                        "bitsandbytes cannot update (FSDP shards the optimizer state already); use adamw, or data "
+                        "parallel (DDP) with adamw_8bit")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("train.optimizer: adamw_8bit needs bitsandbytes; pip install 'finetune[qlora]'") from None
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Any, device_type: str) -> torch.optim.Optimizer:
+    """`cfg.optimizer` over `model`'s trainable parameters, with the recipe's lr, betas, eps and weight decay."""
+    groups = param_groups(model, cfg.weight_decay)
+    hyper = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **hyper)
+    return torch.optim.AdamW(groups, fused=device_type in ("cpu", "cuda"), **hyper)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's state tensors (bitsandbytes keeps some in a nested dict)."""
+    def size(value: Any) -> int:
+        if torch.is_tensor(value):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        return 0
+    return sum(size(s) for s in optimizer.state.values())

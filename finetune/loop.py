@@ -137,6 +137,18 @@ def _explain_oom(step: int, tokens: int, checkpoints: Path) -> Iterator[None]:
 
 
 @contextmanager
+def _said_once() -> Iterator[None]:
+    """For checks that fail alike in every process of a launch: the main process says the error, the others
+    stop quietly (the CLI prints a SaidByMainProcess in the main process only)."""
+    try:
+        yield
+    except SaidByMainProcess:
+        raise
+    except UserError as e:
+        raise SaidByMainProcess(str(e)) from None
+
+
+@contextmanager
 def _main_process_first(accelerator: Any) -> Iterator[None]:
     """`accelerator.main_process_first()`, except that a user error on the main process (a bad row, too little
     data, a model that cannot load) stops the others too, quietly, instead of leaving them in the barrier until
@@ -197,16 +209,17 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
                               dynamo_backend="inductor" if cfg.compile else "no")
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
-    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # Accelerate would silently train in float32 (no fp16 autocast or loss scaler on CPU)
-        raise UserError("train.mixed_precision: fp16 needs a GPU (on CPU Accelerate does not autocast to fp16); "
-                        "use bf16 or no")
-    check_optimizer(cfg.optimizer, accelerator.distributed_type.name)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > world:  # Accelerate's silent trap: N launched processes, each training alone
-        raise UserError(f"{launched} processes were launched but Accelerate set up {world} (no distributed "
-                        "backend); on CPU set ACCELERATE_USE_CPU=1 with a MULTI_GPU-type config "
-                        "(see accelerate_configs/cpu_ddp.yaml)")
+    with _said_once():  # the recipe against the launch: the same outcome in every process
+        if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+            # Accelerate would silently train in float32 (no fp16 autocast or loss scaler on CPU)
+            raise UserError("train.mixed_precision: fp16 needs a GPU (on CPU Accelerate does not autocast to "
+                            "fp16); use bf16 or no")
+        check_optimizer(cfg.optimizer, accelerator.distributed_type.name)
+        if launched > world:  # Accelerate's silent trap: N launched processes, each training alone
+            raise UserError(f"{launched} processes were launched but Accelerate set up {world} (no distributed "
+                            "backend); on CPU set ACCELERATE_USE_CPU=1 with a MULTI_GPU-type config "
+                            "(see accelerate_configs/cpu_ddp.yaml)")
     if not main:  # only the main process logs and shows progress
         logger.setLevel(logging.ERROR)
         quiet_libraries(warnings=False)

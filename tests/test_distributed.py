@@ -152,7 +152,8 @@ def test_ddp_wrapper_is_freed_before_the_process_group(tmp_path: Path, chat_file
 
 
 def test_user_errors_of_two_processes_are_said_once_without_worker_tracebacks(tmp_path: Path):
-    """A recipe error (the same in every process), a data error found by the main process alone (token
+    """A recipe error (the same in every process), the recipe refused for the launch (fp16 on CPU: the same
+    in every process too, found after the set-up), a data error found by the main process alone (token
     budgets: three short rows fill one bin, and each process needs one per micro-batch) and an output directory
     it cannot write (a file is in its path): one line each, no traceback from the other process, and the main
     process is the launcher's root cause."""
@@ -165,6 +166,7 @@ def test_user_errors_of_two_processes_are_said_once_without_worker_tracebacks(tm
     for overrides, message in (
             (["train.lrr=3"], "finetune: error: recipes/tiny_sft.yaml: train.lrr: unknown key (did you mean "
                               "train.lr?)"),
+            (["train.mixed_precision=fp16"], "finetune: error: train.mixed_precision: fp16 needs a GPU"),
             ([f"data.train={three}", "data.eval=null", "data.packing=true", "data.max_length=64",
               "train.batch_tokens=512"],
              "finetune: error: data.train: 3 rows cannot fill one batch of train.batch_tokens=512 x 2 processes "

@@ -1,11 +1,12 @@
-"""Optimizer step time and memory: the loop's fused AdamW against torch's defaults and bitsandbytes' 8-bit AdamW
-(`train.optimizer: adamw_8bit`), at two model sizes, in one invocation.
+"""Optimizer step time and memory: the loop's fused AdamW against torch's defaults and bitsandbytes' optimizers
+(`train.optimizer`: adamw_8bit, lion, lion_8bit), at two model sizes, in one invocation.
 
     python benchmarks/bench_optimizer.py [--sizes 10M] [--steps 10]
 
 On CPU torch's default AdamW runs a chain of elementwise operations per parameter tensor (its multi-tensor
 `foreach` path is the default only on GPUs); `fused=True` does the whole update in one kernel. The 8-bit AdamW
-keeps both moments quantised block-wise to 8 bits (2 bytes per parameter instead of 8). Random gradients on every
+keeps both moments quantised block-wise to 8 bits (2 bytes per parameter instead of 8); Lion keeps one moment (4
+bytes), in 8 bits 1. Random gradients on every
 parameter of bench_lora.py's two Llamas (the benchmark's 10M one and a 100M one); each variant runs in its own
 process, warms up for 3 steps, then the mean of 10 steps is printed with the ratio to fused, the bytes of its
 state, and the process's peak RSS (weights, gradients and optimizer state: full fine-tuning's fixed memory).
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lora import SIZES  # noqa: E402
 from bench_trl import VOCAB  # noqa: E402
 
-VARIANTS = ("default", "foreach", "fused", "adamw_8bit")
+VARIANTS = ("default", "foreach", "fused", "adamw_8bit", "lion", "lion_8bit")
 
 
 def measure(size: str, variant: str, steps: int) -> dict[str, float]:
@@ -36,14 +37,14 @@ def measure(size: str, variant: str, steps: int) -> dict[str, float]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from finetune.config import TrainConfig
-    from finetune.optimizer import build_optimizer, state_bytes
+    from finetune.optimizer import BITSANDBYTES, build_optimizer, state_bytes
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **SIZES[size]))
     for p in model.parameters():
         p.grad = torch.randn_like(p)
-    if variant == "adamw_8bit":  # as the loop builds it
-        optimizer = build_optimizer(model, TrainConfig(lr=1e-4, optimizer="adamw_8bit"), "cpu")
+    if variant in BITSANDBYTES:  # as the loop builds them
+        optimizer = build_optimizer(model, TrainConfig(lr=1e-4, optimizer=variant), "cpu")
     else:
         kwargs = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[variant]
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **kwargs)

@@ -25,7 +25,7 @@ TASKS = ("sft", "rm", "dpo")
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "simpo")
 # attention implementations for which a packed row gives exactly the padded batch's loss and gradients (tested)
 PACKING_ATTENTION = ("eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flash_attention_3")
-OPTIMIZERS = ("adamw", "adamw_8bit")  # what finetune.optimizer.build_optimizer builds
+OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "lion_8bit")  # what finetune.optimizer.build_optimizer builds
 
 
 class ConfigError(UserError):
@@ -127,7 +127,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    optimizer: str = "adamw"  # adamw (torch's, fused) | adamw_8bit (bitsandbytes: 8-bit moments, 1/4 the memory)
+    optimizer: str = "adamw"  # adamw (torch's, fused) | adamw_8bit | lion | lion_8bit (bitsandbytes')
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still reported)
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
@@ -311,6 +311,8 @@ class Recipe:
         elif not d.eval and not d.eval_fraction and evaluating:
             out.append(f"{', '.join(f'train.{k}' for k in evaluating)}: set, but not used: no held-out data "
                        "(data.eval or data.eval_fraction)")
+        if t.optimizer.startswith("lion") and "adam_eps" in _changed(t):
+            out.append(f"train.adam_eps: set, but not used: train.optimizer {t.optimizer} has no epsilon")
         generating = [k for k in _changed(t) if k in ("eval_generate", "max_new_tokens")]
         if generating and self.task != "sft":
             out.append(f"{', '.join(f'train.{k}' for k in generating)}: set, but not used: the task is {self.task} "

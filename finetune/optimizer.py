@@ -4,9 +4,13 @@
 benchmarks/bench_optimizer.py measures about 5x faster steps on CPU; transformers' Trainer, and so TRL, defaults
 to it as well). Its state is two float32 tensors per weight: 8 bytes per trained parameter.
 
-`adamw_8bit`: bitsandbytes' AdamW8bit, the same update with both moments stored block-wise quantised to 8 bits
-(Dettmers et al. 2022): 2 bytes per trained parameter (tensors under 4096 elements keep float32 moments). For
-full fine-tuning that is most of the optimizer's memory back, e.g. 6 GB of a 1B model's 8 GB.
+The others are bitsandbytes' (no update rule is written here):
+- `adamw_8bit`: AdamW8bit, the same update with both moments stored block-wise quantised to 8 bits (Dettmers et
+  al. 2022): 2 bytes per trained parameter. For full fine-tuning that is most of the optimizer's memory back,
+  e.g. 6 GB of a 1B model's 8 GB.
+- `lion`: Lion (Chen et al. 2023), the sign of a momentum interpolation: one moment, 4 bytes per parameter;
+  `lion_8bit` stores it in 8 bits, 1 byte. train.adam_beta1/adam_beta2 are its betas; it has no epsilon.
+Tensors under 4096 elements keep float32 moments in the 8-bit variants.
 """
 
 from __future__ import annotations
@@ -27,31 +31,35 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# bitsandbytes' optimizer classes, by train.optimizer
+BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "lion": "Lion", "lion_8bit": "Lion8bit"}
+
+
 def check_optimizer(name: str, distributed_type: str) -> None:
     """Refuse an optimizer this run cannot use, before the model is loaded."""
-    if name != "adamw_8bit":
+    if name not in BITSANDBYTES:
         return
     if distributed_type == "FSDP":
-        # measured with FSDP2: its first step stops in bitsandbytes' kernel with "got mixed torch.Tensor and
-        # DTensor", as the sharded parameters are DTensors and its quantised state is not
-        raise UserError("train.optimizer: adamw_8bit does not work under FSDP, whose sharded parameters "
-                        "bitsandbytes cannot update (FSDP shards the optimizer state already); use adamw, or data "
-                        "parallel (DDP) with adamw_8bit")
+        # measured with FSDP2, whose sharded parameters are DTensors: the first step stops in bitsandbytes'
+        # kernels, 8-bit ("got mixed torch.Tensor and DTensor") and 32-bit ("no sharding strategy registered")
+        raise UserError(f"train.optimizer: {name} does not work under FSDP, whose sharded parameters bitsandbytes "
+                        f"cannot update; use adamw (FSDP shards its state), or data parallel (DDP) with {name}")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise UserError("train.optimizer: adamw_8bit needs bitsandbytes; pip install 'finetune[qlora]'") from None
+        raise UserError(f"train.optimizer: {name} needs bitsandbytes; pip install 'finetune[qlora]'") from None
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Any, device_type: str) -> torch.optim.Optimizer:
     """`cfg.optimizer` over `model`'s trainable parameters, with the recipe's lr, betas, eps and weight decay."""
     groups = param_groups(model, cfg.weight_decay)
-    hyper = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps}
-    if cfg.optimizer == "adamw_8bit":
+    hyper = {"lr": cfg.lr, "betas": (cfg.adam_beta1, cfg.adam_beta2)}
+    if cfg.optimizer in BITSANDBYTES:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, **hyper)
-    return torch.optim.AdamW(groups, fused=device_type in ("cpu", "cuda"), **hyper)
+        eps = {} if cfg.optimizer.startswith("lion") else {"eps": cfg.adam_eps}
+        return getattr(bnb.optim, BITSANDBYTES[cfg.optimizer])(groups, **hyper, **eps)
+    return torch.optim.AdamW(groups, eps=cfg.adam_eps, fused=device_type in ("cpu", "cuda"), **hyper)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

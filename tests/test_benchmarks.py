@@ -34,12 +34,13 @@ def test_bench_tokenize_reports_each_setting():
         assert float(rows[setting].split("|")[2]) > 0, proc.stdout
 
 
-def test_bench_optimizer_reports_each_variant_and_the_8bit_states_size():
+def test_bench_optimizer_reports_each_variant_and_the_size_of_its_state():
     proc = run_cli(python(), "benchmarks/bench_optimizer.py", "--sizes", "10M", "--steps", "1", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split("|")[2].strip(): line.split("|") for line in proc.stdout.splitlines()
             if line.startswith("| 10M")}
-    assert sorted(rows) == ["adamw_8bit", "default", "foreach", "fused"], proc.stdout
+    assert sorted(rows) == ["adamw_8bit", "default", "foreach", "fused", "lion", "lion_8bit"], proc.stdout
     assert all(float(r[3]) > 0 for r in rows.values())
     state = {k: float(r[5].split()[0]) for k, r in rows.items()}
-    assert state["adamw_8bit"] < 0.3 * state["fused"] and state["fused"] == state["default"]
+    assert state["fused"] == state["default"] == 2 * state["lion"]
+    assert state["adamw_8bit"] < 0.3 * state["fused"] and state["lion_8bit"] < 0.3 * state["lion"]

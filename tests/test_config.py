@@ -50,6 +50,10 @@ def test_settings_a_run_does_not_use_are_named():
         "data.eval_fraction: set, but not used: data.eval names the held-out data"]
     assert load_recipe({"data": {"eval_fraction": 0.1}, "train": {"eval_every": 5, "max_steps": 9}}
                        ).unused_settings() == []
+    lion = {"train": {"optimizer": "lion_8bit", "adam_eps": 1e-6, "adam_beta2": 0.99}}  # its betas are used
+    assert load_recipe(lion).unused_settings() == [
+        "train.adam_eps: set, but not used: train.optimizer lion_8bit has no epsilon"]
+    assert load_recipe({"train": {"optimizer": "adamw_8bit", "adam_eps": 1e-6}}).unused_settings() == []
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -76,7 +80,7 @@ def test_unknown_section(tmp_path: Path):
     ("train:\n  batch_size: 2.5\n", "train.batch_size: expected an integer"),
     ("train:\n  lr: -1\n", "train.lr: expected a value > 0"),
     ("train:\n  mixed_precision: fp8\n", "train.mixed_precision: expected one of no, bf16, fp16"),
-    ("train:\n  optimizer: sgd\n", "train.optimizer: expected one of adamw, adamw_8bit, got 'sgd'"),
+    ("train:\n  optimizer: sgd\n", "train.optimizer: expected one of adamw, adamw_8bit, lion, lion_8bit, got 'sgd'"),
     ("lora:\n  dropout: 1.5\n", "lora.dropout: expected a value >= 0 and < 1"),
     ("model:\n  trust_remote_code: maybe\n", "model.trust_remote_code: expected true/false"),
     ("train: 3\n", "train: expected a mapping"),

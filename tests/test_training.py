@@ -233,13 +233,13 @@ def test_bf16_then_fp32_in_one_process(tmp_path: Path, chat_files):
     assert lb != lf and lb == pytest.approx(lf, rel=0.05)  # autocast really ran, and trains the same thing
 
 
-@pytest.mark.parametrize("lora, optimizer", [(False, "adamw"), (True, "adamw"), (False, "adamw_8bit")],
-                         ids=["full", "lora-dropout", "full-adamw_8bit"])
+@pytest.mark.parametrize("lora, optimizer", [(False, "adamw"), (True, "adamw"), (False, "adamw_8bit"),
+                                             (False, "lion")], ids=["full", "lora-dropout", "adamw_8bit", "lion"])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, chat_files, lora: bool, optimizer: str):
     """Checkpoints every 2 steps; delete the later ones (as if the run died after step 2) and resume.
     With LoRA dropout every step draws from the restored RNG, so it must be exactly where the save left it
     (creating a data loader must not draw from it: the resumed run creates one the uninterrupted run did not).
-    The 8-bit optimizer's quantised moments and block scales come back exactly too."""
+    The states of bitsandbytes' optimizers (AdamW's 8-bit moments and block scales, Lion's momentum) too."""
     train, evals = chat_files
     recipe = small_recipe(tmp_path, train, evals, train={"max_steps": 6, "save_every": 2, "keep_checkpoints": 5,
                                                           "eval_every": 3, "optimizer": optimizer},

@@ -22,7 +22,8 @@ from finetune.schedule import SHAPES
 
 TASKS = ("sft", "rm", "dpo")
 # `finetune.losses.dpo_loss`'s loss types, named here, where recipes are checked without importing torch
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "simpo")
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")  # the loss types that use no reference model
 # attention implementations for which a packed row gives exactly the padded batch's loss and gradients (tested)
 PACKING_ATTENTION = ("eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flash_attention_3")
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "lion_8bit")  # what finetune.optimizer.build_optimizer builds
@@ -184,7 +185,7 @@ class RMConfig:
 @dataclass(frozen=True)
 class DPOConfig:
     beta: float = 0.1
-    # sigmoid | robust | hinge | ipo | bco_pair | simpo, or a list of them (not simpo), whose losses are added with
+    # sigmoid | robust | hinge | ipo | bco_pair | simpo | orpo, or a list of them (not simpo or orpo), added with
     # `loss_weights` (TRL's list; MPO: [sigmoid, bco_pair] with [0.8, 0.2], and its sft term as rpo_alpha)
     loss_type: str | list[str] = "sigmoid"
     loss_weights: list[float] | None = None  # with a list of loss types: one weight each (default: 1.0 each)
@@ -201,8 +202,10 @@ class DPOConfig:
             raise ConfigError("dpo.loss_type: expected a loss type or a list of them, got an empty list")
         for kind in kinds:
             _choice("dpo.loss_type", kind, DPO_LOSS_TYPES)
-        if "simpo" in kinds and len(kinds) > 1:
-            raise ConfigError("dpo.loss_type: simpo uses no reference model and cannot be combined with other losses")
+        free = [kind for kind in kinds if kind in REFERENCE_FREE]
+        if free and len(kinds) > 1:
+            raise ConfigError(f"dpo.loss_type: {free[0]} uses no reference model and cannot be combined with other "
+                              "losses")
         if self.loss_weights is not None:
             if len(self.loss_weights) != len(kinds):
                 raise ConfigError(f"dpo.loss_weights: expected one weight per loss type ({len(kinds)}), got "
@@ -219,7 +222,7 @@ class DPOConfig:
 
     @property
     def reference_free(self) -> bool:
-        return self.loss_types == ["simpo"]
+        return self.loss_types[0] in REFERENCE_FREE  # alone: checked above
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,8 @@ class Recipe:
             raise ConfigError("train.early_stopping: needs evaluations during the run to stop on: held-out data "
                               "(data.eval or data.eval_fraction) and train.eval_every above 0")
         if self.dpo.ref_model and self.dpo.reference_free:
-            raise ConfigError("dpo.ref_model: dpo.loss_type simpo uses no reference model; leave it unset")
+            raise ConfigError(f"dpo.ref_model: dpo.loss_type {self.dpo.loss_types[0]} uses no reference model; "
+                              "leave it unset")
         if self.train.neftune_alpha and self.task != "sft":
             raise ConfigError(f"train.neftune_alpha: NEFTune is for sft (instruction tuning), not {self.task}; it "
                               "would also perturb DPO's reference log-probs")
@@ -311,6 +315,16 @@ class Recipe:
         elif not d.eval and not d.eval_fraction and evaluating:
             out.append(f"{', '.join(f'train.{k}' for k in evaluating)}: set, but not used: no held-out data "
                        "(data.eval or data.eval_fraction)")
+        if self.task == "dpo":
+            kinds, changed = self.dpo.loss_types, _changed(self.dpo)
+            named = ", ".join(kinds)
+            for key, users, why in (("gamma", {"simpo"}, "it is simpo's target margin"),
+                                    ("label_smoothing", {"sigmoid", "robust"}, "it is for sigmoid and robust")):
+                if key in changed and not users & set(kinds):
+                    out.append(f"dpo.{key}: set, but not used: {why}, and dpo.loss_type is {named}")
+            if "precompute_ref_logps" in changed and self.dpo.reference_free:
+                out.append(f"dpo.precompute_ref_logps: set, but not used: dpo.loss_type {named} uses no reference "
+                           "model")
         if t.optimizer.startswith("lion") and "adam_eps" in _changed(t):
             out.append(f"train.adam_eps: set, but not used: train.optimizer {t.optimizer} has no epsilon")
         generating = [k for k in _changed(t) if k in ("eval_generate", "max_new_tokens")]

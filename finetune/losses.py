@@ -6,6 +6,7 @@ training loop can normalise by the number of target items across all micro-batch
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -220,6 +221,12 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return -F.logsigmoid(diff)
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0 without cancellation: log(-expm1(x)) near 0, log1p(-exp(x)) below -ln 2
+    (Maechler 2012, "Accurately computing log(1 - exp(-|a|))")."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor | None, ref_rejected_logps: torch.Tensor | None,
              beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
@@ -240,12 +247,21 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
       classified on its own, -log sigmoid(r_c) - log sigmoid(-r_r); MPO combines it with ``sigmoid``.
     - ``simpo`` (Meng et al. 2024, arXiv:2405.14734), reference-free: -log sigmoid(beta (logp_c - logp_r) - gamma),
       with length-averaged log-probs; the ref arguments are ignored (may be None) and rewards are beta * logp.
+    - ``orpo`` (Hong et al. 2024, arXiv:2403.07691), reference-free, on length-averaged log-probs, so that -logp_c
+      is the chosen response's negative log-likelihood per token: -logp_c - beta log sigmoid(log odds_c - log
+      odds_r), with odds = p / (1 - p), p = exp(logp): the supervised term plus beta (the paper's lambda) times the
+      odds-ratio term, one pair at a time (TRL averages the supervised term over the batch's tokens instead). The
+      ref arguments are ignored; rewards are beta * logp.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type: expected one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}")
     pc, pr = _wide(policy_chosen_logps), _wide(policy_rejected_logps)
     if loss_type == "simpo":
         losses = -F.logsigmoid(beta * (pc - pr) - gamma)
+        return losses, beta * pc.detach(), beta * pr.detach()
+    if loss_type == "orpo":
+        log_odds = (pc - pr) - (_log1mexp(pc) - _log1mexp(pr))
+        losses = -pc - beta * F.logsigmoid(log_odds)
         return losses, beta * pc.detach(), beta * pr.detach()
     if ref_chosen_logps is None or ref_rejected_logps is None:
         raise ValueError(f"loss_type {loss_type!r} needs reference log-probs")

@@ -54,6 +54,17 @@ def test_settings_a_run_does_not_use_are_named():
     assert load_recipe(lion).unused_settings() == [
         "train.adam_eps: set, but not used: train.optimizer lion_8bit has no epsilon"]
     assert load_recipe({"train": {"optimizer": "adamw_8bit", "adam_eps": 1e-6}}).unused_settings() == []
+    # DPO settings of other loss types
+    orpo = {"task": "dpo", "dpo": {"loss_type": "orpo", "gamma": 1.0, "label_smoothing": 0.1,
+                                   "precompute_ref_logps": True}}
+    assert load_recipe(orpo).unused_settings() == [
+        "dpo.gamma: set, but not used: it is simpo's target margin, and dpo.loss_type is orpo",
+        "dpo.label_smoothing: set, but not used: it is for sigmoid and robust, and dpo.loss_type is orpo",
+        "dpo.precompute_ref_logps: set, but not used: dpo.loss_type orpo uses no reference model"]
+    used = {"task": "dpo", "dpo": {"loss_type": ["robust", "bco_pair"], "label_smoothing": 0.1,
+                                   "precompute_ref_logps": True}}
+    assert load_recipe(used).unused_settings() == []
+    assert load_recipe({"task": "dpo", "dpo": {"loss_type": "simpo", "gamma": 1.0}}).unused_settings() == []
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -95,6 +106,9 @@ def test_unknown_section(tmp_path: Path):
     ("dpo:\n  loss_type: [sigmoid, kto]\n", "dpo.loss_type: expected one of sigmoid, robust, hinge, ipo, bco_pair"),
     ("dpo:\n  loss_type: []\n", "dpo.loss_type: expected a loss type or a list of them, got an empty list"),
     ("dpo:\n  loss_type: [sigmoid, simpo]\n", "dpo.loss_type: simpo uses no reference model and cannot be combined"),
+    ("dpo:\n  loss_type: [orpo, sigmoid]\n", "dpo.loss_type: orpo uses no reference model and cannot be combined"),
+    ("task: dpo\ndpo:\n  loss_type: orpo\n  ref_model: sft/model\n",
+     "dpo.ref_model: dpo.loss_type orpo uses no reference model; leave it unset"),
     ("dpo:\n  loss_type: [sigmoid, bco_pair]\n  loss_weights: [0.8]\n",
      "dpo.loss_weights: expected one weight per loss type (2), got 1"),
     ("dpo:\n  loss_type: [sigmoid, bco_pair]\n  loss_weights: [0.8, -1]\n",

@@ -174,6 +174,80 @@ def test_dpo_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, los
     assert abs(theirs.item() - {"sigmoid": 0.6931, "ipo": 25.0}.get(loss_type, 0.0)) > 1e-3  # the policy moved
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_orpo_loss_of_a_real_model_matches_trl(tok, tiny_dir, packed: bool):
+    """TRL's ORPOTrainer as the oracle, on our tokens (its own tokenizer appends a second end token after the chat
+    template's): its odds-ratio term and length-averaged log-probs of a perturbed model on 8 pairs equal ours.
+    Its supervised term averages over the batch's chosen tokens, ours pair by pair, as our -logp_c per token:
+    so the loss minus the logged nll is compared, and our nll against the per-pair mean computed here."""
+    import os
+
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from finetune.config import DPOConfig as OurDPOConfig
+    from finetune.tasks.dpo import DPOTask
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    rows = preference_rows("train")[:8]
+    pairs = [dict(encode_pair(r, tok, 1024, 512, f"row {i}"), uid=i) for i, r in enumerate(rows)]
+    width = max(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs)
+    batch = {}
+    for side in ("chosen", "rejected"):
+        ids = torch.full((8, width), tok.pad_token_id)
+        labels = torch.full((8, width), IGNORE_INDEX)
+        for i, p in enumerate(pairs):
+            n, m = len(p["prompt"]), len(p[side])
+            ids[i, :n + m] = torch.tensor(p["prompt"] + p[side])
+            labels[i, n:n + m] = torch.tensor(p[side])
+        lengths = torch.tensor([len(p["prompt"]) + len(p[side]) for p in pairs])
+        batch |= {f"{side}_input_ids": ids, f"{side}_labels": labels,
+                  f"{side}_attention_mask": (torch.arange(width) < lengths[:, None]).long()}
+    args = ORPOConfig(output_dir="/tmp/finetune-orpo-oracle", report_to="none", bf16=False, beta=0.1)
+    trainer = ORPOTrainer(model=policy, args=args, processing_class=tok,
+                          train_dataset=datasets.Dataset.from_list(rows))
+    with torch.no_grad():
+        theirs, their_metrics = trainer.get_batch_loss_metrics(policy, batch, train_eval="eval")
+
+    task = DPOTask()
+    task.cfg, task.keep_logits = OurDPOConfig(beta=0.1, loss_type="orpo"), True
+    collate = PairCollator(tok.pad_token_id, packed=packed)
+    with torch.no_grad():
+        out = task.loss(policy, collate(pairs))
+    ours, nll = out.loss_sum / 8, out.metric_sums["nll"] / 8
+    assert (ours - nll).item() == pytest.approx(theirs.item() - their_metrics["eval_nll_loss"], rel=1e-4)
+    assert out.metric_sums["logps/chosen"].item() / 8 == pytest.approx(their_metrics["eval_logps/chosen"], rel=1e-5)
+    assert out.metric_sums["logps/rejected"].item() / 8 == pytest.approx(their_metrics["eval_logps/rejected"],
+                                                                         rel=1e-5)
+    assert out.metric_sums["rewards/chosen"].item() / 8 == pytest.approx(their_metrics["eval_rewards/chosen"],
+                                                                         rel=1e-5)
+    assert nll.item() == pytest.approx(-out.metric_sums["logps/chosen"].item() / 8, rel=1e-6)
+
+
+def test_orpo_trains_without_any_reference(tmp_path: Path, pair_files, monkeypatch):
+    """Reference-free: no frozen copy of the model and no reference log-probs, also with LoRA (whose reference
+    would be the adapter switched off), and the loss goes down."""
+    from finetune.tasks import dpo
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a reference was used")
+
+    monkeypatch.setattr(dpo, "copy", SimpleNamespace(deepcopy=fail))  # the task's frozen copy, not anyone's
+    monkeypatch.setattr(dpo.DPOTask, "reference_logps", fail)
+    for lora in (False, True):
+        run = finetune.train(pair_recipe(tmp_path / str(lora), pair_files, "dpo", dpo={"loss_type": "orpo"},
+                                         lora={"enabled": lora}, train={"max_steps": 6}))
+        evals = [e["eval_loss"] for e in run.history if "eval_loss" in e]
+        assert evals[-1] < evals[0], evals
+
+
 @pytest.mark.parametrize("center", [0.0, 0.01])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_reward_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, packed: bool, center: float):

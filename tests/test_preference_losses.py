@@ -53,6 +53,11 @@ def test_other_types_by_hand():
     # simpo: beta (pc - pr) - gamma = 2 * (-1 + 2) - 1 = 1 -> -log sigmoid(1)
     simpo = dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), None, None, beta=2.0, loss_type="simpo", gamma=1.0)
     assert simpo[0].item() == pytest.approx(-math.log(1 / (1 + math.exp(-1))))
+    # orpo: p_c = 1/2, p_r = 1/4 -> odds 1 and 1/3, log odds ratio ln 3: -ln(1/2) - beta log sigmoid(ln 3)
+    orpo = dpo_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)]), None, None, beta=0.5,
+                    loss_type="orpo")
+    assert orpo[0].item() == pytest.approx(math.log(2) + 0.5 * math.log(4 / 3))
+    assert orpo[1].item() == pytest.approx(0.5 * math.log(0.5))
 
 
 def test_bad_arguments():
@@ -65,7 +70,7 @@ def test_bad_arguments():
         dpo_loss(z, z, z, z, loss_type="robust", label_smoothing=0.5)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo", "simpo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo", "simpo", "orpo"])
 def test_gradcheck(loss_type: str):
     pc, pr, rc, rr = (t.clone().requires_grad_(i < 2) for i, t in enumerate(logps(3, 4)))
     # hinge has a kink at 1: keep away from it with small beta
@@ -130,6 +135,25 @@ def test_matches_trl(loss_type: str, smoothing: float):
     if loss_type != "ipo":
         assert chosen_rewards.mean().item() == pytest.approx(trl_metrics["rewards/chosen"][0], rel=1e-5)
         assert rejected_rewards.mean().item() == pytest.approx(trl_metrics["rewards/rejected"][0], rel=1e-5)
+
+
+def test_orpo_matches_trls_odds_ratio_loss():
+    """TRL's ORPOTrainer.odds_ratio_loss (float32, its sign: beta log sigmoid) on length-averaged log-probs where
+    the odds matter (p from 0.05 to 0.95) and where they are about p (p near 0, log1mexp's other branch)."""
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.orpo import ORPOTrainer
+
+    g = torch.Generator().manual_seed(0)
+    pc = torch.cat([torch.rand(6, generator=g) * 0.9 + 0.05, torch.rand(2, generator=g) * 1e-3]).log().double()
+    pr = torch.cat([torch.rand(6, generator=g) * 0.9 + 0.05, torch.rand(2, generator=g) * 1e-3]).log().double()
+    fake = SimpleNamespace(beta=0.2, accelerator=SimpleNamespace(device="cpu"))
+    theirs, chosen_rewards, rejected_rewards, _, _ = ORPOTrainer.odds_ratio_loss(fake, pc, pr)
+    losses, ours_chosen, ours_rejected = dpo_loss(pc, pr, None, None, beta=0.2, loss_type="orpo")
+    torch.testing.assert_close(losses, -pc - theirs.double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours_chosen.float(), chosen_rewards)
+    torch.testing.assert_close(ours_rejected.float(), rejected_rewards)
 
 
 def test_bradley_terry_matches_trl_reward_trainer():

@@ -1,4 +1,4 @@
-"""Direct preference optimisation (and IPO, SimPO, ...) against a reference policy.
+"""Direct preference optimisation (and IPO, SimPO, ORPO, ...) against a reference policy, or none.
 
 The reference is, by cost:
 - with LoRA: the same model with its adapter disabled (no second copy in memory);
@@ -29,7 +29,7 @@ from finetune.sampling import eval_shard
 from finetune.tasks import LossOutput, TaskData
 
 logger = logging.getLogger("finetune")
-LENGTH_AVERAGED = ("ipo", "simpo")
+LENGTH_AVERAGED = ("ipo", "simpo", "orpo")
 
 
 def data_key(recipe: Any, train: Any, evals: Any | None) -> str:

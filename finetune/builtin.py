@@ -145,8 +145,10 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer() -> Any:
-    """Byte-level BPE (digits split one by one) trained on the task corpus, with the ChatML template."""
+def build_tokenizer(special_tokens: list[str] = SPECIAL_TOKENS, eos: str = "<|im_end|>",
+                    chat_template: str | None = CHAT_TEMPLATE) -> Any:
+    """Byte-level BPE (digits split one by one) trained on the task corpus, with the ChatML template (the
+    arguments make a base model's tokenizer for tests: no ChatML tokens, no template)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -156,12 +158,12 @@ def build_tokenizer() -> Any:
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=special_tokens, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token="<|pad|>",
                                    unk_token=None, bos_token=None)
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 

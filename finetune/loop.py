@@ -249,6 +249,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
 
     # ---- data, then model (the main process goes first so caches are written once)
     from finetune.model import (
+        check_added_tokens,
         check_trainable_dtypes,
         frozen_weights_dtype,
         load_tokenizer,
@@ -267,6 +268,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     procs = count(world, "process", "processes")
     with _main_process_first(accelerator):
         tokenizer = load_tokenizer(recipe.model)
+        check_added_tokens(tokenizer, recipe.lora.enabled, accelerator.distributed_type.name)
         # data first, and checked: a bad row or too little data is refused before a large model loads
         data = task.build_data(recipe, tokenizer)
         if budget and data.train_lengths is None:

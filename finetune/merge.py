@@ -34,7 +34,7 @@ def load_merged(adapter_dir: Path, base: str | None = None, dtype: str = "float3
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from finetune.model import peft_quietly, without_load_report
+    from finetune.model import fit_to_tokenizer, peft_quietly, without_load_report
 
     config_file = adapter_dir / "adapter_config.json"
     if not adapter_dir.is_dir():
@@ -57,6 +57,7 @@ def load_merged(adapter_dir: Path, base: str | None = None, dtype: str = "float3
                         f"{str(e).splitlines()[0]}") from None
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model.config.pad_token_id = tokenizer.pad_token_id
+    fit_to_tokenizer(model, tokenizer)  # tokens the run added (model.chat_template: chatml), and its eos token
     with peft_quietly():
         return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload(), tokenizer
 

@@ -83,7 +83,31 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         tokenizer.pad_token = tokenizer.eos_token  # padding positions never reach the loss
     if cfg.chat_template is not None:  # e.g. a base model, which has none; exported with the tokenizer
         tokenizer.chat_template = chat_template_text(cfg.chat_template)
+        if cfg.chat_template == "chatml":
+            use_chatml_tokens(tokenizer)
     return tokenizer
+
+
+CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
+
+
+def use_chatml_tokens(tokenizer: Any) -> None:
+    """For `model.chat_template: chatml`: its turn markers become special tokens where the tokenizer lacks them (a
+    base model's), one token each instead of a dozen of text, and `<|im_end|>`, which ends every turn, becomes the
+    eos token, so that generation stops where an answer ends (with the text markers, or another eos, a trained
+    model wrote on into a next turn). `tokenizer.finetune_new_tokens` holds the added ids (maybe none): the model
+    is then given rows for them (`load_model`) and trains them, with LoRA as peft's trainable tokens."""
+    vocab = tokenizer.get_vocab()
+    missing = [marker for marker in CHATML_MARKERS if marker not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    tokenizer.finetune_new_tokens = tokenizer.convert_tokens_to_ids(missing)
+    old_eos = tokenizer.eos_token
+    tokenizer.eos_token = CHATML_MARKERS[1]
+    if missing or old_eos != tokenizer.eos_token:
+        logger.info("model.chat_template chatml: %s%s", f"added {', '.join(missing)} to the tokenizer as special "
+                    f"tokens (ids {', '.join(map(str, tokenizer.finetune_new_tokens))}), trained with the model; "
+                    if missing else "", f"eos token {tokenizer.eos_token} (was {old_eos})")
 
 
 def chat_template_text(value: str) -> str:
@@ -182,7 +206,30 @@ def load_model(cfg: ModelConfig, tokenizer: Any, device: torch.device, kind: str
         raise ModelError(f"model.attn_implementation: {str(e).splitlines()[0]}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # training never needs the KV cache; generation asks for it explicitly
+    if hasattr(tokenizer, "finetune_new_tokens"):
+        fit_to_tokenizer(model, tokenizer)
     return model
+
+
+def check_added_tokens(tokenizer: Any, lora: bool, distributed_type: str) -> None:
+    """Refuse, before the model loads, what cannot train the rows of tokens the tokenizer was given."""
+    if getattr(tokenizer, "finetune_new_tokens", None) and lora and distributed_type == "FSDP":
+        # measured with FSDP2: fully_shard stops on peft's trainable-token layers ("Invariant encountered")
+        raise UserError("model.chat_template: chatml adds its markers to this tokenizer, and LoRA trains their "
+                        "rows as peft's trainable tokens, which FSDP cannot shard; train them under DDP, or all "
+                        "weights (lora.enabled: false) under FSDP")
+
+
+def fit_to_tokenizer(model: Any, tokenizer: Any) -> None:
+    """Rows for tokens added to the tokenizer (initialised to the mean of the others, as transformers does), and
+    its eos token as the model's, which generation stops at (saved with the model), unless the model already
+    stops there (Llama 3's generation config lists several)."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    for config in (model.config, getattr(model, "generation_config", None)):
+        eos = getattr(config, "eos_token_id", None)
+        if config is not None and tokenizer.eos_token_id not in (eos if isinstance(eos, list) else [eos]):
+            config.eos_token_id = tokenizer.eos_token_id
 
 
 @contextmanager
@@ -194,7 +241,20 @@ def peft_quietly() -> Iterator[None]:
         yield
 
 
-def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointing: bool) -> Any:
+def trainable_tokens(model: Any, new_tokens: list[int], skip: list[str]) -> dict[str, list[int]] | None:
+    """peft's `trainable_token_indices` for tokens added to the tokenizer: their rows of the input embeddings,
+    and of an output layer of its own (a tied one follows the input's), unless trained in full (`skip`)."""
+    if not new_tokens:
+        return None
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    layers = [inputs] if outputs is None or outputs.weight is inputs.weight else [inputs, outputs]
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    chosen = {names[id(layer)]: list(new_tokens) for layer in layers if names[id(layer)] not in skip}
+    return chosen or None
+
+
+def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointing: bool,
+               new_tokens: list[int] | None = None) -> Any:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -204,7 +264,8 @@ def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointi
     targets = cfg.target_modules
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task_type,
                               target_modules=targets, modules_to_save=list(cfg.modules_to_save) or None,
-                              use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+                              use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+                              trainable_token_indices=trainable_tokens(model, new_tokens or [], cfg.modules_to_save))
     try:
         with peft_quietly():
             model = get_peft_model(model, peft_cfg)
@@ -275,7 +336,8 @@ def build(cfg_model: ModelConfig, cfg_lora: LoraConfig, gradient_checkpointing: 
     if gradient_checkpointing:
         enable_gradient_checkpointing(model, cfg_lora.enabled)
     if cfg_lora.enabled:
-        model = apply_lora(model, cfg_lora, "SEQ_CLS" if kind == "seq_cls" else "CAUSAL_LM", gradient_checkpointing)
+        model = apply_lora(model, cfg_lora, "SEQ_CLS" if kind == "seq_cls" else "CAUSAL_LM", gradient_checkpointing,
+                           getattr(tokenizer, "finetune_new_tokens", None))
     return model
 
 

@@ -790,6 +790,66 @@ def test_chat_template_for_a_tokenizer_without_one(tmp_path: Path, chat_files, t
                                                                     "chat_template": "chatm"}))
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("markers", [False, True], ids=["base-without-markers", "markers-other-eos"])
+def test_chatml_on_a_base_model_makes_its_markers_tokens_and_stops_at_im_end(tmp_path: Path, chat_files, lora: bool,
+                                                                             markers: bool):
+    """A base model's tokenizer without ChatML's markers (Mistral's, Llama 2's) gets them as special tokens, the
+    model rows for them that it trains (LoRA: peft's trainable tokens), and <|im_end|> as the eos token that the
+    exported model's generation stops at; one with the markers and another eos (Qwen's base) just the eos. Before,
+    the markers were a dozen text tokens each and generation went on past the answer into a next turn."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.builtin import SPECIAL_TOKENS, build_tiny_llama, build_tokenizer
+    from finetune.merge import load_merged
+
+    base = tmp_path / "base"
+    special = SPECIAL_TOKENS if markers else ["<|pad|>", "</s>"]
+    tokenizer = build_tokenizer(special, eos="<|endoftext|>" if markers else "</s>", chat_template=None)
+    build_tiny_llama(tokenizer).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    train, _ = chat_files
+    result = finetune.train(small_recipe(tmp_path / "run", train, model={"name_or_path": str(base),
+                                                                         "chat_template": "chatml"},
+                                         lora={"enabled": True, "r": 4, "alpha": 8} if lora else {},
+                                         train={"max_steps": 2}))
+    exported = AutoTokenizer.from_pretrained(result.model_dir)
+    assert len(exported) == len(tokenizer) + (0 if markers else 2) and exported.eos_token == "<|im_end|>"
+    im_start, im_end = exported.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    row = list(exported.apply_chat_template(turns, return_dict=True)["input_ids"])
+    assert row[0] == im_start and row.count(im_end) == 2  # one token each
+    model = load_merged(result.model_dir)[0] if lora else AutoModelForCausalLM.from_pretrained(result.model_dir)
+    assert model.generation_config.eos_token_id == im_end == model.config.eos_token_id
+    assert model.get_input_embeddings().num_embeddings == len(exported)
+    ids = torch.tensor([row])
+    result.model.eval()
+    torch.testing.assert_close(model(ids).logits, result.model(ids).logits)  # the export holds the new rows
+    if lora and not markers:  # the new rows trained: peft's trainable tokens moved away from their initial rows
+        for name, delta in result.model.named_parameters():
+            if name.endswith("trainable_tokens_delta.default"):
+                layer = result.model.get_submodule(name.rsplit(".trainable_tokens_delta", 1)[0])
+                assert not torch.allclose(delta, layer.base_layer.weight[[im_start, im_end]]), name
+                break
+        else:
+            raise AssertionError("no trainable tokens")
+
+
+def test_lora_on_added_tokens_is_refused_under_fsdp():
+    """Measured: FSDP2's fully_shard stops on peft's trainable-token layers with a traceback."""
+    from types import SimpleNamespace
+
+    from finetune.model import check_added_tokens
+
+    added, none = SimpleNamespace(finetune_new_tokens=[384, 385]), SimpleNamespace(finetune_new_tokens=[])
+    with pytest.raises(UserError, match="^model.chat_template: chatml adds its markers .* FSDP cannot shard"):
+        check_added_tokens(added, lora=True, distributed_type="FSDP")
+    check_added_tokens(added, lora=True, distributed_type="MULTI_GPU")
+    check_added_tokens(added, lora=False, distributed_type="FSDP")
+    check_added_tokens(none, lora=True, distributed_type="FSDP")
+    check_added_tokens(SimpleNamespace(), lora=True, distributed_type="FSDP")
+
+
 def test_warmup_ratio_and_the_schedules_shape_reach_the_optimizer(tmp_path: Path, chat_files):
     from finetune.config import ConfigError
     from finetune.schedule import lr_multiplier

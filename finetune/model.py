@@ -112,8 +112,8 @@ def use_chatml_tokens(tokenizer: Any) -> None:
 
 def chat_template_text(value: str) -> str:
     """`model.chat_template`: `chatml` (the builtin ChatML template, whose {% generation %} markers locate the
-    assistant tokens; its <|im_start|>/<|im_end|> markers are plain text to a tokenizer without those special
-    tokens), a Jinja template itself, or the path of a file holding one."""
+    assistant tokens; `use_chatml_tokens` makes its markers tokens), a Jinja template itself, or the path of a
+    file holding one."""
     import os
 
     from finetune.builtin import CHAT_TEMPLATE

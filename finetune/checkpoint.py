@@ -252,9 +252,15 @@ def export_model(accelerator: Any, model: Any, tokenizer: Any, target: Path, che
         tmp = target.parent / f".tmp-{target.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        shards = {} if hasattr(unwrapped, "peft_config") else {"max_shard_size": max_shard_size}  # adapters: one file
+        if hasattr(unwrapped, "peft_config"):  # an adapter: one file
+            # tokens added to the vocabulary are stored as their trained rows (peft's trainable tokens), which
+            # replace whatever rows the base gets when it is resized on load: not the whole resized embeddings too
+            added = unwrapped.peft_config["default"].trainable_token_indices
+            options = {"save_embedding_layers": False} if added else {}
+        else:
+            options = {"max_shard_size": max_shard_size}
         with writing(tmp, f"exporting the model to {target}", checkpoints):
-            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True, **shards)
+            unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True, **options)
             tokenizer.save_pretrained(str(tmp))
         old = target.parent / f".old-{target.name}"
         if target.exists():

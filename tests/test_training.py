@@ -825,6 +825,11 @@ def test_chatml_on_a_base_model_makes_its_markers_tokens_and_stops_at_im_end(tmp
     ids = torch.tensor([row])
     result.model.eval()
     torch.testing.assert_close(model(ids).logits, result.model(ids).logits)  # the export holds the new rows
+    if lora:  # the adapter holds the new rows alone, not the whole resized embeddings
+        from safetensors import safe_open
+
+        with safe_open(result.model_dir / "adapter_model.safetensors", "pt") as f:
+            assert not [k for k in f.keys() if "lora_" not in k and "trainable_tokens_delta" not in k]
     if lora and not markers:  # the new rows trained: peft's trainable tokens moved away from their initial rows
         for name, delta in result.model.named_parameters():
             if name.endswith("trainable_tokens_delta.default"):

@@ -62,6 +62,12 @@ def small_recipe(output_dir: Path, train_file: Path, eval_file: Path | None = No
     return recipe
 
 
+def as_sharegpt(messages: list[dict]) -> list[dict]:
+    """Chat messages as ShareGPT `conversations` turns, with its usual names (human, gpt)."""
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return [{"from": names[m["role"]], "value": m["content"]} for m in messages]
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if full_env.get("ACCELERATE_USE_CPU"):  # CPU processes on a GPU machine too (not one rank per GPU)

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from conftest import as_sharegpt
 
 from finetune.builtin import CHAT_TEMPLATE, builtin_rows, descending_rows, task_rows
 from finetune.data import DataError, chat_ids_and_mask, detect_format, encode_dataset, encode_row, load_rows
@@ -70,14 +71,11 @@ def test_completion_only_off_trains_on_everything(tok):
     assert row["labels"] == row["input_ids"]
 
 
-SHAREGPT_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
-
-
 def test_sharegpt_rows_encode_as_their_chat_messages(tok, tmp_path: Path):
     """`conversations` of {from, value} (axolotl's and LLaMA-Factory's ShareGPT) train exactly as `messages`."""
     from finetune.tasks.sft import generation_examples
 
-    turns = [{"from": SHAREGPT_NAMES[m["role"]], "value": m["content"]} for m in CONVO]
+    turns = as_sharegpt(CONVO)
     assert detect_format(["conversations", "id"], "x") == "sharegpt"
     shared = encode_row({"conversations": turns}, "sharegpt", tok, 128, True, "x")
     chat = encode_row({"messages": CONVO}, "chat", tok, 128, True, "x")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import NO_GPU, fused_spy, small_recipe
+from conftest import NO_GPU, as_sharegpt, fused_spy, small_recipe
 
 import finetune
 from finetune.errors import UserError
@@ -56,11 +56,10 @@ def test_sharegpt_files_train_as_their_chat_messages(tmp_path: Path, chat_files)
     """The same rows as ShareGPT `conversations` (read from JSONL and from Parquet): the same run, bitwise."""
     import datasets
 
-    names = {"system": "system", "user": "human", "assistant": "gpt"}
     files = []
     for source, form in zip(chat_files, ("jsonl", "parquet"), strict=True):
-        rows = [{"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in json.loads(line)[
-            "messages"]]} for line in source.read_text().splitlines()]
+        lines = source.read_text().splitlines()
+        rows = [{"conversations": as_sharegpt(json.loads(line)["messages"])} for line in lines]
         files.append(tmp_path / f"{source.stem}.{form}")
         if form == "jsonl":
             files[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))

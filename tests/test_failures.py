@@ -61,10 +61,41 @@ def test_float16_weights_under_fp16_are_refused_before_the_first_step(tiny_dir: 
     with pytest.raises(UserError, match=r"^model.dtype: \d+ trainable parameters are float16 \(e.g. "
                                         r"model.embed_tokens.weight\), and train.mixed_precision fp16's loss scaler"):
         check_trainable_dtypes(model, "fp16")
-    check_trainable_dtypes(model, "bf16")  # no loss scaler
     lora = apply_lora(model, LoraConfig(enabled=True, r=4), "CAUSAL_LM", False)
     assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}
     check_trainable_dtypes(lora, "fp16")
+
+
+def test_trained_16_bit_weights_are_warned_about(tiny_dir: Path, tmp_path: Path, caplog):
+    """Pure bfloat16 (or float16) full fine-tuning rounds every update to 8 bits: a warning, not an error (it
+    saves memory, and at higher learning rates it trains). Measured behind the warning's words: 20 steps of the
+    tiny SFT at lr 2e-5 moved the held-out loss 6.00 -> 5.90 with bfloat16 weights, -> 5.63 in float32 under
+    bf16 autocast; the loop below checks that gap still shows."""
+    from transformers import AutoModelForCausalLM
+
+    import finetune
+    from finetune.config import LoraConfig
+    from finetune.model import apply_lora, check_trainable_dtypes
+
+    for dtype in (torch.bfloat16, torch.float16):
+        caplog.clear()
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=dtype)
+        check_trainable_dtypes(model, "bf16")
+        n, name = len(list(model.parameters())), str(dtype).removeprefix("torch.")
+        assert f"model.dtype: {n} trainable parameters are {name} (e.g. model.embed_tokens.weight)" in caplog.text
+    caplog.clear()
+    check_trainable_dtypes(AutoModelForCausalLM.from_pretrained(tiny_dir), "bf16")
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)  # a frozen bf16 base is fine
+    check_trainable_dtypes(apply_lora(base, LoraConfig(enabled=True, r=4), "CAUSAL_LM", False), "bf16")
+    assert "trainable parameters are" not in caplog.text
+
+    losses = {}
+    for dtype, precision in (("bfloat16", "no"), ("float32", "bf16")):
+        run = finetune.train("recipes/tiny_sft.yaml", model={"dtype": dtype}, output_dir=str(tmp_path / dtype),
+                             resume=False, overwrite_output_dir=True, log={"progress": False, "tensorboard": False},
+                             train={"max_steps": 20, "lr": 2e-5, "mixed_precision": precision, "eval_generate": 0})
+        losses[dtype] = run.metrics["eval_loss"]
+    assert losses["bfloat16"] - losses["float32"] > 0.1
 
 
 @pytest.mark.parametrize("name, says", [("flash_attention_2", "FlashAttention2"), ("nonsense", "nonsense")])

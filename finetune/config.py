@@ -22,7 +22,8 @@ from finetune.schedule import SHAPES
 
 TASKS = ("sft", "rm", "dpo")
 # `finetune.losses.dpo_loss`'s loss types, named here, where recipes are checked without importing torch
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "simpo", "orpo")
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "nca_pair", "exo_pair", "sppo_hard", "apo_zero",
+                  "apo_down", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")  # the loss types that use no reference model
 # attention implementations for which a packed row gives exactly the padded batch's loss and gradients (tested)
 PACKING_ATTENTION = ("eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flash_attention_3")
@@ -185,11 +186,11 @@ class RMConfig:
 @dataclass(frozen=True)
 class DPOConfig:
     beta: float = 0.1
-    # sigmoid | robust | hinge | ipo | bco_pair | simpo | orpo, or a list of them (not simpo or orpo), added with
+    # one of DPO_LOSS_TYPES, or a list of them (not the reference-free simpo or orpo), added with
     # `loss_weights` (TRL's list; MPO: [sigmoid, bco_pair] with [0.8, 0.2], and its sft term as rpo_alpha)
     loss_type: str | list[str] = "sigmoid"
     loss_weights: list[float] | None = None  # with a list of loss types: one weight each (default: 1.0 each)
-    label_smoothing: float = 0.0  # cDPO (sigmoid) or the flip rate (robust)
+    label_smoothing: float = 0.0  # cDPO (sigmoid), the flip rate (robust) or EXO's eps (exo_pair)
     gamma: float = 0.5  # SimPO's target margin
     precompute_ref_logps: bool = False  # reference log-probs computed once before training and cached
     ref_model: str | None = None  # the reference policy's model when it is not the initial policy (same tokenizer)
@@ -213,6 +214,8 @@ class DPOConfig:
             for i, weight in enumerate(self.loss_weights):
                 _range(f"dpo.loss_weights[{i}]", weight, lo=0)
         _range("dpo.label_smoothing", self.label_smoothing, lo=0, hi=0.5, hi_open=True)
+        if "exo_pair" in kinds and not self.label_smoothing:
+            raise ConfigError("dpo.label_smoothing: exo_pair needs a value above 0 (its eps; the paper uses 1e-3)")
         _range("dpo.gamma", self.gamma, lo=0)
         _range("dpo.rpo_alpha", self.rpo_alpha, lo=0)
 
@@ -319,7 +322,8 @@ class Recipe:
             kinds, changed = self.dpo.loss_types, _changed(self.dpo)
             named = ", ".join(kinds)
             for key, users, why in (("gamma", {"simpo"}, "it is simpo's target margin"),
-                                    ("label_smoothing", {"sigmoid", "robust"}, "it is for sigmoid and robust")):
+                                    ("label_smoothing", {"sigmoid", "robust", "exo_pair"},
+                                     "it is for sigmoid, robust and exo_pair")):
                 if key in changed and not users & set(kinds):
                     out.append(f"dpo.{key}: set, but not used: {why}, and dpo.loss_type is {named}")
             if "precompute_ref_logps" in changed and self.dpo.reference_free:

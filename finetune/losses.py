@@ -245,6 +245,15 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
       as the IPO authors and TRL do, so the target does not scale with response length.
     - ``bco_pair`` (BCO on pairs, Jung et al. 2024, arXiv:2404.04656, as TRL computes it): each response
       classified on its own, -log sigmoid(r_c) - log sigmoid(-r_r); MPO combines it with ``sigmoid``.
+    - ``nca_pair`` (NCA, Chen et al. 2024, arXiv:2402.05369, on pairs as TRL computes it):
+      -log sigmoid(r_c) - (log sigmoid(-r_c) + log sigmoid(-r_r)) / 2.
+    - ``exo_pair`` (EXO, Ji et al. 2024, arXiv:2402.00856, eq. 16, with eps = label_smoothing in (0, 0.5)):
+      the KL divergence from [1 - eps, eps] of q = [sigmoid(beta h), sigmoid(-beta h)].
+    - ``sppo_hard`` (SPPO, Wu et al. 2024, arXiv:2405.00675, its hard-label form as in TRL):
+      (logp_c - ref_logp_c - 1 / (2 beta))^2 + (logp_r - ref_logp_r + 1 / (2 beta))^2.
+    - ``apo_zero`` and ``apo_down`` (APO, D'Oosterlinck et al. 2024, arXiv:2408.06266, eqs. 7 and 8): apo_zero,
+      1 - sigmoid(r_c) + sigmoid(r_r), raises the chosen likelihood and lowers the rejected one (chosen answers
+      better than the model's own); apo_down, sigmoid(r_c) + 1 - sigmoid(beta h), lowers both, the rejected more.
     - ``simpo`` (Meng et al. 2024, arXiv:2405.14734), reference-free: -log sigmoid(beta (logp_c - logp_r) - gamma),
       with length-averaged log-probs; the ref arguments are ignored (may be None) and rewards are beta * logp.
     - ``orpo`` (Hong et al. 2024, arXiv:2403.07691), reference-free, on length-averaged log-probs, so that -logp_c
@@ -279,6 +288,21 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         losses = torch.relu(1 - beta * h)
     elif loss_type == "bco_pair":
         losses = -F.logsigmoid(beta * chosen_ratio) - F.logsigmoid(-beta * rejected_ratio)
+    elif loss_type == "nca_pair":
+        losses = (-F.logsigmoid(beta * chosen_ratio) - 0.5 * F.logsigmoid(-beta * chosen_ratio)
+                  - 0.5 * F.logsigmoid(-beta * rejected_ratio))
+    elif loss_type == "exo_pair":
+        if not 0 < label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: exo_pair needs a value in (0, 0.5) (the paper's 1e-3), got "
+                             f"{label_smoothing}")
+        win, lose = F.logsigmoid(beta * h), F.logsigmoid(-beta * h)
+        losses = win.exp() * (win - math.log1p(-label_smoothing)) + lose.exp() * (lose - math.log(label_smoothing))
+    elif loss_type == "sppo_hard":
+        losses = (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+    elif loss_type == "apo_zero":
+        losses = 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
+    elif loss_type == "apo_down":
+        losses = torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * h)
     else:  # ipo
         losses = (h - 1 / (2 * beta)) ** 2
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

@@ -59,7 +59,7 @@ def test_settings_a_run_does_not_use_are_named():
                                    "precompute_ref_logps": True}}
     assert load_recipe(orpo).unused_settings() == [
         "dpo.gamma: set, but not used: it is simpo's target margin, and dpo.loss_type is orpo",
-        "dpo.label_smoothing: set, but not used: it is for sigmoid and robust, and dpo.loss_type is orpo",
+        "dpo.label_smoothing: set, but not used: it is for sigmoid, robust and exo_pair, and dpo.loss_type is orpo",
         "dpo.precompute_ref_logps: set, but not used: dpo.loss_type orpo uses no reference model"]
     used = {"task": "dpo", "dpo": {"loss_type": ["robust", "bco_pair"], "label_smoothing": 0.1,
                                    "precompute_ref_logps": True}}
@@ -107,6 +107,7 @@ def test_unknown_section(tmp_path: Path):
     ("dpo:\n  loss_type: []\n", "dpo.loss_type: expected a loss type or a list of them, got an empty list"),
     ("dpo:\n  loss_type: [sigmoid, simpo]\n", "dpo.loss_type: simpo uses no reference model and cannot be combined"),
     ("dpo:\n  loss_type: [orpo, sigmoid]\n", "dpo.loss_type: orpo uses no reference model and cannot be combined"),
+    ("dpo:\n  loss_type: exo_pair\n", "dpo.label_smoothing: exo_pair needs a value above 0 (its eps; the paper"),
     ("task: dpo\ndpo:\n  loss_type: orpo\n  ref_model: sft/model\n",
      "dpo.ref_model: dpo.loss_type orpo uses no reference model; leave it unset"),
     ("dpo:\n  loss_type: [sigmoid, bco_pair]\n  loss_weights: [0.8]\n",

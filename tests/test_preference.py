@@ -124,7 +124,7 @@ def test_pair_tokens_match_trl_dpo_and_reward_trainers(tok, tiny_dir, tmp_path: 
     assert rm.train_dataset["rejected_ids"] == [p["prompt"] + p["rejected"] for p in ours]
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "sigmoid+bco_pair+ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_zero", "sigmoid+bco_pair+ipo"])
 @pytest.mark.parametrize("layout", ["padded", "packed", "packed-shared-prompt"])
 def test_dpo_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, loss_type: str, layout: str):
     """TRL as the oracle end to end: DPOTrainer.compute_loss of a perturbed policy against the initial model on

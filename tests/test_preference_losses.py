@@ -68,9 +68,12 @@ def test_bad_arguments():
         dpo_loss(z, z, None, None)
     with pytest.raises(ValueError, match="0.5"):
         dpo_loss(z, z, z, z, loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match=r"exo_pair needs a value in \(0, 0.5\)"):
+        dpo_loss(z, z, z, z, loss_type="exo_pair")
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo", "simpo", "orpo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo", "nca_pair", "exo_pair", "sppo_hard",
+                                       "apo_zero", "apo_down", "simpo", "orpo"])
 def test_gradcheck(loss_type: str):
     pc, pr, rc, rr = (t.clone().requires_grad_(i < 2) for i, t in enumerate(logps(3, 4)))
     # hinge has a kink at 1: keep away from it with small beta
@@ -120,7 +123,8 @@ def trl_dpo(pc, pr, rc, rr, lengths_c, lengths_r, beta, loss_type, label_smoothi
 
 
 @pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("robust", 0.1), ("hinge", 0.0), ("ipo", 0.0),
-                                                   ("bco_pair", 0.0)])
+                                                   ("bco_pair", 0.0), ("nca_pair", 0.0), ("exo_pair", 1e-3),
+                                                   ("sppo_hard", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0)])
 def test_matches_trl(loss_type: str, smoothing: float):
     pc, pr, rc, rr = logps(7)
     lengths_c, lengths_r = torch.tensor([3, 5, 8, 2, 4]), torch.tensor([6, 1, 4, 7, 3])

@@ -57,7 +57,8 @@ def load_merged(adapter_dir: Path, base: str | None = None, dtype: str = "float3
                         f"{str(e).splitlines()[0]}") from None
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     model.config.pad_token_id = tokenizer.pad_token_id
-    fit_to_tokenizer(model, tokenizer)  # tokens the run added (model.chat_template: chatml), and its eos token
+    # rows for tokens the run added (model.chat_template: chatml), which the adapter's trained rows replace
+    fit_to_tokenizer(model, tokenizer, initialise=False)
     with peft_quietly():
         return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload(), tokenizer
 

@@ -220,12 +220,13 @@ def check_added_tokens(tokenizer: Any, lora: bool, distributed_type: str) -> Non
                         "weights (lora.enabled: false) under FSDP")
 
 
-def fit_to_tokenizer(model: Any, tokenizer: Any) -> None:
-    """Rows for tokens added to the tokenizer (initialised to the mean of the others, as transformers does), and
-    its eos token as the model's, which generation stops at (saved with the model), unless the model already
-    stops there (Llama 3's generation config lists several)."""
+def fit_to_tokenizer(model: Any, tokenizer: Any, initialise: bool = True) -> None:
+    """Rows for tokens added to the tokenizer (initialised from the others' mean and covariance, as transformers
+    does, unless `initialise` is off: an adapter about to write its trained rows over them), and its eos token
+    as the model's, which generation stops at (saved with the model), unless the model already stops there
+    (Llama 3's generation config lists several)."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=initialise)
     for config in (model.config, getattr(model, "generation_config", None)):
         eos = getattr(config, "eos_token_id", None)
         if config is not None and tokenizer.eos_token_id not in (eos if isinstance(eos, list) else [eos]):

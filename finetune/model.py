@@ -471,7 +471,8 @@ def output_head(model: Any) -> TargetLogpsHead:
     head = unwrap(model).get_output_embeddings()
     if not isinstance(head, TargetLogpsHead):  # e.g. wrapped by peft since lora.target_modules names it
         raise ModelError(f"train.fused_linear_loss: the output layer became a {type(head).__name__} (is it in "
-                         "lora.target_modules or lora.modules_to_save?); it must stay a plain Linear")
+                         "lora.target_modules or lora.modules_to_save, or are tokens added by model.chat_template "
+                         "chatml trained in it?); it must stay a plain Linear")
     return head
 
 

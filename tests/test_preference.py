@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -40,6 +41,15 @@ def pair_recipe(tmp_path: Path, pair_files, task: str, **sections) -> dict:
     for name, values in sections.items():
         recipe[name] = {**recipe.get(name, {}), **values}
     return recipe
+
+
+def perturbed(model: Any) -> Any:
+    """`model` with seeded noise (std 0.05) added to every weight: a policy that moved away from the reference."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
 
 
 def losses(result) -> list[float]:
@@ -140,11 +150,7 @@ def test_dpo_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, los
     from finetune.tasks.dpo import DPOTask
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
-    policy = copy.deepcopy(ref)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    policy = perturbed(copy.deepcopy(ref))
     rows = preference_rows("train")[:8]
     kinds = loss_type.split("+")
     weights = [0.8, 0.2, 0.5] if len(kinds) > 1 else None
@@ -191,11 +197,7 @@ def test_orpo_loss_of_a_real_model_matches_trl(tok, tiny_dir, packed: bool):
     from finetune.config import DPOConfig as OurDPOConfig
     from finetune.tasks.dpo import DPOTask
 
-    policy = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    policy = perturbed(AutoModelForCausalLM.from_pretrained(tiny_dir))
     rows = preference_rows("train")[:8]
     pairs = [dict(encode_pair(r, tok, 1024, 512, f"row {i}"), uid=i) for i, r in enumerate(rows)]
     width = max(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs)
@@ -627,11 +629,7 @@ def other_model(tmp_path_factory, tiny_dir) -> Path:
     """The tiny model with its weights perturbed: another policy of the same tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturbed(AutoModelForCausalLM.from_pretrained(tiny_dir))
     folder = tmp_path_factory.mktemp("other_model")
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(folder)

@@ -25,16 +25,18 @@ def launch(config: list[str], recipe_overrides: list[str], env: dict | None = No
     return proc
 
 
-def test_ddp_two_by_four_equals_one_by_eight(tmp_path: Path, chat_files):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_ddp_two_by_four_equals_one_by_eight(tmp_path: Path, chat_files, optimizer: str):
+    """Also with bitsandbytes' 8-bit AdamW: each process quantises the same all-reduced gradients alike."""
     train, evals = chat_files
     common = [f"data.train={train}", f"data.eval={evals}", "train.max_steps=4", "train.warmup_steps=1",
-              "train.lr=1e-3", "train.grad_accum=2", "seed=0"]
+              "train.lr=1e-3", "train.grad_accum=2", "seed=0", f"train.optimizer={optimizer}"]
     launch(DDP, [f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4", *common])
     ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
     single = finetune.train("recipes/tiny_sft.yaml", output_dir=str(tmp_path / "one"), seed=0,
                             data={"train": str(train), "eval": str(evals)},
                             train={"max_steps": 4, "warmup_steps": 1, "lr": 1e-3, "batch_size": 8, "grad_accum": 2,
-                                   "eval_generate": 0},
+                                   "eval_generate": 0, "optimizer": optimizer},
                             log={"progress": False, "tensorboard": False})
     d = [e for e in ddp if "loss" in e]
     s = [e for e in single.history if "loss" in e]

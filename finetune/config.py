@@ -23,8 +23,9 @@ from finetune.schedule import SHAPES
 TASKS = ("sft", "rm", "dpo")
 # `finetune.losses.dpo_loss`'s loss types, named here, where recipes are checked without importing torch
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "nca_pair", "exo_pair", "sppo_hard", "apo_zero",
-                  "apo_down", "simpo", "orpo")
+                  "apo_down", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")  # the loss types that use no reference model
+ALONE = (*REFERENCE_FREE, "kto")  # loss types that cannot be listed with others (kto: its rows are not pairs)
 # attention implementations for which a packed row gives exactly the padded batch's loss and gradients (tested)
 PACKING_ATTENTION = ("eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flash_attention_3")
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "lion_8bit")  # what finetune.optimizer.build_optimizer builds
@@ -195,6 +196,8 @@ class DPOConfig:
     precompute_ref_logps: bool = False  # reference log-probs computed once before training and cached
     ref_model: str | None = None  # the reference policy's model when it is not the initial policy (same tokenizer)
     rpo_alpha: float = 0.0  # weight of the chosen response's NLL per token added to the loss (RPO); 0: none
+    desirable_weight: float = 1.0  # kto: weight of the desirable (label true) rows' losses
+    undesirable_weight: float = 1.0  # kto: weight of the undesirable rows' losses
 
     def __post_init__(self) -> None:
         _range("dpo.beta", self.beta, lo=0, lo_open=True)
@@ -203,10 +206,14 @@ class DPOConfig:
             raise ConfigError("dpo.loss_type: expected a loss type or a list of them, got an empty list")
         for kind in kinds:
             _choice("dpo.loss_type", kind, DPO_LOSS_TYPES)
-        free = [kind for kind in kinds if kind in REFERENCE_FREE]
-        if free and len(kinds) > 1:
-            raise ConfigError(f"dpo.loss_type: {free[0]} uses no reference model and cannot be combined with other "
-                              "losses")
+        alone = [kind for kind in kinds if kind in ALONE]
+        if alone and len(kinds) > 1:
+            why = "trains on unpaired rows" if alone[0] == "kto" else "uses no reference model"
+            raise ConfigError(f"dpo.loss_type: {alone[0]} {why} and cannot be combined with other losses")
+        if kinds == ["kto"] and self.rpo_alpha:
+            raise ConfigError("dpo.rpo_alpha: not with kto, whose completions are not all desirable; leave it 0")
+        _range("dpo.desirable_weight", self.desirable_weight, lo=0)
+        _range("dpo.undesirable_weight", self.undesirable_weight, lo=0)
         if self.loss_weights is not None:
             if len(self.loss_weights) != len(kinds):
                 raise ConfigError(f"dpo.loss_weights: expected one weight per loss type ({len(kinds)}), got "
@@ -322,6 +329,8 @@ class Recipe:
             kinds, changed = self.dpo.loss_types, _changed(self.dpo)
             named = ", ".join(kinds)
             for key, users, why in (("gamma", {"simpo"}, "it is simpo's target margin"),
+                                    ("desirable_weight", {"kto"}, "it is kto's"),
+                                    ("undesirable_weight", {"kto"}, "it is kto's"),
                                     ("label_smoothing", {"sigmoid", "robust", "exo_pair"},
                                      "it is for sigmoid, robust and exo_pair")):
                 if key in changed and not users & set(kinds):

@@ -227,6 +227,23 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor | float,
+             beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 7) per completion, unreduced; returns (losses, rewards).
+
+    With r = logp - ref_logp and the reference point z = `kl` (an estimate of KL(policy || reference), not
+    differentiated; TRL's: the mean of r over mismatched prompt-completion pairs, clamped at 0):
+    desirable completions  lambda_D (1 - sigmoid(beta (r - z))),
+    undesirable ones       lambda_U (1 - sigmoid(beta (z - r))); rewards are beta * r.
+    """
+    r = _wide(policy_logps) - _wide(ref_logps)
+    kl = torch.as_tensor(kl, dtype=r.dtype, device=r.device)
+    losses = torch.where(desirable.bool(), desirable_weight * (1 - torch.sigmoid(beta * (r - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - r))))
+    return losses, beta * r.detach()
+
+
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor | None, ref_rejected_logps: torch.Tensor | None,
              beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
@@ -262,8 +279,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
       odds-ratio term, one pair at a time (TRL averages the supervised term over the batch's tokens instead). The
       ref arguments are ignored; rewards are beta * logp.
     """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type: expected one of {', '.join(DPO_LOSS_TYPES)}, got {loss_type!r}")
+    if loss_type not in DPO_LOSS_TYPES or loss_type == "kto":
+        pairs = [k for k in DPO_LOSS_TYPES if k != "kto"]
+        raise ValueError(f"loss_type: expected one of {', '.join(pairs)} (kto: kto_loss), got {loss_type!r}")
     pc, pr = _wide(policy_chosen_logps), _wide(policy_rejected_logps)
     if loss_type == "simpo":
         losses = -F.logsigmoid(beta * (pc - pr) - gamma)

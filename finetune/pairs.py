@@ -142,18 +142,73 @@ def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_pr
     return datasets.Dataset.from_dict(out), stats
 
 
+def encode_kto_rows(rows: Any, source: str, tokenizer: Any, max_length: int, max_prompt_length: int,
+                    progress: bool = True, uid_start: int = 0, workers: int = 1,
+                    numbering: Numbering = ROWS) -> Any:
+    """KTO's rows as pairs the DPO task's machinery runs (one forward, reference, packing, cached reference
+    log-probs): `chosen` is the row's completion, `rejected` the completion of the row before it (cyclically),
+    whose log-ratio under this prompt estimates KTO's KL reference point, and `label` says whether the completion
+    is desirable. Rows are `prompt`, `completion` and a boolean `label` (TRL's unpaired format), or preference
+    pairs, unpaired into a desirable chosen row and an undesirable rejected one (the chosen rows first, so that
+    no row's KL completion answers its own prompt)."""
+    import datasets
+
+    max_prompt_length = max_prompt_length or max_length // 2
+
+    def encode(row: Any, where: str) -> list[dict]:
+        if isinstance(row, dict) and "completion" in row:
+            if not isinstance(row.get("label"), bool):
+                raise DataError(f"{where}: expected 'label' to be true or false (is the completion desirable?), got "
+                                f"{row.get('label')!r}")
+            enc = encode_pair({**row, "chosen": row["completion"], "rejected": row["completion"]}, tokenizer,
+                              max_length, max_prompt_length, where)
+            return [{**enc, "label": row["label"]}]
+        if not isinstance(row, dict) or "chosen" not in row:
+            raise DataError(f"{where}: expected prompt, completion and label (or a preference pair: prompt, chosen, "
+                            "rejected) for dpo.loss_type kto; data.columns can rename yours")
+        enc = encode_pair(row, tokenizer, max_length, max_prompt_length, where)
+        return [{**enc, "label": True}, {**enc, "chosen": enc["rejected"], "label": False}]
+
+    firsts, seconds, truncated = [], [], 0
+    for items in map_rows(encode, rows, source, progress, workers, numbering):
+        truncated += items[0]["truncated"]
+        firsts.append(items[0])
+        seconds += items[1:]
+    kept = [e for e in firsts + seconds if e["chosen"]]
+    if truncated:
+        logger.warning("%s: %d of %d rows truncated (prompt end kept, at most %d tokens; completions cut to fit "
+                       "data.max_length=%d)", source, truncated, len(rows), max_prompt_length, max_length)
+    if len(kept) < len(firsts) + len(seconds):
+        logger.warning("%s: dropped %d completions that are empty after truncation", source,
+                       len(firsts) + len(seconds) - len(kept))
+    if not kept:
+        raise DataError(f"{source}: no completion is left after truncation to data.max_length={max_length}")
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "margin": [], "label": []}
+    for i, e in enumerate(kept):
+        out["prompt"].append(e["prompt"])
+        out["chosen"].append(e["chosen"])
+        out["rejected"].append(kept[i - 1]["chosen"][:max_length - len(e["prompt"])])  # the KL completion
+        out["margin"].append(0.0)
+        out["label"].append(e["label"])
+    out["uid"] = list(range(uid_start, uid_start + len(kept)))
+    return datasets.Dataset.from_dict(out)
+
+
 def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, Any | None, PairCollator]:
     """Tokenized train and held-out pairs (uids numbered across both) and their collator."""
     d = recipe.data
     train_parts, eval_parts = train_eval_rows(d, recipe.seed)
 
+    kto = recipe.dpo.loss_types == ["kto"]
+
     def encode(part: Part, uid_start: int) -> Any:
-        settings = {"task": "pairs", "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
-                    "uid_start": uid_start, "numbering": part.numbering}  # rows are named in its warnings
+        settings = {"task": "kto" if kto else "pairs", "max_length": d.max_length,
+                    "max_prompt_length": d.max_prompt_length, "uid_start": uid_start,
+                    "numbering": part.numbering}  # rows are named in its warnings
+        args = (part.rows, part.source, tokenizer, d.max_length, d.max_prompt_length, progress, uid_start,
+                tokenizer_workers(d.num_proc), part.numbering)
         return cached(part.rows, part.source, tokenizer, settings, enabled=d.cache_tokenized,
-                      encode=lambda: encode_pairs(part.rows, part.source, tokenizer, d.max_length,
-                                                  d.max_prompt_length, progress, uid_start,
-                                                  tokenizer_workers(d.num_proc), part.numbering)[0])
+                      encode=lambda: encode_kto_rows(*args) if kto else encode_pairs(*args)[0])
 
     def encode_all(parts: list[Part], uid_start: int, shares: list[float] | None = None) -> Any:
         encoded = []
@@ -210,6 +265,8 @@ class PairCollator:
             batch = {"input_ids": pad(seqs, self.pad_token_id), "labels": pad(labels, IGNORE_INDEX),
                      "attention_mask": pad([[1] * len(s) for s in seqs], 0)}
         # tokens of both sequences in full, also when the prompt is shared: what the batch represents
+        if "label" in rows[0]:  # kto: whether each row's completion (`chosen`) is desirable
+            batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
         batch.update({"margin": torch.tensor([r["margin"] for r in rows]),
                       "uid": torch.tensor([r["uid"] for r in rows]), "num_items": torch.tensor(len(rows)),
                       "num_tokens": torch.tensor(sum(pair_tokens(r["prompt"], r["chosen"], r["rejected"])

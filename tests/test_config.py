@@ -65,6 +65,9 @@ def test_settings_a_run_does_not_use_are_named():
                                    "precompute_ref_logps": True}}
     assert load_recipe(used).unused_settings() == []
     assert load_recipe({"task": "dpo", "dpo": {"loss_type": "simpo", "gamma": 1.0}}).unused_settings() == []
+    assert load_recipe({"task": "dpo", "dpo": {"desirable_weight": 1.3}}).unused_settings() == [
+        "dpo.desirable_weight: set, but not used: it is kto's, and dpo.loss_type is sigmoid"]
+    assert load_recipe({"task": "dpo", "dpo": {"loss_type": "kto", "desirable_weight": 1.3}}).unused_settings() == []
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -103,11 +106,14 @@ def test_unknown_section(tmp_path: Path):
     ("data:\n  train: [a.jsonl, 3]\n",
      "data.train: expected a string, a list of strings or a mapping of names to numbers, got ['a.jsonl', 3]"),
     ("lora:\n  target_modules: 3\n", "lora.target_modules: expected a string or a list of strings, got 3"),
-    ("dpo:\n  loss_type: [sigmoid, kto]\n", "dpo.loss_type: expected one of sigmoid, robust, hinge, ipo, bco_pair"),
+    ("dpo:\n  loss_type: [sigmoid, kpo]\n", "dpo.loss_type: expected one of sigmoid, robust, hinge, ipo, bco_pair"),
     ("dpo:\n  loss_type: []\n", "dpo.loss_type: expected a loss type or a list of them, got an empty list"),
     ("dpo:\n  loss_type: [sigmoid, simpo]\n", "dpo.loss_type: simpo uses no reference model and cannot be combined"),
     ("dpo:\n  loss_type: [orpo, sigmoid]\n", "dpo.loss_type: orpo uses no reference model and cannot be combined"),
     ("dpo:\n  loss_type: exo_pair\n", "dpo.label_smoothing: exo_pair needs a value above 0 (its eps; the paper"),
+    ("dpo:\n  loss_type: [sigmoid, kto]\n", "dpo.loss_type: kto trains on unpaired rows and cannot be combined"),
+    ("dpo:\n  loss_type: kto\n  rpo_alpha: 1.0\n", "dpo.rpo_alpha: not with kto, whose completions are not all"),
+    ("dpo:\n  loss_type: kto\n  undesirable_weight: -1\n", "dpo.undesirable_weight: expected a value >= 0"),
     ("task: dpo\ndpo:\n  loss_type: orpo\n  ref_model: sft/model\n",
      "dpo.ref_model: dpo.loss_type orpo uses no reference model; leave it unset"),
     ("dpo:\n  loss_type: [sigmoid, bco_pair]\n  loss_weights: [0.8]\n",

@@ -15,6 +15,7 @@ from conftest import fused_spy, python, run_cli
 import finetune
 from finetune import attention
 from finetune.builtin import preference_rows
+from finetune.collate import pad
 from finetune.data import DataError
 from finetune.losses import IGNORE_INDEX
 from finetune.pairs import PairCollator, encode_pair, encode_pairs
@@ -231,6 +232,95 @@ def test_orpo_loss_of_a_real_model_matches_trl(tok, tiny_dir, packed: bool):
     assert out.metric_sums["rewards/chosen"].item() / 8 == pytest.approx(their_metrics["eval_rewards/chosen"],
                                                                          rel=1e-5)
     assert nll.item() == pytest.approx(-out.metric_sums["logps/chosen"].item() / 8, rel=1e-6)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_kto_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, packed: bool):
+    """TRL's KTOTrainer as the oracle on our tokens: 8 preference pairs unpaired into 16 rows, each with the
+    completion of the row before as its KL completion. The reference is a perturbed model and the policy a
+    flatter copy of it, so that mismatched completions get likelier and KTO's reference point (the KL
+    estimate, clamped at 0) is above 0 and counts; then the other way round, where it is clamped."""
+    import copy
+
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import KTOConfig, KTOTrainer
+
+    from finetune.config import DPOConfig as OurDPOConfig
+    from finetune.pairs import encode_kto_rows
+    from finetune.tasks.dpo import DPOTask
+
+    g = torch.Generator().manual_seed(0)
+    sharp = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        for p in sharp.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    flat = copy.deepcopy(sharp)
+    with torch.no_grad():
+        flat.lm_head.weight.mul_(0.3)
+    items = list(encode_kto_rows(preference_rows("train")[:8], "x", tok, 1024, 512, progress=False))
+    batch = {"label": torch.tensor([bool(r["label"]) for r in items])}
+    for key, name in (("chosen", ""), ("rejected", "KL_")):  # TRL's names: the completion and the KL one
+        lengths = torch.tensor([len(r["prompt"]) + len(r[key]) for r in items])
+        starts = torch.tensor([len(r["prompt"]) for r in items])
+        width = torch.arange(int(lengths.max()))
+        batch[f"{name}input_ids"] = pad([r["prompt"] + r[key] for r in items], tok.pad_token_id)
+        batch[f"{name}attention_mask"] = (width < lengths[:, None]).long()
+        batch[f"{name}completion_mask"] = ((width >= starts[:, None]) & (width < lengths[:, None])).long()
+    args = KTOConfig(output_dir=str(tmp_path), report_to="none", bf16=False, beta=0.1, gradient_checkpointing=False,
+                     desirable_weight=1.0, undesirable_weight=1.5)
+    kls = []
+    for policy, ref in ((flat, sharp), (sharp, flat)):  # then the other way round: the KL is clamped to 0
+        policy.train(), ref.eval()  # TRL files its metrics under the policy's mode
+        trainer = KTOTrainer(model=policy, ref_model=ref, args=args, processing_class=tok, train_dataset=datasets.
+                             Dataset.from_list([{"prompt": "a", "completion": "b", "label": True}]))
+        with torch.no_grad():
+            theirs = trainer.compute_loss(trainer.model, batch)
+        kls.append(trainer._metrics["train"]["kl"][-1])
+
+        task = DPOTask()
+        task.cfg = OurDPOConfig(beta=0.1, loss_type="kto", undesirable_weight=1.5)
+        task.keep_logits, task.ref_model = True, ref
+        with torch.no_grad():
+            out = task.loss(policy, PairCollator(tok.pad_token_id, packed=packed)(items))
+        assert (out.metric_sums["kl"] / len(items)).item() == pytest.approx(kls[-1], rel=1e-5)
+        assert (out.loss_sum / len(items)).item() == pytest.approx(theirs.item(), rel=1e-5)
+    assert kls[0] > 1 and kls[1] == 0  # the reference point counts, and is clamped
+
+
+def test_kto_rows_and_pairs_become_completions_with_a_mismatched_one(tok, tmp_path: Path):
+    """Unpaired rows keep their order; pairs are unpaired chosen-first, so that no KL completion answers its
+    own prompt; each row's KL completion is the one before it (cyclically); labels must be booleans."""
+    from finetune.pairs import encode_kto_rows
+
+    pairs = preference_rows("train")[:3]
+    items = list(encode_kto_rows(pairs, "p", tok, 1024, 512, progress=False))
+    encoded = [encode_pair(r, tok, 1024, 512, "x") for r in pairs]
+    assert [r["chosen"] for r in items] == [e["chosen"] for e in encoded] + [e["rejected"] for e in encoded]
+    assert [r["label"] for r in items] == [True] * 3 + [False] * 3
+    assert [r["rejected"] for r in items] == [items[i - 1]["chosen"] for i in range(6)]
+    assert all(r["prompt"] != items[i - 1]["prompt"] for i, r in enumerate(items))
+    unpaired = [{"prompt": "What is 1 + 1?", "completion": "2", "label": True},
+                {"prompt": "What is 2 + 2?", "completion": "5", "label": False}]
+    rows = list(encode_kto_rows(unpaired, "u", tok, 1024, 512, progress=False))
+    assert [r["label"] for r in rows] == [True, False] and rows[0]["rejected"] == rows[1]["chosen"]
+    with pytest.raises(DataError, match=r"^u: row 1: expected 'label' to be true or false .*got 'no'"):
+        encode_kto_rows([unpaired[0], {**unpaired[1], "label": "no"}], "u", tok, 1024, 512, progress=False)
+    with pytest.raises(DataError, match=r"^u: row 0: expected prompt, completion and label \(or a preference"):
+        encode_kto_rows([{"prompt": "a", "answer": "b"}], "u", tok, 1024, 512, progress=False)
+
+
+def test_kto_trains_on_preference_pairs(tmp_path: Path, pair_files):
+    """`dpo.loss_type: kto` on the builtin pairs (unpaired): at step 0 (policy = reference) every completion's
+    loss is 1 - sigmoid(0) = 1/2 and no reward moved; after 6 steps the held-out desirable completions gained
+    on the undesirable ones (0.012 measured; with the labels ignored it would stay near 0, inverted below).
+    The held-out loss itself hardly moves here: the KL reference point grows as fast (0 -> 1.7)."""
+    run = finetune.train(pair_recipe(tmp_path, pair_files, "dpo", dpo={"loss_type": "kto"},
+                                     train={"max_steps": 6}))
+    evals = [e for e in run.history if "eval_loss" in e]
+    assert evals[0]["eval_loss"] == pytest.approx(0.5) and evals[0]["eval_rewards/margin"] == 0
+    assert evals[-1]["eval_rewards/margin"] > 0.005 and evals[-1]["eval_kl"] > 0
+    assert {"eval_rewards", "eval_logps"} <= set(run.metrics)
 
 
 def test_orpo_trains_without_any_reference(tmp_path: Path, pair_files, monkeypatch):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finetune.losses import bradley_terry_loss, dpo_loss
+from finetune.losses import bradley_terry_loss, dpo_loss, kto_loss
 
 
 def logps(seed: int, n: int = 5) -> tuple[torch.Tensor, ...]:
@@ -60,10 +60,26 @@ def test_other_types_by_hand():
     assert orpo[1].item() == pytest.approx(0.5 * math.log(0.5))
 
 
+def test_kto_by_hand():
+    # beta 1: r = ln 3 desirable -> 1 - sigmoid(ln 3) = 1/4; r = -ln 3 undesirable -> 1 - sigmoid(ln 3) = 1/4;
+    # with the reference point z = ln 3 the desirable one is at 1 - sigmoid(0) = 1/2, the undesirable at
+    # 1 - sigmoid(z - r) = 1 - sigmoid(ln 9) = 1/10
+    policy, ref = torch.tensor([math.log(3), -math.log(3)]), torch.zeros(2)
+    desirable = torch.tensor([True, False])
+    losses, rewards = kto_loss(policy, ref, desirable, 0.0, beta=1.0)
+    assert losses.tolist() == pytest.approx([0.25, 0.25]) and rewards.tolist() == pytest.approx(policy.tolist())
+    shifted, _ = kto_loss(policy, ref, desirable, math.log(3), beta=1.0, desirable_weight=2.0, undesirable_weight=3.0)
+    assert shifted.tolist() == pytest.approx([2 * 0.5, 3 * 0.1])
+    pc, rc = (t.clone().requires_grad_(i == 0) for i, t in enumerate(logps(5, 4)[:2]))
+    assert torch.autograd.gradcheck(lambda a: kto_loss(a, rc, desirable.repeat(2), 0.3, beta=0.1)[0], (pc,))
+
+
 def test_bad_arguments():
     z = torch.zeros(1)
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(z, z, z, z, loss_type="nope")
+    with pytest.raises(ValueError, match=r"\(kto: kto_loss\), got 'kto'"):
+        dpo_loss(z, z, z, z, loss_type="kto")
     with pytest.raises(ValueError, match="reference"):
         dpo_loss(z, z, None, None)
     with pytest.raises(ValueError, match="0.5"):

@@ -1,4 +1,4 @@
-"""Direct preference optimisation (and IPO, SimPO, ORPO, ...) against a reference policy, or none.
+"""Direct preference optimisation (and IPO, SimPO, ORPO, KTO, ...) against a reference policy, or none.
 
 The reference is, by cost:
 - with LoRA: the same model with its adapter disabled (no second copy in memory);
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from finetune import model as model_lib
-from finetune.losses import dpo_loss, per_sequence, sequence_lengths, sequence_logps
+from finetune.losses import dpo_loss, kto_loss, per_sequence, sequence_lengths, sequence_logps
 from finetune.model import accepts_logits_to_keep, causal_lm_forward, target_logps
 from finetune.pairs import build_pair_data, pair_lengths
 from finetune.sampling import eval_shard
@@ -170,7 +170,24 @@ class DPOTask:
 
     # ---- the loss
 
+    def kto_loss(self, policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor) -> LossOutput:
+        """KTO on rows laid out as pairs (`pairs.encode_kto_rows`): column 0 the completion, column 1 a mismatched
+        completion under the same prompt. KTO's reference point is their mean log-ratio in this micro-batch (TRL
+        also averages it over processes), clamped at 0 and not differentiated."""
+        kl = (policy[:, 1] - ref[:, 1]).mean().detach().clamp(min=0)
+        losses, rewards = kto_loss(policy[:, 0], ref[:, 0], desirable, kl, beta=self.cfg.beta,
+                                   desirable_weight=self.cfg.desirable_weight,
+                                   undesirable_weight=self.cfg.undesirable_weight)
+        n = torch.tensor(float(len(losses)), device=losses.device)
+        signed = torch.where(desirable.bool(), rewards, -rewards)  # above 0: desirable completions gained
+        metrics = {"kl": kl * n, "rewards": rewards.sum(), "rewards/margin": signed.sum(),
+                   "logps": policy[:, 0].detach().sum()}
+        return LossOutput(loss_sum=losses.sum(), metric_sums=metrics)
+
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossOutput:
+        if "label" in batch:
+            return self.kto_loss(self.pair_logps(model, batch, self.head), self.reference_logps(model, batch),
+                                 batch["label"])
         kinds = self.cfg.loss_types
         weights = self.cfg.loss_weights or [1.0] * len(kinds)
         ref = None if self.cfg.reference_free else self.reference_logps(model, batch)

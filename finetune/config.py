@@ -21,7 +21,8 @@ from finetune.errors import UserError
 from finetune.schedule import SHAPES
 
 TASKS = ("sft", "rm", "dpo")
-# `finetune.losses.dpo_loss`'s loss types, named here, where recipes are checked without importing torch
+# dpo.loss_type's values (`finetune.losses.dpo_loss`'s, and kto: `kto_loss`), named here, where recipes are checked
+# without importing torch
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "nca_pair", "exo_pair", "sppo_hard", "apo_zero",
                   "apo_down", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")  # the loss types that use no reference model

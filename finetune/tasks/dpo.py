@@ -170,7 +170,7 @@ class DPOTask:
 
     # ---- the loss
 
-    def kto_loss(self, policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor) -> LossOutput:
+    def unpaired_loss(self, policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor) -> LossOutput:
         """KTO on rows laid out as pairs (`pairs.encode_kto_rows`): column 0 the completion, column 1 a mismatched
         completion under the same prompt. KTO's reference point is their mean log-ratio in this micro-batch (TRL
         also averages it over processes), clamped at 0 and not differentiated."""
@@ -186,8 +186,8 @@ class DPOTask:
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossOutput:
         if "label" in batch:
-            return self.kto_loss(self.pair_logps(model, batch, self.head), self.reference_logps(model, batch),
-                                 batch["label"])
+            return self.unpaired_loss(self.pair_logps(model, batch, self.head),
+                                      self.reference_logps(model, batch), batch["label"])
         kinds = self.cfg.loss_types
         weights = self.cfg.loss_weights or [1.0] * len(kinds)
         ref = None if self.cfg.reference_free else self.reference_logps(model, batch)

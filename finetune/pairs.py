@@ -170,17 +170,18 @@ def encode_kto_rows(rows: Any, source: str, tokenizer: Any, max_length: int, max
         return [{**enc, "label": True}, {**enc, "chosen": enc["rejected"], "label": False}]
 
     firsts, seconds, truncated = [], [], 0
-    for items in map_rows(encode, rows, source, progress, workers, numbering):
+    for i, items in enumerate(map_rows(encode, rows, source, progress, workers, numbering)):
         truncated += items[0]["truncated"]
-        firsts.append(items[0])
-        seconds += items[1:]
+        firsts.append({**items[0], "row": i})
+        seconds += [{**item, "row": i} for item in items[1:]]
     kept = [e for e in firsts + seconds if e["chosen"]]
     if truncated:
         logger.warning("%s: %d of %d rows truncated (prompt end kept, at most %d tokens; completions cut to fit "
                        "data.max_length=%d)", source, truncated, len(rows), max_prompt_length, max_length)
-    if len(kept) < len(firsts) + len(seconds):
-        logger.warning("%s: dropped %d completions that are empty after truncation", source,
-                       len(firsts) + len(seconds) - len(kept))
+    empty = [e["row"] for e in firsts + seconds if not e["chosen"]]
+    if empty:
+        logger.warning("%s: dropped %d completions that are empty after truncation (first: %s)", source, len(empty),
+                       numbering.of(empty[0]))
     if not kept:
         raise DataError(f"{source}: no completion is left after truncation to data.max_length={max_length}")
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "margin": [], "label": []}

@@ -288,7 +288,7 @@ def test_kto_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, pac
     assert kls[0] > 1 and kls[1] == 0  # the reference point counts, and is clamped
 
 
-def test_kto_rows_and_pairs_become_completions_with_a_mismatched_one(tok, tmp_path: Path):
+def test_kto_rows_and_pairs_become_completions_with_a_mismatched_one(tok, tmp_path: Path, caplog):
     """Unpaired rows keep their order; pairs are unpaired chosen-first, so that no KL completion answers its
     own prompt; each row's KL completion is the one before it (cyclically); labels must be booleans."""
     from finetune.pairs import encode_kto_rows
@@ -304,6 +304,9 @@ def test_kto_rows_and_pairs_become_completions_with_a_mismatched_one(tok, tmp_pa
                 {"prompt": "What is 2 + 2?", "completion": "5", "label": False}]
     rows = list(encode_kto_rows(unpaired, "u", tok, 1024, 512, progress=False))
     assert [r["label"] for r in rows] == [True, False] and rows[0]["rejected"] == rows[1]["chosen"]
+    long = {"prompt": "x " * 40, "completion": "a", "label": False}  # nothing left of the completion at 16 tokens
+    assert len(encode_kto_rows([unpaired[0], long], "u", tok, 16, 16, progress=False)) == 1
+    assert "u: dropped 1 completions that are empty after truncation (first: row 1)" in caplog.text
     with pytest.raises(DataError, match=r"^u: row 1: expected 'label' to be true or false .*got 'no'"):
         encode_kto_rows([unpaired[0], {**unpaired[1], "label": "no"}], "u", tok, 1024, 512, progress=False)
     with pytest.raises(DataError, match=r"^u: row 0: expected prompt, completion and label \(or a preference"):

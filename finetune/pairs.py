@@ -220,8 +220,9 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
 
     train = encode_all(train_parts, 0, fractions(d.train))
     evals = None if eval_parts is None else encode_all(eval_parts, len(train))
-    # the prompt runs once per pair where the attention understands shared prefixes (sdpa_varlen)
-    share = d.packing and attention_for(recipe.model, d.packing) == attention.NAME
+    # the prompt runs once per pair where the attention understands shared prefixes (sdpa_varlen); not for KTO,
+    # whose two completions of a row run in separate forwards (`split_sides`)
+    share = d.packing and not kto and attention_for(recipe.model, d.packing) == attention.NAME
     return train, evals, PairCollator(tokenizer.pad_token_id, d.packing, share)
 
 
@@ -234,6 +235,27 @@ def pair_lengths(pairs: Any) -> list[int]:
     """`pair_tokens` of every pair of a tokenized dataset (read by columns)."""
     return [pair_tokens(p, c, r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"],
                                                       strict=True)]
+
+
+def split_sides(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A `PairCollator` batch (without a shared prompt) as two batches of the same layout: its chosen sequences
+    and its rejected ones, each with only the model's inputs and the labels. Padded rows are cut to the longest
+    of their half; packed sequences keep their positions, and the rejected ones' segments are renumbered from 0."""
+    keys = ("input_ids", "labels", "attention_mask", "position_ids")
+    if "segment_ids" not in batch:
+        n = batch["input_ids"].shape[0] // 2
+        halves = []
+        for rows in (slice(0, n), slice(n, 2 * n)):
+            width = int(batch["attention_mask"][rows].sum(1).max())
+            halves.append({k: batch[k][rows, :width] for k in keys if k in batch})
+        return halves[0], halves[1]
+    segments = batch["segment_ids"]
+    n = (int(segments.max()) + 1) // 2
+    first = segments < n
+    chosen = {k: batch[k][first][None] for k in (*keys, "segment_ids") if k in batch}
+    rejected = {k: batch[k][~first][None] for k in (*keys, "segment_ids") if k in batch}
+    rejected["segment_ids"] = rejected["segment_ids"] - n
+    return chosen, rejected
 
 
 class PairCollator:

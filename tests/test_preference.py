@@ -288,6 +288,47 @@ def test_kto_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, pac
     assert kls[0] > 1 and kls[1] == 0  # the reference point counts, and is clamped
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_kto_runs_mismatched_completions_without_gradients(tok, tiny_dir, packed: bool):
+    """KTO's reference point is not differentiated, so the mismatched completions run in a forward of their own
+    without gradients: the forward with gradients sees only the rows' completions, and the gradients equal
+    those of one forward over both (with a reference point above 0, so that it counts in the loss)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config import DPOConfig as OurDPOConfig
+    from finetune.pairs import encode_kto_rows
+    from finetune.tasks.dpo import DPOTask
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    policy = copy.deepcopy(ref)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(0.3)  # flatter: the mismatched completions get likelier, the KL is above 0
+    items = list(encode_kto_rows(preference_rows("train")[:6], "x", tok, 1024, 512, progress=False))
+    batch = PairCollator(tok.pad_token_id, packed=packed)(items)
+    completion_tokens = sum(len(r["prompt"]) + len(r["chosen"]) for r in items)
+    seen = []
+    policy.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append((torch.is_grad_enabled(), int((args[0] != tok.pad_token_id).sum()))))
+    task = DPOTask()
+    task.cfg = OurDPOConfig(beta=0.1, loss_type="kto")
+    task.keep_logits, task.ref_model = True, ref
+
+    out = task.loss(policy, batch)
+    out.loss_sum.backward()
+    assert [tokens for grad, tokens in seen if grad] == [completion_tokens]
+    assert out.metric_sums["kl"].item() > 0
+    split = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    one_forward = task.unpaired_loss(task.pair_logps(policy, batch, None), task.reference_logps(policy, batch),
+                                     batch["label"])
+    one_forward.loss_sum.backward()
+    assert one_forward.loss_sum.item() == pytest.approx(out.loss_sum.item(), rel=1e-6)
+    for a, p in zip(split, policy.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_kto_rows_and_pairs_become_completions_with_a_mismatched_one(tok, tmp_path: Path, caplog):
     """Unpaired rows keep their order; pairs are unpaired chosen-first, so that no KL completion answers its
     own prompt; each row's KL completion is the one before it (cyclically); labels must be booleans."""

@@ -24,7 +24,7 @@ import torch
 from finetune import model as model_lib
 from finetune.losses import dpo_loss, kto_loss, per_sequence, sequence_lengths, sequence_logps
 from finetune.model import accepts_logits_to_keep, causal_lm_forward, target_logps
-from finetune.pairs import build_pair_data, pair_lengths
+from finetune.pairs import build_pair_data, pair_lengths, split_sides
 from finetune.sampling import eval_shard
 from finetune.tasks import LossOutput, TaskData
 
@@ -112,11 +112,23 @@ class DPOTask:
 
     def pair_logps(self, model: Any, batch: dict[str, torch.Tensor], head: Any) -> torch.Tensor:
         """(pairs, 2) summed log-probs of chosen and rejected (one forward over both; prompts masked out)."""
+        return self.logps_of(model, batch, head).view(2, -1).T
+
+    def logps_of(self, model: Any, batch: dict[str, torch.Tensor], head: Any) -> torch.Tensor:
+        """(sequences,) summed log-probs of each sequence's targets, by rows or packed segments."""
         segments = batch.get("segment_ids")
         if head is not None:  # train.fused_linear_loss
-            return per_sequence(target_logps(model, batch, head), batch["labels"], segment_ids=segments).view(2, -1).T
-        logits = causal_lm_forward(model, batch, self.keep_logits)
-        return sequence_logps(logits, batch["labels"], segment_ids=segments).view(2, -1).T
+            return per_sequence(target_logps(model, batch, head), batch["labels"], segment_ids=segments)
+        return sequence_logps(causal_lm_forward(model, batch, self.keep_logits), batch["labels"],
+                              segment_ids=segments)
+
+    def unpaired_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """KTO's (rows, 2) log-probs: each row's completion, and its mismatched completion in a forward without
+        gradients. KTO does not differentiate its reference point, so a backward through those would be wasted."""
+        completions, mismatched = split_sides(batch)
+        with torch.no_grad():  # first: its activations are freed before the completions' are held
+            kl_logps = self.logps_of(model, mismatched, self.head)
+        return torch.stack([self.logps_of(model, completions, self.head), kl_logps], 1)
 
     def adapter_off(self, model: Any) -> Any:
         from accelerate.utils import extract_model_from_parallel
@@ -186,8 +198,8 @@ class DPOTask:
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor]) -> LossOutput:
         if "label" in batch:
-            return self.unpaired_loss(self.pair_logps(model, batch, self.head),
-                                      self.reference_logps(model, batch), batch["label"])
+            return self.unpaired_loss(self.unpaired_logps(model, batch), self.reference_logps(model, batch),
+                                      batch["label"])
         kinds = self.cfg.loss_types
         weights = self.cfg.loss_weights or [1.0] * len(kinds)
         ref = None if self.cfg.reference_free else self.reference_logps(model, batch)

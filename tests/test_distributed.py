@@ -98,6 +98,24 @@ def test_ddp_dpo_precomputed_reference_matches_one_process(tmp_path: Path):
     assert ddp == pytest.approx([e["loss"] for e in single.history if "loss" in e], rel=1e-5)
 
 
+def test_ddp_kto_reference_point_spans_processes(tmp_path: Path):
+    """KTO's reference point is the mean log-ratio of the mismatched completions over all processes' rows, as
+    TRL's: 2 processes x 4 rows train and evaluate as 1 x 8. With each process's own mean, the losses differ
+    once the policy has moved from the reference (the reference point is 0 at the start)."""
+    common = ["train.max_steps=4", "train.warmup_steps=0", "seed=0", "dpo.loss_type=kto", "train.eval_every=2"]
+    proc = run_cli(shutil.which("accelerate"), "launch", *DDP, "finetune", "dpo", "recipes/tiny_dpo.yaml",
+                   f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4", "log.progress=false", *common,
+                   env={"ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = finetune.train("recipes/tiny_dpo.yaml", output_dir=str(tmp_path / "one"), **parse_overrides(common),
+                            **{"train.batch_size": 8, "log.progress": False})
+    ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+    for key in ("loss", "kl", "eval_loss", "eval_kl"):
+        theirs, ours = ([e[key] for e in run if key in e] for run in (ddp, single.history))
+        assert len(theirs) == len(ours) > 2 and theirs == pytest.approx(ours, rel=1e-5), key
+    assert max(e["kl"] for e in ddp if "kl" in e) > 0
+
+
 def test_ddp_packed_pairs_on_a_token_budget_match_one_process(tmp_path: Path):
     """Reward model, packed pairs with a shared prompt, token-budget micro-batches: 2 processes x 1 micro-batch
     see the same bins per step as 1 process x 2 micro-batches, so losses and grad norms match."""

@@ -53,6 +53,7 @@ class DPOTask:
         self.keep_logits = False
         self.head: Any = None  # fused output layers, with train.fused_linear_loss
         self.ref_head: Any = None
+        self.reduce: Any = None  # sums a tensor over processes, when there are several
 
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
         progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)
@@ -80,6 +81,8 @@ class DPOTask:
 
     def prepare(self, recipe: Any, accelerator: Any, model: Any, eval_only: bool = False) -> None:
         self.keep_logits = accepts_logits_to_keep(model)
+        if accelerator.num_processes > 1:
+            self.reduce = accelerator.reduce
         precompute = self.cfg.precompute_ref_logps and not self.cfg.reference_free
         if self.ref_model is not None and precompute:  # dpo.ref_model, needed only until its log-probs are computed
             self.ref_model.to(accelerator.device)
@@ -184,9 +187,13 @@ class DPOTask:
 
     def unpaired_loss(self, policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor) -> LossOutput:
         """KTO on rows laid out as pairs (`pairs.encode_kto_rows`): column 0 the completion, column 1 a mismatched
-        completion under the same prompt. KTO's reference point is their mean log-ratio in this micro-batch (TRL
-        also averages it over processes), clamped at 0 and not differentiated."""
-        kl = (policy[:, 1] - ref[:, 1]).mean().detach().clamp(min=0)
+        completion under the same prompt. KTO's reference point is their mean log-ratio in this micro-batch over
+        all processes (as TRL's), clamped at 0 and not differentiated."""
+        log_ratios = (policy[:, 1] - ref[:, 1]).detach()
+        totals = torch.stack([log_ratios.sum(), log_ratios.new_tensor(float(len(log_ratios)))])
+        if self.reduce is not None:  # every process runs every micro-batch, evaluation's padding ones included
+            totals = self.reduce(totals, "sum")
+        kl = (totals[0] / totals[1]).clamp(min=0)
         losses, rewards = kto_loss(policy[:, 0], ref[:, 0], desirable, kl, beta=self.cfg.beta,
                                    desirable_weight=self.cfg.desirable_weight,
                                    undesirable_weight=self.cfg.undesirable_weight)

@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -95,6 +96,26 @@ def load_rows(source: str, split: str) -> Any:
     return rows
 
 
+def split_subset(source: str) -> tuple[str, str | None]:
+    """A dataset directory's or hub dataset's subset (`datasets`' config name), named after a colon:
+    `openai/gsm8k:main` -> ("openai/gsm8k", "main"). Builtins and existing paths keep their colons."""
+    name, colon, subset = source.rpartition(":")
+    if not colon or not name or is_builtin(source) or Path(source).exists() or not re.fullmatch(r"[\w.-]+", subset):
+        return source, None
+    return name, subset
+
+
+def _load_error(e: Exception, name: str) -> str:
+    """`datasets`' error in one line; where a subset must be named, which ones there are."""
+    message = str(e)
+    if "Config name is missing" in message:
+        found = re.search(r"available configs: \[(.*?)\]", message)
+        subsets = found.group(1).replace("'", "") if found else "see the dataset card"
+        first = subsets.split(",")[0]
+        return f"it has subsets ({subsets}): name one after a colon, as {name}:{first}"
+    return message.strip().splitlines()[0] if message.strip() else type(e).__name__
+
+
 def _read_rows(source: str, split: str) -> Any:
     import datasets
 
@@ -103,8 +124,12 @@ def _read_rows(source: str, split: str) -> Any:
             return builtin_rows(source, split)
         except ValueError as e:
             raise DataError(str(e)) from None
-    path = Path(source)
+    name, subset = split_subset(source)
+    path = Path(name)
     if path.is_file():
+        if subset is not None:
+            raise DataError(f"{source}: a subset after the colon names a part of a dataset directory or hub "
+                            f"dataset, not of a file ({name})")
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
             return read_json_rows(path)
@@ -120,20 +145,20 @@ def _read_rows(source: str, split: str) -> Any:
             raise DataError(f"{source}: could not be read as Parquet: {str(e).splitlines()[0]}") from None
     if path.is_dir():  # data files (e.g. a dataset repository cloned locally): datasets reads them and their splits
         try:
-            return datasets.load_dataset(str(path), split=split)
+            return datasets.load_dataset(str(path), subset, split=split)
         except Exception as e:
             raise DataError(f"{source}: a directory that datasets could not load split {split!r} from: "
-                            f"{str(e).splitlines()[0]}") from None
-    if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/")):
+                            f"{_load_error(e, name)}") from None
+    if path.suffix.lower() in FILE_SUFFIXES or name.startswith((".", "/")):
         raise DataError(f"{source}: file not found")
     if not hub_reachable():
         raise DataError(f"{source}: not a local file, and the hub cannot be reached (offline) to fetch a dataset of "
                         "that name; set HF_HUB_OFFLINE=1 to use the local hub cache")
     try:
-        return datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(name, subset, split=split)
     except Exception as e:
         raise DataError(f"{source}: not a local file, and the hub dataset could not be loaded: "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{_load_error(e, name)}") from None
 
 
 def column_names(rows: Any) -> list[str]:

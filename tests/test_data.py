@@ -196,6 +196,39 @@ def test_a_directory_of_data_files_with_split_names(tmp_path: Path):
         load_rows(str(tmp_path / "empty"), "train")
 
 
+def test_a_subset_is_named_after_a_colon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A dataset with subsets (`datasets`' configs, as openai/gsm8k's main and socratic): a local clone of its
+    repository, whose card lists them, and a hub name, whose subset reaches `datasets.load_dataset`."""
+    import datasets
+
+    repo = tmp_path / "gsm"
+    for subset, texts in [("main", ["a", "b"]), ("socratic", ["s"])]:
+        (repo / subset).mkdir(parents=True)
+        (repo / subset / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (repo / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {s}\n  data_files:\n  - split: train\n    path: {s}/train.jsonl\n"
+        for s in ("main", "socratic")) + "---\n")
+    assert load_rows(f"{repo}:socratic", "train")["text"] == ["s"]
+    assert sorted(load_rows(f"{repo}:main", "train")["text"]) == ["a", "b"]
+    with pytest.raises(DataError, match=rf"^{repo}: .* it has subsets \(main, socratic\): name one after a colon, "
+                                        rf"as {repo}:main$"):
+        load_rows(str(repo), "train")
+    with pytest.raises(DataError, match=r"gsm:other: .*'other' not found"):
+        load_rows(f"{repo}:other", "train")
+    with pytest.raises(DataError, match=r"train.jsonl:main: a subset after the colon names a part of a dataset "):
+        load_rows(f"{repo}/main/train.jsonl:main", "train")
+    colon = tmp_path / "a:b.jsonl"  # an existing file keeps its colon
+    colon.write_text(json.dumps({"text": "c"}) + "\n")
+    assert load_rows(str(colon), "train") == [{"text": "c"}]
+
+    calls = []
+    monkeypatch.setattr("finetune.data.hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kw: calls.append((args, kw)) or [{"text": "h"}])
+    load_rows("openai/gsm8k:main", "test")
+    load_rows("someone/plain", "train")
+    assert calls == [(("openai/gsm8k", "main"), {"split": "test"}), (("someone/plain", None), {"split": "train"})]
+
+
 @pytest.mark.parametrize("rows", [task_rows, descending_rows])
 def test_builtin_test_split_is_held_out(rows):
     train = {r["messages"][0]["content"] for r in rows("train")}

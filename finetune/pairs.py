@@ -1,9 +1,11 @@
 """Preference pairs: validate rows, render prompt and responses, truncate, and collate chosen+rejected batches.
 
 Rows hold `prompt`, `chosen`, `rejected` and an optional numeric `margin`, either
-- as strings: the prompt text followed by each response text (plus the tokenizer's eos), or
+- as strings: the prompt text followed by each response text (plus the tokenizer's eos); without `prompt`, the
+  texts' shared beginning is the prompt (as TRL's `extract_prompt`), or
 - conversational: `chosen`/`rejected` are message lists rendered with the chat template; the prompt is the shared
-  leading messages (or `prompt`, a message list, when given, with `chosen`/`rejected` being only the responses).
+  leading messages (or `prompt`, a message list, when given, with `chosen`/`rejected` being only the responses;
+  a text `prompt` is the user's message when the lists share no leading messages, and ignored when they do).
 
 Truncation keeps the *end* of the prompt (at most `max_prompt_length` tokens) and cuts the responses to fit
 `max_length`; pairs left with an empty response are dropped and counted.
@@ -50,15 +52,30 @@ class PairStats:
 def _split_conversation(row: dict[str, Any], where: str) -> tuple[list, list, list]:
     chosen = check_messages(row["chosen"], f"{where} (chosen)")
     rejected = check_messages(row["rejected"], f"{where} (rejected)")
-    if row.get("prompt") is not None:
-        prompt = check_messages(row["prompt"], f"{where} (prompt)")
-        return prompt, chosen, rejected
+    prompt = row.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        return check_messages(prompt, f"{where} (prompt)"), chosen, rejected
     shared = 0
     while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
         shared += 1
-    if shared == 0:
-        raise DataError(f"{where}: chosen and rejected share no leading prompt messages; add a 'prompt' field")
-    return chosen[:shared], chosen[shared:], rejected[shared:]
+    if shared:  # the conversations hold the prompt; a text `prompt` beside them repeats it (HuggingFaceH4's sets)
+        return chosen[:shared], chosen[shared:], rejected[shared:]
+    if isinstance(prompt, str):  # responses alone, after a text prompt: the user's message
+        return [{"role": "user", "content": prompt}], chosen, rejected
+    raise DataError(f"{where}: chosen and rejected share no leading prompt messages; add a 'prompt' field")
+
+
+def _split_text(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
+    """Prompt, chosen and rejected of texts that begin with their prompt (Anthropic/hh-rlhf): the longest shared
+    beginning, less a space before the responses, which they keep (TRL's `extract_prompt`)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n and chosen[n - 1] == " ":
+        n -= 1
+    if not n:
+        raise DataError(f"{where}: chosen and rejected share no leading text and there is no 'prompt' field")
+    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def _render_chat(tokenizer: Any, prompt: list, response: list, where: str) -> tuple[list[int], list[int]]:
@@ -82,12 +99,15 @@ def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise DataError(f"{where}: expected 'margin' to be a number, got {type(margin).__name__}")
     if isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
-        if not isinstance(row.get("prompt"), str):
+        texts = row.get("prompt"), row["chosen"], row["rejected"]
+        if texts[0] is None:  # the prompt is the beginning both texts share
+            texts = _split_text(row["chosen"], row["rejected"], where)
+        elif not isinstance(texts[0], str):
             raise DataError(f"{where}: expected 'prompt' to be a string like 'chosen' and 'rejected'")
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        prompt = tokenizer(row["prompt"])["input_ids"]
-        chosen = tokenizer(row["chosen"], add_special_tokens=False)["input_ids"] + eos
-        rejected = tokenizer(row["rejected"], add_special_tokens=False)["input_ids"] + eos
+        prompt = tokenizer(texts[0])["input_ids"]
+        chosen = tokenizer(texts[1], add_special_tokens=False)["input_ids"] + eos
+        rejected = tokenizer(texts[2], add_special_tokens=False)["input_ids"] + eos
     elif isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
         p_msgs, c_msgs, r_msgs = _split_conversation(row, where)
         prompt, chosen = _render_chat(tokenizer, p_msgs, c_msgs, where)
@@ -160,6 +180,8 @@ def encode_kto_rows(rows: Any, source: str, tokenizer: Any, max_length: int, max
             if not isinstance(row.get("label"), bool):
                 raise DataError(f"{where}: expected 'label' to be true or false (is the completion desirable?), got "
                                 f"{row.get('label')!r}")
+            if row.get("prompt") is None and not isinstance(row["completion"], list):
+                raise DataError(f"{where}: expected a 'prompt' beside the completion")
             enc = encode_pair({**row, "chosen": row["completion"], "rejected": row["completion"]}, tokenizer,
                               max_length, max_prompt_length, where)
             return [{**enc, "label": row["label"]}]

@@ -80,6 +80,26 @@ def test_string_pairs_and_margin(tok):
     assert tok.decode(enc["chosen"]) == " 1 2<|im_end|>" and enc["margin"] == 2.0
 
 
+def test_implicit_prompts_are_extracted_as_trl_does(tok):
+    """Two common layouts TRL reads through `maybe_extract_prompt` (the oracle here): texts that begin with
+    their prompt and no `prompt` field (Anthropic/hh-rlhf), and whole conversations beside a text `prompt`
+    that repeats their first message (HuggingFaceH4/ultrafeedback_binarized). A text prompt before responses
+    alone becomes the user's message."""
+    from trl.data_utils import maybe_extract_prompt
+
+    hh = {"chosen": "\n\nHuman: Sort: 2 1\n\nAssistant: 1 2", "rejected": "\n\nHuman: Sort: 2 1\n\nAssistant: 2 1"}
+    question = [{"role": "user", "content": "Sort: 3 1 2"}]
+    uf = {"prompt": "Sort: 3 1 2", "chosen": question + [{"role": "assistant", "content": "1 2 3"}],
+          "rejected": question + [{"role": "assistant", "content": "3 2 1"}]}
+    for row in (hh, uf):
+        extracted = maybe_extract_prompt(row)
+        assert extracted.get("prompt") != row.get("prompt")  # TRL did extract one
+        assert encode_pair(row, tok, 64, 32, "x") == encode_pair(extracted, tok, 64, 32, "x")
+    assert tok.decode(encode_pair(hh, tok, 64, 32, "x")["chosen"]) == " 1 2<|im_end|>"
+    answers = {"prompt": uf["prompt"], "chosen": uf["chosen"][1:], "rejected": uf["rejected"][1:]}
+    assert encode_pair(answers, tok, 64, 32, "x") == encode_pair(uf, tok, 64, 32, "x")
+
+
 def test_truncation_keeps_the_end_of_the_prompt(tok):
     prompt = "Reverse: " + " ".join(["cat"] * 30) + " dog"
     enc = encode_pair({"prompt": prompt, "chosen": " moon sun", "rejected": " sun"}, tok, 16, 8, "x")
@@ -102,6 +122,7 @@ def test_pairs_with_empty_response_are_dropped_and_counted(tok, caplog):
     ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' to be a number"),
     ({"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]},
      "share no leading prompt"),
+    ({"chosen": "yes", "rejected": "no"}, "row 0: chosen and rejected share no leading text and there is no 'prompt'"),
 ])
 def test_malformed_pairs_name_the_row(tok, row, message):
     with pytest.raises(DataError, match=message):
@@ -350,6 +371,8 @@ def test_kto_rows_and_pairs_become_completions_with_a_mismatched_one(tok, tmp_pa
     assert "u: dropped 1 completions that are empty after truncation (first: row 1)" in caplog.text
     with pytest.raises(DataError, match=r"^u: row 1: expected 'label' to be true or false .*got 'no'"):
         encode_kto_rows([unpaired[0], {**unpaired[1], "label": "no"}], "u", tok, 1024, 512, progress=False)
+    with pytest.raises(DataError, match=r"^u: row 1: expected a 'prompt' beside the completion"):
+        encode_kto_rows([unpaired[0], {"completion": "3", "label": True}], "u", tok, 1024, 512, progress=False)
     with pytest.raises(DataError, match=r"^u: row 0: expected prompt, completion and label \(or a preference"):
         encode_kto_rows([{"prompt": "a", "answer": "b"}], "u", tok, 1024, 512, progress=False)
 

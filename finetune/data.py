@@ -402,6 +402,29 @@ def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str
     return list(enc["input_ids"]), mask
 
 
+def conversational_prompt(row: dict[str, Any], fmt: str, where: str) -> tuple[list, list] | None:
+    """The prompt's and the completion's messages of a conversational prompt_completion row (TRL's layout:
+    `prompt` the conversation so far, `completion` the assistant's reply); None for text rows."""
+    if fmt != "prompt_completion" or not (isinstance(row["prompt"], list) or isinstance(row["completion"], list)):
+        return None
+    if not (isinstance(row["prompt"], list) and isinstance(row["completion"], list)):
+        raise DataError(f"{where}: expected 'prompt' and 'completion' to be both strings or both message lists")
+    return (check_messages(row["prompt"], f"{where} (prompt)"),
+            check_messages(row["completion"], f"{where} (completion)"))
+
+
+def chat_prompt_completion_ids(tokenizer: Any, prompt: list, completion: list, where: str) -> tuple[list, list]:
+    """Token ids of prompt + completion messages rendered by the chat template, and a 0/1 mask of the tokens
+    after the prompt with its generation prompt (the completion, as TRL's SFTTrainer masks it)."""
+    require_chat_template(tokenizer, where, "conversational prompt/completion rows")
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not text.startswith(head):
+        raise DataError(f"{where}: the chat template renders the prompt differently once the completion follows")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [int(start >= len(head)) for start, _ in enc["offset_mapping"]]
+
+
 def prompt_and_completion(row: dict[str, Any], fmt: str, where: str) -> tuple[str, str]:
     """The prompt text and the target text of a prompt_completion or alpaca row."""
     if fmt == "prompt_completion":
@@ -417,8 +440,11 @@ def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, c
                where: str) -> dict[str, Any]:
     """Tokenize one row into `input_ids` and `labels` (IGNORE_INDEX where no loss), truncated on the right."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    conversation = conversational_prompt(row, fmt, where)
     if fmt in CHAT_FORMATS:
         ids, mask = chat_ids_and_mask(tokenizer, row_messages(row, fmt, where), where)
+    elif conversation is not None:
+        ids, mask = chat_prompt_completion_ids(tokenizer, *conversation, where)
     elif fmt == "text":
         ids = tokenizer(_check_str(row["text"], "'text'", where))["input_ids"] + eos
         mask = [1] * len(ids)

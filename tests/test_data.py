@@ -90,6 +90,24 @@ def test_sharegpt_rows_encode_as_their_chat_messages(tok, tmp_path: Path):
                                                                                  tok, 4)
 
 
+def test_conversational_prompt_completion_rows(tok):
+    """prompt/completion message lists: the completion is what trains (a multi-turn prompt's assistant turn is
+    not, unlike the same conversation as `messages`); exact match prompts with the conversation so far; a text
+    prompt beside a message-list completion is refused by name."""
+    from finetune.tasks.sft import generation_examples
+
+    row = {"prompt": CONVO[:-1], "completion": CONVO[-1:]}
+    ours = encode_row(row, "prompt_completion", tok, 128, True, "x")
+    chat = encode_row({"messages": CONVO}, "chat", tok, 128, True, "x")
+    assert ours["input_ids"] == chat["input_ids"]
+    assert tok.decode([t for t in ours["labels"] if t != IGNORE_INDEX]) == "1 2 3<|im_end|>\n"
+    assert tok.decode([t for t in chat["labels"] if t != IGNORE_INDEX]) == "5<|im_end|>\n1 2 3<|im_end|>\n"
+    assert generation_examples([row], "c", "auto", tok, 4) == generation_examples([{"messages": CONVO}], "m",
+                                                                                 "auto", tok, 4)
+    with pytest.raises(DataError, match=r"^x: expected 'prompt' and 'completion' to be both strings or both message"):
+        encode_row({"prompt": "Sort: 3 1 2", "completion": CONVO[-1:]}, "prompt_completion", tok, 128, True, "x")
+
+
 @pytest.mark.parametrize("turns, says", [
     ([{"from": "bot", "value": "hi"}], r"conversations\[0\]\.from is 'bot'; expected one of system, human, user"),
     ([{"from": "human"}], r"conversations\[0\] must have 'from' and 'value'"),
@@ -251,16 +269,24 @@ def test_hub_dataset_offline_is_a_clear_error():
 
 
 @pytest.mark.parametrize("fmt, max_length", [("chat", 64), ("chat", 24), ("prompt_completion", 64),
-                                             ("prompt_completion", 6)])
+                                             ("prompt_completion", 6), ("conversational", 64),
+                                             ("conversational", 24)])
 def test_tokens_and_labels_match_trl_sft_trainer(tok, tiny_dir, tmp_path: Path, fmt: str, max_length: int):
     """TRL as the oracle: its SFTTrainer's prepared rows (completion-only / assistant-only loss, truncation,
-    fully masked rows dropped) have the same input ids and labels as ours, row for row."""
+    fully masked rows dropped) have the same input ids and labels as ours, row for row. `conversational`:
+    prompt_completion rows whose prompt and completion are message lists (TRL's conversational layout)."""
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     chat = task_rows("train")[:30] + [{"messages": CONVO}]
-    rows = chat if fmt == "chat" else [{"prompt": r["messages"][0]["content"],
-                                        "completion": " " + r["messages"][1]["content"]} for r in chat[:30]]
+    if fmt == "chat":
+        rows = chat
+    elif fmt == "conversational":  # the last one: a multi-turn prompt, whose assistant turn is not trained on
+        rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in chat]
+    else:
+        rows = [{"prompt": r["messages"][0]["content"], "completion": " " + r["messages"][1]["content"]}
+                for r in chat[:30]]
+    fmt = "prompt_completion" if fmt == "conversational" else fmt
     args = SFTConfig(output_dir=str(tmp_path), max_length=max_length, assistant_only_loss=fmt == "chat",
                      report_to="none", bf16=False)
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dir), args=args,

@@ -16,6 +16,7 @@ from finetune.data import (
     Part,
     column_names,
     concatenate,
+    conversational_prompt,
     detect_format,
     encode_dataset,
     fractions,
@@ -47,6 +48,11 @@ def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit:
             ids = tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True,
                                                 return_dict=True)["input_ids"]
             out.append((list(ids), msgs[-1]["content"]))
+        elif conversation := conversational_prompt(row, fmt, row_name(source, i, numbering)):
+            prompt, completion = conversation
+            ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                return_dict=True)["input_ids"]
+            out.append((list(ids), completion[-1]["content"]))
         elif fmt in ("prompt_completion", "alpaca"):
             prompt, ref = prompt_and_completion(row, fmt, row_name(source, i, numbering))
             out.append((tokenizer(prompt)["input_ids"], ref))

@@ -328,13 +328,37 @@ def _check_str(value: Any, what: str, where: str) -> str:
 
 
 def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    """Chat messages: each a `role` and a text `content`; an assistant's tool calls (`tool_calls`, a list) may
+    stand instead of the content, as in the OpenAI format chat templates render."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: expected 'messages' to be a non-empty list of {{role, content}}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
             raise DataError(f"{where}: messages[{i}] must have 'role' and 'content'")
-        _check_str(m["content"], f"messages[{i}].content", where)
+        calls = m.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise DataError(f"{where}: expected messages[{i}].tool_calls to be a list, got {type(calls).__name__}")
+        if calls is None or m.get("content") is not None:
+            _check_str(m.get("content"), f"messages[{i}].content", where)
     return messages
+
+
+def row_tools(row: dict[str, Any], where: str) -> list[dict] | None:
+    """A chat row's `tools` (function schemas the chat template lists for the model), or None; hub datasets often
+    hold them as JSON text, which is parsed (as TRL does)."""
+    tools = row.get("tools")
+    if tools is None or tools == "":
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: 'tools' is text but not JSON ({e.msg}); expected a list of function "
+                            "schemas") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: expected 'tools' to be a list of function schemas (objects), got "
+                        f"{type(tools).__name__}")
+    return tools
 
 
 CHAT_FORMATS = ("chat", "sharegpt")  # the formats whose rows are messages, rendered by the chat template
@@ -373,7 +397,8 @@ def require_chat_template(tokenizer: Any, where: str, rows: str) -> None:
                         "set model.chat_template (e.g. chatml)")
 
 
-def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str = "chat") -> tuple[list, list]:
+def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str = "chat",
+                      tools: list[dict] | None = None) -> tuple[list, list]:
     """Token ids of a rendered chat and a 0/1 mask of assistant tokens (including each turn's end token).
 
     Templates with `{% generation %}` markers use transformers' own assistant mask. For templates without
@@ -382,16 +407,17 @@ def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str
     """
     require_chat_template(tokenizer, where, "chat rows")
     if has_generation_markers(tokenizer.chat_template):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+        out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
         return list(out["input_ids"]), list(out["assistant_masks"])
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = tokenizer.apply_chat_template(messages[:i], tools=tools, tokenize=False,
+                                               add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False)
         if not (text.startswith(before) and text.startswith(through)):
             raise DataError(f"{where}: the chat template renders earlier turns differently once later turns follow, "
                             "so assistant tokens cannot be located; use a template with {% generation %} markers "
@@ -413,12 +439,13 @@ def conversational_prompt(row: dict[str, Any], fmt: str, where: str) -> tuple[li
             check_messages(row["completion"], f"{where} (completion)"))
 
 
-def chat_prompt_completion_ids(tokenizer: Any, prompt: list, completion: list, where: str) -> tuple[list, list]:
+def chat_prompt_completion_ids(tokenizer: Any, prompt: list, completion: list, where: str,
+                               tools: list[dict] | None = None) -> tuple[list, list]:
     """Token ids of prompt + completion messages rendered by the chat template, and a 0/1 mask of the tokens
     after the prompt with its generation prompt (the completion, as TRL's SFTTrainer masks it)."""
     require_chat_template(tokenizer, where, "conversational prompt/completion rows")
-    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    head = tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(prompt + completion, tools=tools, tokenize=False)
     if not text.startswith(head):
         raise DataError(f"{where}: the chat template renders the prompt differently once the completion follows")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -442,9 +469,9 @@ def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, c
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     conversation = conversational_prompt(row, fmt, where)
     if fmt in CHAT_FORMATS:
-        ids, mask = chat_ids_and_mask(tokenizer, row_messages(row, fmt, where), where)
+        ids, mask = chat_ids_and_mask(tokenizer, row_messages(row, fmt, where), where, row_tools(row, where))
     elif conversation is not None:
-        ids, mask = chat_prompt_completion_ids(tokenizer, *conversation, where)
+        ids, mask = chat_prompt_completion_ids(tokenizer, *conversation, where, row_tools(row, where))
     elif fmt == "text":
         ids = tokenizer(_check_str(row["text"], "'text'", where))["input_ids"] + eos
         mask = [1] * len(ids)

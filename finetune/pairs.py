@@ -31,6 +31,7 @@ from finetune.data import (
     fractions,
     map_rows,
     require_chat_template,
+    row_tools,
     tokenizer_workers,
     train_eval_rows,
 )
@@ -78,10 +79,11 @@ def _split_text(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _render_chat(tokenizer: Any, prompt: list, response: list, where: str) -> tuple[list[int], list[int]]:
+def _render_chat(tokenizer: Any, prompt: list, response: list, where: str,
+                 tools: list[dict] | None) -> tuple[list[int], list[int]]:
     require_chat_template(tokenizer, where, "conversational pairs")
-    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    head = tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt + response, tools=tools, tokenize=False)
     if not full.startswith(head):
         raise DataError(f"{where}: the chat template renders the prompt differently once a response follows")
     return (tokenizer(head, add_special_tokens=False)["input_ids"],
@@ -110,8 +112,9 @@ def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt
         rejected = tokenizer(texts[2], add_special_tokens=False)["input_ids"] + eos
     elif isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
         p_msgs, c_msgs, r_msgs = _split_conversation(row, where)
-        prompt, chosen = _render_chat(tokenizer, p_msgs, c_msgs, where)
-        _, rejected = _render_chat(tokenizer, p_msgs, r_msgs, where)
+        tools = row_tools(row, where)
+        prompt, chosen = _render_chat(tokenizer, p_msgs, c_msgs, where, tools)
+        _, rejected = _render_chat(tokenizer, p_msgs, r_msgs, where, tools)
     else:
         raise DataError(f"{where}: expected 'chosen' and 'rejected' to be both strings or both message lists")
     longest = len(prompt) + max(len(chosen), len(rejected))

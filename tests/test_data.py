@@ -108,6 +108,60 @@ def test_conversational_prompt_completion_rows(tok):
         encode_row({"prompt": "Sort: 3 1 2", "completion": CONVO[-1:]}, "prompt_completion", tok, 128, True, "x")
 
 
+# ChatML with tools (listed in a system turn) and tool calls, the way real templates render them
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}"
+    "{% if m['tool_calls'] %}{% for c in m['tool_calls'] %}<tool_call>{{ c['function'] | tojson }}</tool_call>"
+    "{% endfor %}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endgeneration %}"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+NUMBER = {"type": "number"}
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
+    "type": "object", "properties": {"a": NUMBER, "b": NUMBER}}}}]
+TOOL_CHAT = [{"role": "user", "content": "What is 2 + 3?"},
+             {"role": "assistant", "content": None,
+              "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+             {"role": "tool", "content": "5"},
+             {"role": "assistant", "content": "5"}]
+
+
+def test_tool_calls_and_tools_match_trl_sft_trainer(tiny_dir, tmp_path: Path):
+    """Rows with `tools` (JSON text, as hub datasets hold them, or a list) and assistant tool calls: the same ids
+    and assistant-only labels as TRL's SFTTrainer, with the template's generation markers and without them
+    (our spans by rendering); the tool call trains, the tool's answer does not; exact match prompts with the tools."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune.tasks.sft import generation_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = TOOL_TEMPLATE
+    rows = [{"messages": TOOL_CHAT, "tools": json.dumps(TOOLS)},
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+             "tools": None}]
+    args = SFTConfig(output_dir=str(tmp_path), max_length=1024, assistant_only_loss=True, report_to="none",
+                     bf16=False)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dir), args=args,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    ours, _ = encode_dataset(rows, "mem", "chat", tok, 1024, True, progress=False)
+    assert trainer.train_dataset["input_ids"] == ours["input_ids"]
+    assert trainer.train_dataset["labels"] == ours["labels"]
+    trained = tok.decode([t for t in ours["labels"][0] if t != IGNORE_INDEX])
+    assert trained.startswith('<tool_call>{"name": "add"') and "Tools:" not in trained
+    assert trained.endswith("</tool_call><|im_end|>\n5<|im_end|>\n")
+    listed = {"messages": TOOL_CHAT, "tools": TOOLS}
+    tok.chat_template = TOOL_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    unmarked = encode_row(listed, "chat", tok, 1024, True, "x")
+    assert (unmarked["input_ids"], unmarked["labels"]) == (ours["input_ids"][0], ours["labels"][0])
+    [(prompt, answer)] = generation_examples([listed], "t", "auto", tok, 4)
+    assert answer == "5" and "Tools: " in tok.decode(prompt)
+    with pytest.raises(DataError, match=r"^x: 'tools' is text but not JSON"):
+        encode_row({**listed, "tools": "add(a, b)"}, "chat", tok, 1024, True, "x")
+    with pytest.raises(DataError, match=r"^x: expected messages\[1\]\.tool_calls to be a list, got str"):
+        encode_row({"messages": [TOOL_CHAT[0], {**TOOL_CHAT[1], "tool_calls": "add"}]}, "chat", tok, 1024, True, "x")
+
+
 @pytest.mark.parametrize("turns, says", [
     ([{"from": "bot", "value": "hi"}], r"conversations\[0\]\.from is 'bot'; expected one of system, human, user"),
     ([{"from": "human"}], r"conversations\[0\] must have 'from' and 'value'"),

@@ -100,6 +100,23 @@ def test_implicit_prompts_are_extracted_as_trl_does(tok):
     assert encode_pair(answers, tok, 64, 32, "x") == encode_pair(uf, tok, 64, 32, "x")
 
 
+def test_conversational_pairs_render_their_tools(tok):
+    """A pair's `tools` (JSON text or a list) reach the chat template, in the prompt both responses follow."""
+    import copy
+
+    tool_tok = copy.deepcopy(tok)
+    tool_tok.chat_template = ("{% if tools %}tools: {{ tools | map(attribute='name') | join(',') }}\n{% endif %}"
+                              "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                              "{% if add_generation_prompt %}assistant: {% endif %}")
+    row = {"prompt": [{"role": "user", "content": "2 + 3?"}], "chosen": [{"role": "assistant", "content": "5"}],
+           "rejected": [{"role": "assistant", "content": "6"}], "tools": json.dumps([{"name": "add"}])}
+    enc = encode_pair(row, tool_tok, 64, 32, "x")
+    assert tool_tok.decode(enc["prompt"]) == "tools: add\nuser: 2 + 3?\nassistant: "
+    assert encode_pair({**row, "tools": [{"name": "add"}]}, tool_tok, 64, 32, "x") == enc
+    assert tool_tok.decode(encode_pair({**row, "tools": None}, tool_tok, 64, 32, "x")["prompt"]) == \
+        "user: 2 + 3?\nassistant: "
+
+
 def test_truncation_keeps_the_end_of_the_prompt(tok):
     prompt = "Reverse: " + " ".join(["cat"] * 30) + " dog"
     enc = encode_pair({"prompt": prompt, "chosen": " moon sun", "rejected": " sun"}, tok, 16, 8, "x")

@@ -23,6 +23,7 @@ from finetune.data import (
     prompt_and_completion,
     row_messages,
     row_name,
+    row_tools,
     take,
     tokenizer_workers,
     train_eval_rows,
@@ -41,20 +42,17 @@ def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit:
     fmt = detect_format(column_names(rows), source, fmt)
     out = []
     for i, row in enumerate(take(rows, list(range(min(limit, len(rows)))))):
-        if fmt in CHAT_FORMATS:
-            msgs = row_messages(row, fmt, row_name(source, i, numbering))
-            if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+        where = row_name(source, i, numbering)
+        if fmt in CHAT_FORMATS or (conversation := conversational_prompt(row, fmt, where)):
+            msgs = row_messages(row, fmt, where) if fmt in CHAT_FORMATS else conversation[0] + conversation[1]
+            ref = msgs[-1].get("content")
+            if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or ref is None:  # e.g. a tool call: no text
                 continue
-            ids = tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True,
-                                                return_dict=True)["input_ids"]
-            out.append((list(ids), msgs[-1]["content"]))
-        elif conversation := conversational_prompt(row, fmt, row_name(source, i, numbering)):
-            prompt, completion = conversation
-            ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
-                                                return_dict=True)["input_ids"]
-            out.append((list(ids), completion[-1]["content"]))
+            ids = tokenizer.apply_chat_template(msgs[:-1], tools=row_tools(row, where), tokenize=True,
+                                                add_generation_prompt=True, return_dict=True)["input_ids"]
+            out.append((list(ids), ref))
         elif fmt in ("prompt_completion", "alpaca"):
-            prompt, ref = prompt_and_completion(row, fmt, row_name(source, i, numbering))
+            prompt, ref = prompt_and_completion(row, fmt, where)
             out.append((tokenizer(prompt)["input_ids"], ref))
     return out
 

@@ -362,11 +362,13 @@ def row_tools(row: dict[str, Any], where: str) -> list[dict] | None:
 
 
 CHAT_FORMATS = ("chat", "sharegpt")  # the formats whose rows are messages, rendered by the chat template
-# ShareGPT's speaker names (`from`), as axolotl and LLaMA-Factory read them, to chat roles
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# ShareGPT's speaker names (`from`), as axolotl and LLaMA-Factory read them, to chat roles; LLaMA-Factory's
+# `function_call` (the call as JSON text) becomes an assistant's tool call, its `observation` the tool's answer
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 
 
-def sharegpt_messages(turns: Any, where: str) -> list[dict[str, str]]:
+def sharegpt_messages(turns: Any, where: str) -> list[dict[str, Any]]:
     """A ShareGPT row's `conversations` ([{from, value}, ...]) as chat messages."""
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: expected 'conversations' to be a non-empty list of {{from, value}}")
@@ -378,7 +380,17 @@ def sharegpt_messages(turns: Any, where: str) -> list[dict[str, str]]:
         if role is None:
             raise DataError(f"{where}: conversations[{i}].from is {turn['from']!r}; expected one of "
                             f"{', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": role, "content": turn["value"]})
+        if turn["from"] == "function_call":
+            try:
+                call = json.loads(_check_str(turn["value"], f"conversations[{i}].value", where))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: conversations[{i}] is a function_call whose value is not JSON "
+                                f"({e.msg}); expected {{\"name\": ..., \"arguments\": ...}}") from None
+            calls = call if isinstance(call, list) else [call]  # LLaMA-Factory: one call, or a list of them
+            messages.append({"role": role, "content": None,
+                             "tool_calls": [{"type": "function", "function": c} for c in calls]})
+        else:
+            messages.append({"role": role, "content": turn["value"]})
     return messages
 
 

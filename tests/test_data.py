@@ -162,6 +162,24 @@ def test_tool_calls_and_tools_match_trl_sft_trainer(tiny_dir, tmp_path: Path):
         encode_row({"messages": [TOOL_CHAT[0], {**TOOL_CHAT[1], "tool_calls": "add"}]}, "chat", tok, 1024, True, "x")
 
 
+def test_sharegpt_function_calls_are_tool_calls(tiny_dir):
+    """LLaMA-Factory's ShareGPT function calling: `function_call` turns (the call as JSON) and `observation`
+    turns train exactly as the same conversation in messages with tool_calls and a tool turn."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = TOOL_TEMPLATE
+    turns = [{"from": "human", "value": "What is 2 + 3?"},
+             {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": 2, "b": 3}})},
+             {"from": "observation", "value": "5"}, {"from": "gpt", "value": "5"}]
+    shared = encode_row({"conversations": turns, "tools": json.dumps(TOOLS)}, "sharegpt", tok, 1024, True, "x")
+    chat = encode_row({"messages": TOOL_CHAT, "tools": TOOLS}, "chat", tok, 1024, True, "x")
+    assert (shared["input_ids"], shared["labels"]) == (chat["input_ids"], chat["labels"])
+    with pytest.raises(DataError, match=r"^x: conversations\[1\] is a function_call whose value is not JSON"):
+        encode_row({"conversations": [turns[0], {"from": "function_call", "value": "add(2, 3)"}]}, "sharegpt", tok,
+                   1024, True, "x")
+
+
 @pytest.mark.parametrize("turns, says", [
     ([{"from": "bot", "value": "hi"}], r"conversations\[0\]\.from is 'bot'; expected one of system, human, user"),
     ([{"from": "human"}], r"conversations\[0\] must have 'from' and 'value'"),

@@ -164,6 +164,13 @@ def test_show_rows_marks_the_tokens_with_a_loss_and_trains_nothing(tmp_path: Pat
     shown = capsys.readouterr().out.splitlines()
     assert shown[0].startswith("--- pair 0: tokens of prompt ")
     assert "chosen: key sun cat<|im_end|>" in shown and "rejected: key sun cat key<|im_end|>" in shown
+    # kto: pairs unpaired, chosen rows first, each with the completion of the row before as its mismatched one
+    assert main(["dpo", "recipes/tiny_dpo.yaml", "dpo.loss_type=kto", "--show-rows", "2", f"output_dir={out}"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].startswith("--- row 0 (desirable): tokens of prompt ")
+    completions = [line.split(": ", 1)[1] for line in shown if line.startswith("completion: ")]
+    mismatched = [line.split(": ", 1)[1] for line in shown if line.startswith("mismatched completion (KL estimate): ")]
+    assert completions[0] == "key sun cat<|im_end|>" and mismatched[1] == completions[0]
     assert not out.exists()
     assert main(["sft", "recipes/tiny_sft.yaml", "--show-rows", "-1"]) == 2
     assert "--show-rows: expected a number of rows >= 1, got -1" in capsys.readouterr().err

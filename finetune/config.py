@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -517,6 +518,35 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+PATH_KEYS = ("output_dir", "resume", "model.name_or_path", "model.chat_template", "dpo.ref_model", "data.train",
+             "data.eval")
+
+
+def _home(value: Any) -> Any:
+    """`~/x` as the user's home's x; a list's items and a mapping's keys (data sources) alike."""
+    if isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    if isinstance(value, list):
+        return [_home(v) for v in value]
+    if isinstance(value, dict):
+        return {_home(k): v for k, v in value.items()}
+    return value
+
+
+def expand_home(data: dict[str, Any]) -> dict[str, Any]:
+    """The recipe with `~` expanded in the keys that hold paths: Python's file functions take `~` literally, so
+    output_dir: ~/runs/x would write to ./~/runs/x, and a model or data file under ~ would not be found."""
+    out = dict(data)
+    for dotted in PATH_KEYS:
+        section, _, key = dotted.rpartition(".")
+        holder = out.get(section) if section else out
+        if isinstance(holder, dict) and key in holder:
+            if section:
+                holder = out[section] = dict(holder)
+            holder[key] = _home(holder[key])
+    return out
+
+
 def load_recipe(recipe: str | Path | dict[str, Any] | Recipe, overrides: dict[str, Any] | None = None) -> Recipe:
     """Load a recipe from a YAML path or a dict, apply nested `overrides`, validate, and return it."""
     if isinstance(recipe, Recipe):
@@ -526,7 +556,7 @@ def load_recipe(recipe: str | Path | dict[str, Any] | Recipe, overrides: dict[st
     if overrides:
         data = deep_merge(data, overrides)
     try:
-        return _build(Recipe, data)
+        return _build(Recipe, expand_home(data))
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

@@ -177,3 +177,30 @@ def test_cli_print_config_applies_overrides():
     printed = yaml.safe_load(proc.stdout)
     assert printed["train"]["lr"] == 0.5 and printed["task"] == "sft"
     assert load_recipe(printed).train.lr == 0.5
+
+
+def test_paths_under_home_are_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_dir):
+    """`~` in the keys that hold paths is the home directory (Python's file functions would take it literally:
+    output_dir ./~/runs, a model or data file not found); other strings keep theirs. A short run from a model
+    and data under ~ writes under ~."""
+    import json
+    import shutil
+
+    import finetune
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    r = load_recipe({"output_dir": "~/runs/x", "resume": "~/ckpt", "model": {"name_or_path": "~/m"},
+                     "data": {"train": {"~/a.jsonl": 1.0, "builtin:tasks": 0.5}, "eval": ["~/b.jsonl"]},
+                     "dpo": {"ref_model": "~/ref"}, "log": {"wandb_project": "~x"}})
+    assert (r.output_dir, r.resume, r.model.name_or_path, r.dpo.ref_model) == (
+        f"{tmp_path}/runs/x", f"{tmp_path}/ckpt", f"{tmp_path}/m", f"{tmp_path}/ref")
+    assert r.data.train == {f"{tmp_path}/a.jsonl": 1.0, "builtin:tasks": 0.5}
+    assert r.data.eval == [f"{tmp_path}/b.jsonl"]
+    assert r.log.wandb_project == "~x"
+    shutil.copytree(tiny_dir, tmp_path / "m")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"prompt": "1 + 1 =", "completion": " 2"}) + "\n")
+    run = finetune.train("recipes/tiny_sft.yaml", output_dir="~/runs/x", model={"name_or_path": "~/m"},
+                         data={"train": "~/a.jsonl", "eval": None},
+                         train={"max_steps": 1, "eval_generate": 0, "batch_size": 1},
+                         log={"progress": False, "tensorboard": False})
+    assert run.output_dir == tmp_path / "runs" / "x" and (run.model_dir / "model.safetensors").is_file()

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 from finetune.builtin import builtin_rows, is_builtin
 from finetune.errors import UserError, count
-from finetune.hub import hub_reachable
+from finetune.hub import hub_reachable, looks_local
 from finetune.losses import IGNORE_INDEX
 
 logger = logging.getLogger("finetune")
@@ -149,7 +149,7 @@ def _read_rows(source: str, split: str) -> Any:
         except Exception as e:
             raise DataError(f"{source}: a directory that datasets could not load split {split!r} from: "
                             f"{_load_error(e, name)}") from None
-    if path.suffix.lower() in FILE_SUFFIXES or name.startswith((".", "/")):
+    if path.suffix.lower() in FILE_SUFFIXES or looks_local(name):
         raise DataError(f"{source}: file not found")
     if not hub_reachable():
         raise DataError(f"{source}: not a local file, and the hub cannot be reached (offline) to fetch a dataset of "

@@ -30,3 +30,9 @@ def local_only(name: str) -> bool:
     """Whether `from_pretrained(name)` must stay in the local hub cache: `name` is no local directory and the
     hub cannot be reached (transformers would otherwise retry the connection for about a minute)."""
     return not os.path.isdir(name) and not hub_reachable()
+
+
+def looks_local(name: str) -> bool:
+    """A name that can only be a local path: a hub id is `name` or `org/name`."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "") \
+        or name.endswith("/")

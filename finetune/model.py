@@ -17,6 +17,7 @@ from finetune.builtin import ensure_builtin_model, is_builtin
 from finetune.config import LoraConfig, ModelConfig
 from finetune.errors import UserError, count
 from finetune.hub import local_only as hub_local_only
+from finetune.hub import looks_local
 from finetune.losses import IGNORE_INDEX, linear_token_logps, target_positions
 
 logger = logging.getLogger("finetune")
@@ -33,16 +34,10 @@ def resolve(name: str) -> str:
             return str(ensure_builtin_model(name))
         except ValueError as e:
             raise ModelError(f"model.name_or_path: {e}") from None
-    if _is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+    if looks_local(name) and not os.path.isdir(os.path.expanduser(name)):
         raise ModelError(f"model.name_or_path: no directory {name!r} (a local path, not a hub id; a run saves its "
                          "model to OUTPUT_DIR/model)")
     return name
-
-
-def _is_local_path(name: str) -> bool:
-    """A name that can only be a local path: a hub id is `name` or `org/name`."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", "") \
-        or name.endswith("/")
 
 
 def _from_pretrained(cls: Any, cfg: ModelConfig, path: str, **kwargs: Any) -> Any:

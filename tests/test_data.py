@@ -253,6 +253,9 @@ def test_local_files_and_missing_ones(tmp_path: Path):
     assert load_rows(str(tmp_path / "d.parquet"), "train")["text"] == ["a", "b"]
     with pytest.raises(DataError, match="file not found"):
         load_rows(str(tmp_path / "missing.jsonl"), "train")
+    for local in ("data/train/shards", "~nobody/x", "cache/"):
+        with pytest.raises(DataError, match=f"^{local}: file not found"):  # no hub id looks so
+            load_rows(local, "train")
     with pytest.raises(DataError, match="unknown builtin dataset"):
         load_rows("builtin:nope", "train")
     for empty in ("e.jsonl", "e.json", "e.parquet"):  # would be misreported as data of an unknown format

@@ -30,7 +30,8 @@ REFERENCE_FREE = ("simpo", "orpo")  # the loss types that use no reference model
 ALONE = (*REFERENCE_FREE, "kto")  # loss types that cannot be listed with others (kto: its rows are not pairs)
 # attention implementations for which a packed row gives exactly the padded batch's loss and gradients (tested)
 PACKING_ATTENTION = ("eager", "sdpa", "sdpa_varlen", "flash_attention_2", "flash_attention_3")
-OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "lion_8bit")  # what finetune.optimizer.build_optimizer builds
+# what finetune.optimizer.build_optimizer builds
+OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "lion_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit")
 
 
 class ConfigError(UserError):
@@ -132,7 +133,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    optimizer: str = "adamw"  # adamw (torch's, fused) | adamw_8bit | lion | lion_8bit (bitsandbytes')
+    optimizer: str = "adamw"  # adamw (torch's, fused) | adamw_8bit | lion | lion_8bit | paged_* (bitsandbytes')
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still reported)
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
@@ -340,7 +341,7 @@ class Recipe:
             if "precompute_ref_logps" in changed and self.dpo.reference_free:
                 out.append(f"dpo.precompute_ref_logps: set, but not used: dpo.loss_type {named} uses no reference "
                            "model")
-        if t.optimizer.startswith("lion") and "adam_eps" in _changed(t):
+        if "lion" in t.optimizer and "adam_eps" in _changed(t):
             out.append(f"train.adam_eps: set, but not used: train.optimizer {t.optimizer} has no epsilon")
         generating = [k for k in _changed(t) if k in ("eval_generate", "max_new_tokens")]
         if generating and self.task != "sft":

@@ -10,6 +10,9 @@ The others are bitsandbytes' (no update rule is written here):
   e.g. 6 GB of a 1B model's 8 GB.
 - `lion`: Lion (Chen et al. 2023), the sign of a momentum interpolation: one moment, 4 bytes per parameter;
   `lion_8bit` stores it in 8 bits, 1 byte. train.adam_beta1/adam_beta2 are its betas; it has no epsilon.
+- `paged_adamw_8bit`, `paged_adamw_32bit`, `paged_lion_8bit`: the same updates with the state in CUDA unified
+  memory, which the driver pages out to CPU memory when the GPU runs short instead of failing with an
+  out-of-memory error (QLoRA's paged optimizers). On a CPU they are their unpaged twins.
 Tensors under 4096 elements keep float32 moments in the 8-bit variants.
 """
 
@@ -32,7 +35,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 # bitsandbytes' optimizer classes, by train.optimizer
-BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "lion": "Lion", "lion_8bit": "Lion8bit"}
+BITSANDBYTES = {"adamw_8bit": "AdamW8bit", "lion": "Lion", "lion_8bit": "Lion8bit",
+                "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit",
+                "paged_lion_8bit": "PagedLion8bit"}
 
 
 def check_optimizer(name: str, distributed_type: str) -> None:
@@ -57,7 +62,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Any, device_type: str) -> torch
     if cfg.optimizer in BITSANDBYTES:
         import bitsandbytes as bnb
 
-        eps = {} if cfg.optimizer.startswith("lion") else {"eps": cfg.adam_eps}
+        eps = {} if "lion" in cfg.optimizer else {"eps": cfg.adam_eps}
         return getattr(bnb.optim, BITSANDBYTES[cfg.optimizer])(groups, **hyper, **eps)
     return torch.optim.AdamW(groups, eps=cfg.adam_eps, fused=device_type in ("cpu", "cuda"), **hyper)
 

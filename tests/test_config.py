@@ -94,7 +94,8 @@ def test_unknown_section(tmp_path: Path):
     ("train:\n  batch_size: 2.5\n", "train.batch_size: expected an integer"),
     ("train:\n  lr: -1\n", "train.lr: expected a value > 0"),
     ("train:\n  mixed_precision: fp8\n", "train.mixed_precision: expected one of no, bf16, fp16"),
-    ("train:\n  optimizer: sgd\n", "train.optimizer: expected one of adamw, adamw_8bit, lion, lion_8bit, got 'sgd'"),
+    ("train:\n  optimizer: sgd\n", "train.optimizer: expected one of adamw, adamw_8bit, lion, lion_8bit, "
+                                   "paged_adamw_8bit, paged_adamw_32bit, paged_lion_8bit, got 'sgd'"),
     ("lora:\n  dropout: 1.5\n", "lora.dropout: expected a value >= 0 and < 1"),
     ("model:\n  trust_remote_code: maybe\n", "model.trust_remote_code: expected true/false"),
     ("train: 3\n", "train: expected a mapping"),

@@ -66,6 +66,20 @@ def test_lion_is_lions_update_rule_and_lion_8bit_follows_it(tiny_dir):
     assert small_bytes / full_bytes < 0.3  # 1 byte per parameter instead of 4, plus block scales
 
 
+@pytest.mark.parametrize("paged, twin", [("paged_adamw_8bit", "adamw_8bit"), ("paged_lion_8bit", "lion_8bit"),
+                                          ("paged_adamw_32bit", "adamw")])
+def test_paged_optimizers_update_as_their_unpaged_twins(tiny_dir, paged: str, twin: str):
+    """Paging moves the state, not the update: on a CPU (where bitsandbytes keeps it in plain memory) a paged
+    optimizer moves the weights exactly as its twin; the 32-bit AdamW as torch's, to float rounding."""
+    moved, size, opt = moved_by(paged, tiny_dir)
+    twin_moved, twin_size, _ = moved_by(twin, tiny_dir)
+    assert type(opt).__name__.startswith("Paged") and size == pytest.approx(twin_size, rel=1e-3)  # torch: steps
+    if twin == "adamw":
+        torch.testing.assert_close(moved, twin_moved, rtol=1e-4, atol=1e-7)
+    else:
+        assert torch.equal(moved, twin_moved)
+
+
 LR, WEIGHT_DECAY, BETAS, STEPS = 1e-3, 5.0, (0.9, 0.8), 10
 
 

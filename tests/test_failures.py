@@ -4,6 +4,7 @@ that would silently do something else than asked, and stops that keep the last g
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -157,7 +158,8 @@ def test_a_missing_local_model_path_says_so_not_offline_hub(tmp_path: Path, chat
     monkeypatch.chdir(tmp_path)
     train, _ = chat_files
     name = name.replace("MISSING_ABS", str(tmp_path / "missing"))
-    with pytest.raises(UserError, match=f"^model.name_or_path: no directory '{re.escape(name)}' \\(a local path"):
+    shown = os.path.expanduser(name)  # the recipe expands ~
+    with pytest.raises(UserError, match=f"^model.name_or_path: no directory '{re.escape(shown)}' \\(a local path"):
         finetune.train(small_recipe(tmp_path / "out", train, model={"name_or_path": name}))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from conftest import run_cli
 
 import finetune
+from finetune.builtin import preference_rows
 from finetune.config import parse_overrides
 from finetune.tracking import read_metrics
 
@@ -102,7 +104,12 @@ def test_ddp_kto_reference_point_spans_processes(tmp_path: Path):
     """KTO's reference point is the mean log-ratio of the mismatched completions over all processes' rows, as
     TRL's: 2 processes x 4 rows train and evaluate as 1 x 8. With each process's own mean, the losses differ
     once the policy has moved from the reference (the reference point is 0 at the start)."""
-    common = ["train.max_steps=4", "train.warmup_steps=0", "seed=0", "dpo.loss_type=kto", "train.eval_every=2"]
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    for split, n in (("train", 64), ("test", 16)):
+        (rows / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preference_rows(split)[:n]))
+    common = ["train.max_steps=4", "train.warmup_steps=0", "train.lr=5e-3", "seed=0", "dpo.loss_type=kto",
+              "train.eval_every=2", f"data.train={rows / 'train.jsonl'}", f"data.eval={rows / 'test.jsonl'}"]
     proc = run_cli(shutil.which("accelerate"), "launch", *DDP, "finetune", "dpo", "recipes/tiny_dpo.yaml",
                    f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4", "log.progress=false", *common,
                    env={"ACCELERATE_USE_CPU": "1"})

@@ -327,20 +327,37 @@ def _check_str(value: Any, what: str, where: str) -> str:
     return value
 
 
-def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
-    """Chat messages: each a `role` and a text `content`; an assistant's tool calls (`tool_calls`, a list) may
-    stand instead of the content, as in the OpenAI format chat templates render."""
+def _text_parts(parts: list, what: str, where: str) -> str:
+    """Content given as parts ([{"type": "text", "text": ...}, ...], the OpenAI and multimodal layout) as the
+    text they make together, which every chat template renders; other parts have no place in a text model."""
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = repr(part.get("type")) if isinstance(part, dict) else type(part).__name__
+            raise DataError(f"{where}: {what}[{j}] is a {kind} part; expected text parts "
+                            "({\"type\": \"text\", \"text\": ...}): a language model reads text only")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
+    """Chat messages: each a `role` and a text `content` (text parts are joined into it); an assistant's tool
+    calls (`tool_calls`, a list) may stand instead of the content, as in the OpenAI format chat templates render."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: expected 'messages' to be a non-empty list of {{role, content}}")
+    checked = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
             raise DataError(f"{where}: messages[{i}] must have 'role' and 'content'")
         calls = m.get("tool_calls")
         if calls is not None and not isinstance(calls, list):
             raise DataError(f"{where}: expected messages[{i}].tool_calls to be a list, got {type(calls).__name__}")
-        if calls is None or m.get("content") is not None:
+        if isinstance(m.get("content"), list):
+            m = {**m, "content": _text_parts(m["content"], f"messages[{i}].content", where)}
+        elif calls is None or m.get("content") is not None:
             _check_str(m.get("content"), f"messages[{i}].content", where)
-    return messages
+        checked.append(m)
+    return checked
 
 
 def row_tools(row: dict[str, Any], where: str) -> list[dict] | None:

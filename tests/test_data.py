@@ -90,6 +90,33 @@ def test_sharegpt_rows_encode_as_their_chat_messages(tok, tmp_path: Path):
                                                                                  tok, 4)
 
 
+def test_content_given_as_text_parts_is_their_text(tok):
+    """OpenAI's and multimodal datasets' layout, content as a list of parts: text parts train as the text they
+    make together (chat rows, conversational prompt/completion, exact match's reference, preference pairs);
+    another part (an image) is refused by name."""
+    from finetune.pairs import encode_pair
+    from finetune.tasks.sft import generation_examples
+
+    def parts(messages: list) -> list:  # each content split in two text parts
+        return [{**m, "content": [{"type": "text", "text": m["content"][:2]},
+                                  {"type": "text", "text": m["content"][2:]}]} for m in messages]
+
+    plain = encode_row({"messages": CONVO}, "chat", tok, 128, True, "x")
+    split = encode_row({"messages": parts(CONVO)}, "chat", tok, 128, True, "x")
+    assert (split["input_ids"], split["labels"]) == (plain["input_ids"], plain["labels"])
+    row = {"prompt": parts(CONVO[:-1]), "completion": parts(CONVO[-1:])}
+    assert encode_row(row, "prompt_completion", tok, 128, True, "x")["labels"] == encode_row(
+        {"prompt": CONVO[:-1], "completion": CONVO[-1:]}, "prompt_completion", tok, 128, True, "x")["labels"]
+    assert generation_examples([{"messages": parts(CONVO)}], "p", "auto", tok, 4) == generation_examples(
+        [{"messages": CONVO}], "m", "auto", tok, 4)
+    pair = {"chosen": CONVO, "rejected": CONVO[:-1] + [{"role": "assistant", "content": "3 2 1"}]}
+    assert encode_pair({k: parts(v) for k, v in pair.items()}, tok, 128, 64, "x") == encode_pair(pair, tok, 128, 64,
+                                                                                                   "x")
+    image = [{"role": "user", "content": [{"type": "image", "url": "cat.png"}]}, CONVO[2]]
+    with pytest.raises(DataError, match=r"^x: messages\[0\]\.content\[0\] is a 'image' part; expected text parts"):
+        encode_row({"messages": image}, "chat", tok, 128, True, "x")
+
+
 def test_conversational_prompt_completion_rows(tok):
     """prompt/completion message lists: the completion is what trains (a multi-turn prompt's assistant turn is
     not, unlike the same conversation as `messages`); exact match prompts with the conversation so far; a text

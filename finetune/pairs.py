@@ -100,6 +100,7 @@ def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt
     margin = row.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise DataError(f"{where}: expected 'margin' to be a number, got {type(margin).__name__}")
+    once = row["rejected"] is row["chosen"]  # KTO's unpaired rows pass one completion as both: tokenized once
     if isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
         texts = row.get("prompt"), row["chosen"], row["rejected"]
         if texts[0] is None:  # the prompt is the beginning both texts share
@@ -109,12 +110,12 @@ def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         prompt = tokenizer(texts[0])["input_ids"]
         chosen = tokenizer(texts[1], add_special_tokens=False)["input_ids"] + eos
-        rejected = tokenizer(texts[2], add_special_tokens=False)["input_ids"] + eos
+        rejected = chosen if once else tokenizer(texts[2], add_special_tokens=False)["input_ids"] + eos
     elif isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
         p_msgs, c_msgs, r_msgs = _split_conversation(row, where)
         tools = row_tools(row, where)
         prompt, chosen = _render_chat(tokenizer, p_msgs, c_msgs, where, tools)
-        _, rejected = _render_chat(tokenizer, p_msgs, r_msgs, where, tools)
+        rejected = chosen if once else _render_chat(tokenizer, p_msgs, r_msgs, where, tools)[1]
     else:
         raise DataError(f"{where}: expected 'chosen' and 'rejected' to be both strings or both message lists")
     longest = len(prompt) + max(len(chosen), len(rejected))

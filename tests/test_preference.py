@@ -394,6 +394,24 @@ def test_kto_rows_and_pairs_become_completions_with_a_mismatched_one(tok, tmp_pa
         encode_kto_rows([{"prompt": "a", "answer": "b"}], "u", tok, 1024, 512, progress=False)
 
 
+def test_an_unpaired_completion_is_tokenized_once(tok, monkeypatch):
+    """KTO's unpaired rows go through the pair encoder with their completion on both sides; it is rendered and
+    tokenized once (the prompt, plus the prompt with the completion), for text and for messages alike."""
+    from finetune.pairs import encode_kto_rows
+
+    rendered, tokenized = [], []
+    render, call = tok.apply_chat_template, type(tok).__call__
+    monkeypatch.setattr(tok, "apply_chat_template", lambda *a, **k: rendered.append(1) or render(*a, **k))
+    monkeypatch.setattr(type(tok), "__call__", lambda self, *a, **k: tokenized.append(1) or call(self, *a, **k))
+    chat = {"prompt": [{"role": "user", "content": "2 + 3?"}], "completion": [{"role": "assistant", "content": "5"}],
+            "label": True}
+    [row] = encode_kto_rows([chat], "u", tok, 64, 32, progress=False)
+    assert len(rendered) == 2 and tok.decode(row["chosen"]) == "5<|im_end|>\n" and row["rejected"] == row["chosen"]
+    tokenized.clear()
+    encode_kto_rows([{"prompt": "2 + 3 =", "completion": " 5", "label": True}], "u", tok, 64, 32, progress=False)
+    assert len(tokenized) == 2  # the prompt, the completion
+
+
 def test_kto_trains_on_preference_pairs(tmp_path: Path, pair_files):
     """`dpo.loss_type: kto` on the builtin pairs (unpaired): at step 0 (policy = reference) every completion's
     loss is 1 - sigmoid(0) = 1/2 and no reward moved; after 6 steps the held-out desirable completions gained

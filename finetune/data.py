@@ -420,10 +420,18 @@ def has_generation_markers(template: str | None) -> bool:
     return bool(template) and "generation" in template and "endgeneration" in template
 
 
-def require_chat_template(tokenizer: Any, where: str, rows: str) -> None:
-    if getattr(tokenizer, "chat_template", None) is None:
+def require_chat_template(tokenizer: Any, where: str, rows: str, messages: list[dict[str, Any]] = (),
+                          tools: list[dict] | None = None) -> None:
+    """A chat template that renders these messages and tools: one that never mentions tool calls or tools would
+    drop them without a word (a tool call's empty content renders as "None")."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
         raise DataError(f"{where}: {rows} need a tokenizer with a chat template, and this tokenizer has none; "
                         "set model.chat_template (e.g. chatml)")
+    for name, present in (("tool_calls", any(m.get("tool_calls") for m in messages)), ("tools", bool(tools))):
+        if present and name not in str(template):
+            raise DataError(f"{where}: the row has {name}, and the chat template never renders {name}; use a "
+                            "model whose template does, or a model.chat_template that does")
 
 
 def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str = "chat",
@@ -434,7 +442,7 @@ def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str
     them (most real models), each assistant turn's character span is found by rendering the conversation up to
     it, and tokens are assigned through the tokenizer's offsets.
     """
-    require_chat_template(tokenizer, where, "chat rows")
+    require_chat_template(tokenizer, where, "chat rows", messages, tools)
     if has_generation_markers(tokenizer.chat_template):
         out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
@@ -472,7 +480,7 @@ def chat_prompt_completion_ids(tokenizer: Any, prompt: list, completion: list, w
                                tools: list[dict] | None = None) -> tuple[list, list]:
     """Token ids of prompt + completion messages rendered by the chat template, and a 0/1 mask of the tokens
     after the prompt with its generation prompt (the completion, as TRL's SFTTrainer masks it)."""
-    require_chat_template(tokenizer, where, "conversational prompt/completion rows")
+    require_chat_template(tokenizer, where, "conversational prompt/completion rows", prompt + completion, tools)
     head = tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
     text = tokenizer.apply_chat_template(prompt + completion, tools=tools, tokenize=False)
     if not text.startswith(head):

@@ -81,7 +81,7 @@ def _split_text(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
 
 def _render_chat(tokenizer: Any, prompt: list, response: list, where: str,
                  tools: list[dict] | None) -> tuple[list[int], list[int]]:
-    require_chat_template(tokenizer, where, "conversational pairs")
+    require_chat_template(tokenizer, where, "conversational pairs", prompt + response, tools)
     head = tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(prompt + response, tools=tools, tokenize=False)
     if not full.startswith(head):

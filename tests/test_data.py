@@ -189,6 +189,24 @@ def test_tool_calls_and_tools_match_trl_sft_trainer(tiny_dir, tmp_path: Path):
         encode_row({"messages": [TOOL_CHAT[0], {**TOOL_CHAT[1], "tool_calls": "add"}]}, "chat", tok, 1024, True, "x")
 
 
+def test_tools_a_template_would_drop_are_refused(tok):
+    """The builtin ChatML template mentions neither tool calls nor tools: it would render a tool call's content
+    as "None" and leave the tools out, so such rows are refused by name instead of trained on."""
+    from finetune.pairs import encode_pair
+
+    assert "tool" not in tok.chat_template
+    with pytest.raises(DataError, match=r"^x: the row has tool_calls, and the chat template never renders"):
+        encode_row({"messages": TOOL_CHAT}, "chat", tok, 1024, True, "x")
+    with pytest.raises(DataError, match=r"^x: the row has tools, and the chat template never renders tools"):
+        encode_row({"messages": CONVO, "tools": TOOLS}, "chat", tok, 1024, True, "x")
+    with pytest.raises(DataError, match=r"^x: the row has tools"):
+        encode_row({"prompt": CONVO[:-1], "completion": CONVO[-1:], "tools": TOOLS}, "prompt_completion", tok, 1024,
+                   True, "x")
+    with pytest.raises(DataError, match=r"^x: the row has tools"):
+        encode_pair({"prompt": CONVO[:1], "chosen": CONVO[1:2], "rejected": CONVO[3:4], "tools": TOOLS}, tok, 1024,
+                    512, "x")
+
+
 def test_sharegpt_function_calls_are_tool_calls(tiny_dir):
     """LLaMA-Factory's ShareGPT function calling: `function_call` turns (the call as JSON) and `observation`
     turns train exactly as the same conversation in messages with tool_calls and a tool turn."""

@@ -138,7 +138,7 @@ def matmul_peak(m: int = 2048, k: int = MODEL["hidden_size"], n: int = MODEL["in
 def run_finetune(kind: str, assets: dict, steps: int) -> dict:
     import finetune
 
-    task = {"sft": "sft", "rm": "rm", "dpo": "dpo"}[kind.split("_")[0]]
+    task = {"sft": "sft", "rm": "rm", "dpo": "dpo", "kto": "dpo"}[kind.split("_")[0]]
     pref = task != "sft"
     recipe = {
         "task": task, "output_dir": tempfile.mkdtemp(), "seed": HP["seed"],
@@ -156,6 +156,7 @@ def run_finetune(kind: str, assets: dict, steps: int) -> dict:
                   "lr": HP["lr"], "warmup_steps": HP["warmup"], "mixed_precision": "bf16",
                   "gradient_checkpointing": False, "log_every": 1, "trim_memory": "trim" in kind,
                   "compile": "compile" in kind, "fused_linear_loss": "fused" in kind},
+        "dpo": {"loss_type": "kto" if kind.startswith("kto") else "sigmoid"},  # kto: the pairs unpaired
         "log": {"progress": False, "tensorboard": False},
     }
     result = finetune.train(recipe)
@@ -175,7 +176,7 @@ def run_trl(kind: str, assets: dict, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(assets["model"])
-    pref = kind.startswith(("rm", "dpo"))
+    pref = kind.startswith(("rm", "dpo", "kto"))
     data = load_dataset("json", data_files={"train": assets["pref_train" if pref else "sft_train"],
                                             "test": assets["pref_eval" if pref else "sft_eval"]})
     common = dict(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=HP["batch_size"],
@@ -202,6 +203,16 @@ def run_trl(kind: str, assets: dict, steps: int) -> dict:
         cfg = RewardConfig(**common, max_length=HP["max_length"])
         trainer = RewardTrainer(model=model, args=cfg, train_dataset=data["train"], eval_dataset=data["test"],
                                 processing_class=tok, peft_config=lora)
+    elif kind.startswith("kto"):
+        from trl import KTOConfig, KTOTrainer
+        from trl.data_utils import maybe_extract_prompt, unpair_preference_dataset
+
+        model = AutoModelForCausalLM.from_pretrained(assets["model"])
+        # TRL's own settings but the shared ones (common); it samples rows in order, as its KL pairing requires
+        cfg = KTOConfig(**common, max_length=HP["max_length"], beta=0.1)
+        rows = {split: unpair_preference_dataset(data[split].map(maybe_extract_prompt)) for split in data}
+        trainer = KTOTrainer(model=model, args=cfg, train_dataset=rows["train"], eval_dataset=rows["test"],
+                             processing_class=tok, peft_config=lora)
     else:
         from trl import DPOConfig, DPOTrainer
 
@@ -215,10 +226,11 @@ def run_trl(kind: str, assets: dict, steps: int) -> dict:
 
     def counting(features):
         batch = collate(features)
-        mask = batch.get("attention_mask")
-        ids = batch["input_ids"]
-        seen["real"] += int(mask.sum()) if mask is not None else ids.numel()
-        seen["padded"] += ids.numel()
+        for prefix in ("", "KL_"):  # KTO's batches hold the mismatched (KL) completions apart
+            ids, mask = batch.get(f"{prefix}input_ids"), batch.get(f"{prefix}attention_mask")
+            if ids is not None:
+                seen["real"] += int(mask.sum()) if mask is not None else ids.numel()
+                seen["padded"] += ids.numel()
         return batch
 
     trainer.data_collator = counting
@@ -265,6 +277,9 @@ PAIRS = {
            ("finetune", "rm_full_packed_budget", "finetune", "rm_full_packed_budget_trim"), 6),
     "dpo_lora": ("dpo_lora_packed", "dpo_lora", ("finetune", "dpo_lora_packed_budget", "finetune",
                                                  "dpo_lora_packed_budget_trim"), 6),  # policy 4N + ref 2N
+    # KTO on the pairs unpaired (rows twice the pairs); a token is a completion's (policy 4N) or a mismatched
+    # one's (policy without gradients 2N), each also in the reference (2N): 5N on average
+    "kto_lora": ("kto_lora_packed", "kto_lora", ("finetune", "kto_lora_packed_budget"), 5),
 }
 
 

@@ -100,7 +100,8 @@ def split_subset(source: str) -> tuple[str, str | None]:
     """A dataset directory's or hub dataset's subset (`datasets`' config name), named after a colon:
     `openai/gsm8k:main` -> ("openai/gsm8k", "main"). Builtins and existing paths keep their colons."""
     name, colon, subset = source.rpartition(":")
-    if not colon or not name or is_builtin(source) or Path(source).exists() or not re.fullmatch(r"[\w.-]+", subset):
+    if not colon or not name or is_builtin(source) or Path(source).exists() or not re.fullmatch(r"[\w.-]+", subset) \
+            or subset.lower().endswith(FILE_SUFFIXES):  # a missing file with a colon in its name, not a subset
         return source, None
     return name, subset
 

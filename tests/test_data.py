@@ -355,6 +355,8 @@ def test_a_subset_is_named_after_a_colon(tmp_path: Path, monkeypatch: pytest.Mon
         load_rows(f"{repo}:other", "train")
     with pytest.raises(DataError, match=r"train.jsonl:main: a subset after the colon names a part of a dataset "):
         load_rows(f"{repo}/main/train.jsonl:main", "train")
+    with pytest.raises(DataError, match=r"gsm:v2.jsonl: file not found"):  # a missing file, not a subset
+        load_rows(f"{repo}:v2.jsonl", "train")
     colon = tmp_path / "a:b.jsonl"  # an existing file keeps its colon
     colon.write_text(json.dumps({"text": "c"}) + "\n")
     assert load_rows(str(colon), "train") == [{"text": "c"}]

@@ -477,15 +477,24 @@ def conversational_prompt(row: dict[str, Any], fmt: str, where: str) -> tuple[li
             check_messages(row["completion"], f"{where} (completion)"))
 
 
+def render_after_prompt(tokenizer: Any, prompt: list, response: list, where: str, rows: str,
+                        tools: list[dict] | None = None) -> tuple[str, str]:
+    """The chat template's text of `prompt` with its generation prompt, and of prompt + response, which begins
+    with it (checked: the response's tokens are what follows)."""
+    require_chat_template(tokenizer, where, rows, prompt + response, tools)
+    head = tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(prompt + response, tools=tools, tokenize=False)
+    if not text.startswith(head):
+        raise DataError(f"{where}: the chat template renders the prompt differently once a response follows")
+    return head, text
+
+
 def chat_prompt_completion_ids(tokenizer: Any, prompt: list, completion: list, where: str,
                                tools: list[dict] | None = None) -> tuple[list, list]:
     """Token ids of prompt + completion messages rendered by the chat template, and a 0/1 mask of the tokens
     after the prompt with its generation prompt (the completion, as TRL's SFTTrainer masks it)."""
-    require_chat_template(tokenizer, where, "conversational prompt/completion rows", prompt + completion, tools)
-    head = tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
-    text = tokenizer.apply_chat_template(prompt + completion, tools=tools, tokenize=False)
-    if not text.startswith(head):
-        raise DataError(f"{where}: the chat template renders the prompt differently once the completion follows")
+    head, text = render_after_prompt(tokenizer, prompt, completion, where, "conversational prompt/completion rows",
+                                     tools)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(enc["input_ids"]), [int(start >= len(head)) for start, _ in enc["offset_mapping"]]
 

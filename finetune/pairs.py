@@ -30,7 +30,7 @@ from finetune.data import (
     concatenate,
     fractions,
     map_rows,
-    require_chat_template,
+    render_after_prompt,
     row_tools,
     tokenizer_workers,
     train_eval_rows,
@@ -81,11 +81,7 @@ def _split_text(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
 
 def _render_chat(tokenizer: Any, prompt: list, response: list, where: str,
                  tools: list[dict] | None) -> tuple[list[int], list[int]]:
-    require_chat_template(tokenizer, where, "conversational pairs", prompt + response, tools)
-    head = tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt + response, tools=tools, tokenize=False)
-    if not full.startswith(head):
-        raise DataError(f"{where}: the chat template renders the prompt differently once a response follows")
+    head, full = render_after_prompt(tokenizer, prompt, response, where, "conversational pairs", tools)
     return (tokenizer(head, add_special_tokens=False)["input_ids"],
             tokenizer(full[len(head):], add_special_tokens=False)["input_ids"])
 

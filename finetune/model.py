@@ -395,11 +395,12 @@ def check_trainable_dtypes(model: torch.nn.Module, mixed_precision: str) -> None
             if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)]
     if not half:
         return
-    name, first = half[0]
-    if mixed_precision == "fp16" and first.dtype == torch.float16:
-        raise UserError(f"model.dtype: {len(half)} trainable parameters are float16 (e.g. {name}), and "
+    float16 = [name for name, p in half if p.dtype == torch.float16]
+    if mixed_precision == "fp16" and float16:
+        raise UserError(f"model.dtype: {len(float16)} trainable parameters are float16 (e.g. {float16[0]}), and "
                         "train.mixed_precision fp16's loss scaler cannot unscale float16 gradients; load the weights "
                         "in float32 (model.dtype: float32) or train LoRA adapters (lora.enabled)")
+    name, first = half[0]
     dtype = str(first.dtype).removeprefix("torch.")
     logger.warning("model.dtype: %d trainable parameters are %s (e.g. %s): each optimizer update is rounded to "
                    "their precision, so small ones are lost and training stalls at low learning rates; load them "

@@ -88,6 +88,8 @@ class DataConfig:
     eval_split: str = "test"  # hub split for `eval` when it names a hub dataset
     format: str = "auto"  # auto | chat | sharegpt | prompt_completion | alpaca | text
     columns: dict[str, str] = field(default_factory=dict)  # a source's column -> the name read ({question: prompt})
+    # extra variables for the chat template ({enable_thinking: false}); a row's own `chat_template_kwargs` win
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     max_length: int = 1024
     max_prompt_length: int = 0  # preference pairs: prompt tokens kept (from the end); 0 means max_length // 2
     completion_only_loss: bool = True  # loss on assistant / completion tokens only
@@ -380,8 +382,8 @@ def _describe(tp: Any) -> str:
     if typing.get_origin(tp) is list:
         return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(args[0], str(args[0]))
     if typing.get_origin(tp) is dict:
-        return {(str, str): "a mapping of names to names", (str, float): "a mapping of names to numbers"}.get(
-            args, str(tp))
+        return {(str, str): "a mapping of names to names", (str, float): "a mapping of names to numbers",
+                (str, Any): "a mapping of names to values"}.get(args, str(tp))
     if args:  # a union: "a string, a list of strings or null"
         options = [_describe(a) for a in args if a is not type(None)] + (["null"] if type(None) in args else [])
         return ", ".join(options[:-1]) + " or " + options[-1]
@@ -390,6 +392,8 @@ def _describe(tp: Any) -> str:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; convert only where YAML is lossy (ints as floats, '1e-4')."""
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in typing.get_args(tp):

@@ -9,6 +9,8 @@ Supported row formats:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import multiprocessing
@@ -421,41 +423,77 @@ def has_generation_markers(template: str | None) -> bool:
     return bool(template) and "generation" in template and "endgeneration" in template
 
 
+@functools.cache
+def template_parameters(tokenizer_class: type) -> frozenset[str]:
+    """The names `apply_chat_template` takes itself: a chat template variable by one of them never reaches it."""
+    return frozenset(inspect.signature(tokenizer_class.apply_chat_template).parameters) | {"messages"}
+
+
+def chat_args(row: dict[str, Any], where: str, tokenizer: Any, defaults: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
+    """What the chat template renders a row with besides its messages: the row's `tools`, and variables for the
+    template (`enable_thinking`, ...): the recipe's `data.chat_template_kwargs`, under the row's own
+    `chat_template_kwargs` (a mapping, or its JSON text), as TRL reads them."""
+    own = row.get("chat_template_kwargs")
+    if isinstance(own, str) and own:
+        try:
+            own = json.loads(own)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: 'chat_template_kwargs' is text but not JSON ({e.msg}); expected a mapping of "
+                            "template variables") from None
+    if own is not None and own != "" and not isinstance(own, dict):
+        raise DataError(f"{where}: expected 'chat_template_kwargs' to be a mapping of template variables, got "
+                        f"{type(own).__name__}")
+    for what, kwargs in (("data.chat_template_kwargs", defaults), (f"{where}: 'chat_template_kwargs'", own)):
+        clash = sorted(template_parameters(type(tokenizer)) & set(kwargs)) if kwargs else ()
+        if clash:
+            raise DataError(f"{what}: {clash[0]!r} is an argument of apply_chat_template, not a template variable")
+    return {"tools": row_tools(row, where), **(defaults or {}), **(own or {})}
+
+
 def require_chat_template(tokenizer: Any, where: str, rows: str, messages: list[dict[str, Any]] = (),
-                          tools: list[dict] | None = None) -> None:
-    """A chat template that renders these messages and tools: one that never mentions tool calls or tools would
-    drop them without a word (a tool call's empty content renders as "None")."""
+                          args: dict[str, Any] | None = None) -> None:
+    """A chat template that renders these messages with these `chat_args`: one that never mentions tool calls,
+    tools or a template variable would drop them without a word (a tool call's empty content renders as
+    "None")."""
     template = getattr(tokenizer, "chat_template", None)
     if template is None:
         raise DataError(f"{where}: {rows} need a tokenizer with a chat template, and this tokenizer has none; "
                         "set model.chat_template (e.g. chatml)")
-    for name, present in (("tool_calls", any(m.get("tool_calls") for m in messages)), ("tools", bool(tools))):
+    args = args or {}
+    calls = any(m.get("tool_calls") for m in messages)
+    for name, present in (("tool_calls", calls), ("tools", bool(args.get("tools")))):
         if present and name not in str(template):
             raise DataError(f"{where}: the row has {name}, and the chat template never renders {name}; use a "
                             "model whose template does, or a model.chat_template that does")
+    for name, value in args.items():
+        if name != "tools" and value is not None and name not in str(template):
+            raise DataError(f"{where}: chat_template_kwargs sets {name}, and the chat template never reads {name} "
+                            "(from data.chat_template_kwargs or the row's chat_template_kwargs)")
 
 
 def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str = "chat",
-                      tools: list[dict] | None = None) -> tuple[list, list]:
+                      args: dict[str, Any] | None = None) -> tuple[list, list]:
     """Token ids of a rendered chat and a 0/1 mask of assistant tokens (including each turn's end token).
 
     Templates with `{% generation %}` markers use transformers' own assistant mask. For templates without
     them (most real models), each assistant turn's character span is found by rendering the conversation up to
     it, and tokens are assigned through the tokenizer's offsets.
     """
-    require_chat_template(tokenizer, where, "chat rows", messages, tools)
+    args = args or {}
+    require_chat_template(tokenizer, where, "chat rows", messages, args)
     if has_generation_markers(tokenizer.chat_template):
-        out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True, **args)
         return list(out["input_ids"]), list(out["assistant_masks"])
-    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **args)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tools=tools, tokenize=False,
-                                               add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False)
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True,
+                                               **args) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, **args)
         if not (text.startswith(before) and text.startswith(through)):
             raise DataError(f"{where}: the chat template renders earlier turns differently once later turns follow, "
                             "so assistant tokens cannot be located; use a template with {% generation %} markers "
@@ -478,23 +516,24 @@ def conversational_prompt(row: dict[str, Any], fmt: str, where: str) -> tuple[li
 
 
 def render_after_prompt(tokenizer: Any, prompt: list, response: list, where: str, rows: str,
-                        tools: list[dict] | None = None) -> tuple[str, str]:
+                        args: dict[str, Any] | None = None) -> tuple[str, str]:
     """The chat template's text of `prompt` with its generation prompt, and of prompt + response, which begins
-    with it (checked: the response's tokens are what follows)."""
-    require_chat_template(tokenizer, where, rows, prompt + response, tools)
-    head = tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
-    text = tokenizer.apply_chat_template(prompt + response, tools=tools, tokenize=False)
+    with it (checked: the response's tokens are what follows). `args`: `chat_args`."""
+    args = args or {}
+    require_chat_template(tokenizer, where, rows, prompt + response, args)
+    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **args)
+    text = tokenizer.apply_chat_template(prompt + response, tokenize=False, **args)
     if not text.startswith(head):
         raise DataError(f"{where}: the chat template renders the prompt differently once a response follows")
     return head, text
 
 
 def chat_prompt_completion_ids(tokenizer: Any, prompt: list, completion: list, where: str,
-                               tools: list[dict] | None = None) -> tuple[list, list]:
+                               args: dict[str, Any] | None = None) -> tuple[list, list]:
     """Token ids of prompt + completion messages rendered by the chat template, and a 0/1 mask of the tokens
     after the prompt with its generation prompt (the completion, as TRL's SFTTrainer masks it)."""
     head, text = render_after_prompt(tokenizer, prompt, completion, where, "conversational prompt/completion rows",
-                                     tools)
+                                     args)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(enc["input_ids"]), [int(start >= len(head)) for start, _ in enc["offset_mapping"]]
 
@@ -511,14 +550,17 @@ def prompt_and_completion(row: dict[str, Any], fmt: str, where: str) -> tuple[st
 
 
 def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, completion_only: bool,
-               where: str) -> dict[str, Any]:
-    """Tokenize one row into `input_ids` and `labels` (IGNORE_INDEX where no loss), truncated on the right."""
+               where: str, template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tokenize one row into `input_ids` and `labels` (IGNORE_INDEX where no loss), truncated on the right.
+    `template_kwargs`: data.chat_template_kwargs."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     conversation = conversational_prompt(row, fmt, where)
     if fmt in CHAT_FORMATS:
-        ids, mask = chat_ids_and_mask(tokenizer, row_messages(row, fmt, where), where, row_tools(row, where))
+        ids, mask = chat_ids_and_mask(tokenizer, row_messages(row, fmt, where), where,
+                                      chat_args(row, where, tokenizer, template_kwargs))
     elif conversation is not None:
-        ids, mask = chat_prompt_completion_ids(tokenizer, *conversation, where, row_tools(row, where))
+        ids, mask = chat_prompt_completion_ids(tokenizer, *conversation, where,
+                                               chat_args(row, where, tokenizer, template_kwargs))
     elif fmt == "text":
         ids = tokenizer(_check_str(row["text"], "'text'", where))["input_ids"] + eos
         mask = [1] * len(ids)
@@ -595,10 +637,10 @@ def map_rows(encode: Callable[[Any, str], dict], rows: Any, source: str, progres
 
 
 def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length: int, completion_only: bool,
-                   progress: bool = True, workers: int = 1,
-                   numbering: Numbering = ROWS) -> tuple[Any, EncodeStats]:
+                   progress: bool = True, workers: int = 1, numbering: Numbering = ROWS,
+                   template_kwargs: dict[str, Any] | None = None) -> tuple[Any, EncodeStats]:
     """Tokenize every row into a `datasets.Dataset`, report truncation, drop rows left with no target token.
-    `numbering`: how messages number the rows (`Part.numbering`)."""
+    `numbering`: how messages number the rows (`Part.numbering`); `template_kwargs`: data.chat_template_kwargs."""
     import datasets
 
     fmt = detect_format(column_names(rows), source, fmt)
@@ -608,7 +650,7 @@ def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length:
     cut_off: list[int] = []
 
     def encode(row: Any, where: str) -> dict:
-        return encode_row(row, fmt, tokenizer, max_length, completion_only, where)
+        return encode_row(row, fmt, tokenizer, max_length, completion_only, where, template_kwargs)
 
     for i, enc in enumerate(map_rows(encode, rows, source, progress, workers, numbering)):
         truncated += enc["truncated"]

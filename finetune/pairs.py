@@ -26,12 +26,12 @@ from finetune.data import (
     DataError,
     Numbering,
     Part,
+    chat_args,
     check_messages,
     concatenate,
     fractions,
     map_rows,
     render_after_prompt,
-    row_tools,
     tokenizer_workers,
     train_eval_rows,
 )
@@ -80,15 +80,16 @@ def _split_text(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
 
 
 def _render_chat(tokenizer: Any, prompt: list, response: list, where: str,
-                 tools: list[dict] | None) -> tuple[list[int], list[int]]:
-    head, full = render_after_prompt(tokenizer, prompt, response, where, "conversational pairs", tools)
+                 args: dict[str, Any]) -> tuple[list[int], list[int]]:
+    head, full = render_after_prompt(tokenizer, prompt, response, where, "conversational pairs", args)
     return (tokenizer(head, add_special_tokens=False)["input_ids"],
             tokenizer(full[len(head):], add_special_tokens=False)["input_ids"])
 
 
 def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt_length: int,
-                where: str) -> dict[str, Any]:
-    """Token ids of the prompt and both responses, truncated; `truncated` / `empty` flags for the counts."""
+                where: str, template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Token ids of the prompt and both responses, truncated; `truncated` / `empty` flags for the counts.
+    `template_kwargs`: data.chat_template_kwargs."""
     for key in ("chosen", "rejected"):
         if row.get(key) is None:
             raise DataError(f"{where}: missing field {key!r} (expected prompt, chosen, rejected; data.columns can "
@@ -109,9 +110,9 @@ def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt
         rejected = chosen if once else tokenizer(texts[2], add_special_tokens=False)["input_ids"] + eos
     elif isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
         p_msgs, c_msgs, r_msgs = _split_conversation(row, where)
-        tools = row_tools(row, where)
-        prompt, chosen = _render_chat(tokenizer, p_msgs, c_msgs, where, tools)
-        rejected = chosen if once else _render_chat(tokenizer, p_msgs, r_msgs, where, tools)[1]
+        args = chat_args(row, where, tokenizer, template_kwargs)
+        prompt, chosen = _render_chat(tokenizer, p_msgs, c_msgs, where, args)
+        rejected = chosen if once else _render_chat(tokenizer, p_msgs, r_msgs, where, args)[1]
     else:
         raise DataError(f"{where}: expected 'chosen' and 'rejected' to be both strings or both message lists")
     longest = len(prompt) + max(len(chosen), len(rejected))
@@ -125,12 +126,13 @@ def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt
 
 
 def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_prompt_length: int,
-                 progress: bool = True, uid_start: int = 0, workers: int = 1,
-                 numbering: Numbering = ROWS) -> tuple[Any, PairStats]:
+                 progress: bool = True, uid_start: int = 0, workers: int = 1, numbering: Numbering = ROWS,
+                 template_kwargs: dict[str, Any] | None = None) -> tuple[Any, PairStats]:
     """Tokenize all preference rows into a `datasets.Dataset` (prompt, chosen, rejected, margin, uid).
 
     `uid` numbers the kept pairs from `uid_start`, so train and eval pairs can share one table of reference
-    log-probs. `numbering`: how messages number the rows (`Part.numbering`)."""
+    log-probs. `numbering`: how messages number the rows (`Part.numbering`); `template_kwargs`:
+    data.chat_template_kwargs."""
     import datasets
 
     max_prompt_length = max_prompt_length or max_length // 2
@@ -138,7 +140,7 @@ def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_pr
     truncated = 0
 
     def encode(row: Any, where: str) -> dict:
-        return encode_pair(row, tokenizer, max_length, max_prompt_length, where)
+        return encode_pair(row, tokenizer, max_length, max_prompt_length, where, template_kwargs)
 
     empty: list[int] = []
     for i, enc in enumerate(map_rows(encode, rows, source, progress, workers, numbering)):
@@ -163,8 +165,8 @@ def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_pr
 
 
 def encode_kto_rows(rows: Any, source: str, tokenizer: Any, max_length: int, max_prompt_length: int,
-                    progress: bool = True, uid_start: int = 0, workers: int = 1,
-                    numbering: Numbering = ROWS) -> Any:
+                    progress: bool = True, uid_start: int = 0, workers: int = 1, numbering: Numbering = ROWS,
+                    template_kwargs: dict[str, Any] | None = None) -> Any:
     """KTO's rows as pairs the DPO task's machinery runs (one forward, reference, packing, cached reference
     log-probs): `chosen` is the row's completion, `rejected` the completion of the row before it (cyclically),
     whose log-ratio under this prompt estimates KTO's KL reference point, and `label` says whether the completion
@@ -183,12 +185,12 @@ def encode_kto_rows(rows: Any, source: str, tokenizer: Any, max_length: int, max
             if row.get("prompt") is None and not isinstance(row["completion"], list):
                 raise DataError(f"{where}: expected a 'prompt' beside the completion")
             enc = encode_pair({**row, "chosen": row["completion"], "rejected": row["completion"]}, tokenizer,
-                              max_length, max_prompt_length, where)
+                              max_length, max_prompt_length, where, template_kwargs)
             return [{**enc, "label": row["label"]}]
         if not isinstance(row, dict) or "chosen" not in row:
             raise DataError(f"{where}: expected prompt, completion and label (or a preference pair: prompt, chosen, "
                             "rejected) for dpo.loss_type kto; data.columns can rename yours")
-        enc = encode_pair(row, tokenizer, max_length, max_prompt_length, where)
+        enc = encode_pair(row, tokenizer, max_length, max_prompt_length, where, template_kwargs)
         return [{**enc, "label": True}, {**enc, "chosen": enc["rejected"], "label": False}]
 
     firsts, seconds, truncated = [], [], 0
@@ -227,9 +229,10 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
     def encode(part: Part, uid_start: int) -> Any:
         settings = {"task": "kto" if kto else "pairs", "max_length": d.max_length,
                     "max_prompt_length": d.max_prompt_length, "uid_start": uid_start,
-                    "numbering": part.numbering}  # rows are named in its warnings
+                    "numbering": part.numbering,  # rows are named in its warnings
+                    "chat_template_kwargs": d.chat_template_kwargs}
         args = (part.rows, part.source, tokenizer, d.max_length, d.max_prompt_length, progress, uid_start,
-                tokenizer_workers(d.num_proc), part.numbering)
+                tokenizer_workers(d.num_proc), part.numbering, d.chat_template_kwargs)
         return cached(part.rows, part.source, tokenizer, settings, enabled=d.cache_tokenized,
                       encode=lambda: encode_kto_rows(*args) if kto else encode_pairs(*args)[0])
 

@@ -108,6 +108,8 @@ def test_unknown_section(tmp_path: Path):
      "data.train: expected a string, a list of strings or a mapping of names to numbers, got ['a.jsonl', 3]"),
     ("lora:\n  target_modules: 3\n", "lora.target_modules: expected a string or a list of strings, got 3"),
     ("dpo:\n  loss_type: [sigmoid, kpo]\n", "dpo.loss_type: expected one of sigmoid, robust, hinge, ipo, bco_pair"),
+    ("data:\n  chat_template_kwargs: [enable_thinking]\n",
+     "data.chat_template_kwargs: expected a mapping of names to values, got ['enable_thinking']"),
     ("dpo:\n  loss_type: []\n", "dpo.loss_type: expected a loss type or a list of them, got an empty list"),
     ("dpo:\n  loss_type: [sigmoid, simpo]\n", "dpo.loss_type: simpo uses no reference model and cannot be combined"),
     ("dpo:\n  loss_type: [orpo, sigmoid]\n", "dpo.loss_type: orpo uses no reference model and cannot be combined"),
@@ -134,8 +136,10 @@ def test_yaml_scientific_notation_is_a_float(tmp_path: Path):
 
 def test_overrides_are_typed_and_nested():
     nested = parse_overrides(["train.lr=1e-4", "lora.r=32", "lora.target_modules=[q_proj, v_proj]",
-                              "data.eval=null", "output_dir=runs/x"])
+                              "data.eval=null", "output_dir=runs/x",
+                              "data.chat_template_kwargs.enable_thinking=false"])
     recipe = load_recipe({"lora": {"enabled": True}}, nested)
+    assert recipe.data.chat_template_kwargs == {"enable_thinking": False}
     assert recipe.train.lr == pytest.approx(1e-4)
     assert recipe.lora.r == 32 and recipe.lora.target_modules == ["q_proj", "v_proj"]
     assert recipe.data.eval is None and recipe.output_dir == "runs/x"

@@ -207,6 +207,122 @@ def test_tools_a_template_would_drop_are_refused(tok):
                     512, "x")
 
 
+# Qwen3's way with thinking, reduced: the last assistant turn carries a think block, and `enable_thinking=false`
+# puts the empty block into the generation prompt instead, so that it is prompt, not completion
+THINK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+ASK = [{"role": "user", "content": "What is 2 + 3?"}]
+ANSWER = [{"role": "assistant", "content": "5"}]
+
+
+def test_chat_template_kwargs_match_trl_per_row_and_from_the_recipe(tiny_dir, tmp_path: Path):
+    """Template variables (Qwen3's enable_thinking): a row's `chat_template_kwargs` give TRL's SFTTrainer's ids and
+    completion labels; the recipe's data.chat_template_kwargs give the same for rows without them, and a row's own
+    win over the recipe's; chat rows (spans by rendering), exact-match prompts and pairs render with them too."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+    from trl.data_utils import apply_chat_template
+
+    from finetune.pairs import encode_pair
+    from finetune.tasks.sft import generation_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = THINK_TEMPLATE
+    off = {"enable_thinking": False}
+    rows = [{"prompt": ASK, "completion": ANSWER, "chat_template_kwargs": off}]
+    args = SFTConfig(output_dir=str(tmp_path), max_length=1024, report_to="none", bf16=False)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dir), args=args,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    ours = encode_row(rows[0], "prompt_completion", tok, 1024, True, "x")
+    assert (ours["input_ids"], ours["labels"]) == (trainer.train_dataset[0]["input_ids"],
+                                                   trainer.train_dataset[0]["labels"])
+    assert tok.decode([t for t in ours["labels"] if t != IGNORE_INDEX]) == "5<|im_end|>\n"
+
+    bare = {"prompt": ASK, "completion": ANSWER}
+    thinking = encode_row(bare, "prompt_completion", tok, 1024, True, "x")
+    assert tok.decode([t for t in thinking["labels"] if t != IGNORE_INDEX]) == "<think>\n\n</think>\n\n5<|im_end|>\n"
+    assert encode_row(bare, "prompt_completion", tok, 1024, True, "x", off) == ours
+    on = {**bare, "chat_template_kwargs": json.dumps({"enable_thinking": True})}  # JSON text, as in hub sets
+    assert encode_row(on, "prompt_completion", tok, 1024, True, "x", off) == thinking
+    chat = encode_row({"messages": ASK + ANSWER}, "chat", tok, 1024, True, "x", off)
+    assert (chat["input_ids"], chat["labels"]) == (ours["input_ids"], ours["labels"])
+    [(prompt, _)] = generation_examples([bare], "t", "auto", tok, 4, template_kwargs=off)
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+    pair = {"prompt": ASK, "chosen": ANSWER, "rejected": [{"role": "assistant", "content": "6"}]}
+    texts = apply_chat_template({**pair, "chat_template_kwargs": off}, tok)
+    enc = encode_pair(pair, tok, 64, 32, "x", off)
+    assert [tok.decode(enc[k]) for k in ("prompt", "chosen", "rejected")] == \
+        [texts[k] for k in ("prompt", "chosen", "rejected")]
+    assert encode_pair({**pair, "chat_template_kwargs": off}, tok, 64, 32, "x") == enc != encode_pair(pair, tok, 64,
+                                                                                                       32, "x")
+
+
+def test_chat_template_kwargs_that_cannot_reach_the_template_are_refused(tiny_dir):
+    from transformers import AutoTokenizer
+
+    from finetune.pairs import encode_pair
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = THINK_TEMPLATE
+    row = {"prompt": ASK, "completion": ANSWER}
+    with pytest.raises(DataError, match=r"^data\.chat_template_kwargs: 'tools' is an argument of apply_chat_template"):
+        encode_row(row, "prompt_completion", tok, 64, True, "x", {"tools": []})
+    with pytest.raises(DataError, match=r"^x: 'chat_template_kwargs': 'add_generation_prompt' is an argument of "):
+        encode_row({**row, "chat_template_kwargs": {"add_generation_prompt": True}}, "prompt_completion", tok, 64,
+                   True, "x")
+    with pytest.raises(DataError, match=r"^x: chat_template_kwargs sets enable_reasoning, and the chat template "
+                                        r"never reads enable_reasoning"):
+        encode_row({"messages": ASK + ANSWER}, "chat", tok, 64, True, "x", {"enable_reasoning": False})
+    with pytest.raises(DataError, match=r"^x: chat_template_kwargs sets enable_reasoning"):
+        encode_pair({**row, "chosen": ANSWER, "rejected": ANSWER, "chat_template_kwargs": {"enable_reasoning": 1}},
+                    tok, 64, 32, "x")
+    with pytest.raises(DataError, match=r"^x: 'chat_template_kwargs' is text but not JSON"):
+        encode_row({**row, "chat_template_kwargs": "enable_thinking"}, "prompt_completion", tok, 64, True, "x")
+    with pytest.raises(DataError, match=r"^x: expected 'chat_template_kwargs' to be a mapping of template "
+                                        r"variables, got list"):
+        encode_row({**row, "chat_template_kwargs": ["enable_thinking"]}, "prompt_completion", tok, 64, True, "x")
+    # a variable set to null is passed on and not checked: Arrow gives every row each key of the column's struct
+    none = encode_row({**row, "chat_template_kwargs": {"enable_thinking": None, "xml_tools": None}},
+                      "prompt_completion", tok, 64, True, "x")
+    assert none == encode_row(row, "prompt_completion", tok, 64, True, "x")
+
+
+def test_recipe_chat_template_kwargs_are_part_of_the_tokenized_cache_key(tiny_dir, tmp_path: Path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from finetune.config import load_recipe
+    from finetune.pairs import build_pair_data
+    from finetune.tasks.sft import SFTTask
+
+    monkeypatch.setattr("finetune.tokenized.cache_root", lambda: tmp_path / "tokenized")
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = THINK_TEMPLATE
+    train = tmp_path / "t.jsonl"
+    train.write_text(json.dumps({"prompt": ASK, "completion": ANSWER}) + "\n")
+
+    def trained(**overrides) -> str:
+        recipe = load_recipe({"data": {"train": str(train)}, "log": {"progress": False}}, overrides)
+        labels = SFTTask().build_data(recipe, tok).train["labels"][0]
+        return tok.decode([t for t in labels if t != IGNORE_INDEX])
+
+    off = {"data": {"chat_template_kwargs": {"enable_thinking": False}}}
+    assert trained() == "<think>\n\n</think>\n\n5<|im_end|>\n"
+    assert trained(**off) == "5<|im_end|>\n"
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(json.dumps({"prompt": ASK, "chosen": ANSWER, "rejected": ANSWER}) + "\n")
+
+    def prompt(**overrides) -> str:
+        recipe = load_recipe({"task": "dpo", "data": {"train": str(pairs)}, "log": {"progress": False}}, overrides)
+        return tok.decode(build_pair_data(recipe, tok, progress=False)[0]["prompt"][0])
+
+    assert prompt().endswith("assistant\n") and prompt(**off).endswith("assistant\n<think>\n\n</think>\n\n")
+    assert len(list((tmp_path / "tokenized").iterdir())) == 4
+
+
 def test_sharegpt_function_calls_are_tool_calls(tiny_dir):
     """LLaMA-Factory's ShareGPT function calling: `function_call` turns (the call as JSON) and `observation`
     turns train exactly as the same conversation in messages with tool_calls and a tool turn."""

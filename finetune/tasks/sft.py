@@ -14,6 +14,7 @@ from finetune.data import (
     ROWS,
     Numbering,
     Part,
+    chat_args,
     column_names,
     concatenate,
     conversational_prompt,
@@ -23,7 +24,6 @@ from finetune.data import (
     prompt_and_completion,
     row_messages,
     row_name,
-    row_tools,
     take,
     tokenizer_workers,
     train_eval_rows,
@@ -36,9 +36,10 @@ from finetune.tokenized import cached
 logger = logging.getLogger("finetune")
 
 
-def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit: int,
-                        numbering: Numbering = ROWS) -> list[tuple[list, str]]:
-    """(prompt ids, reference answer) pairs for exact-match scoring; rows without a reference are skipped."""
+def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit: int, numbering: Numbering = ROWS,
+                        template_kwargs: dict[str, Any] | None = None) -> list[tuple[list, str]]:
+    """(prompt ids, reference answer) pairs for exact-match scoring; rows without a reference are skipped.
+    `template_kwargs`: data.chat_template_kwargs."""
     fmt = detect_format(column_names(rows), source, fmt)
     out = []
     for i, row in enumerate(take(rows, list(range(min(limit, len(rows)))))):
@@ -48,8 +49,9 @@ def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit:
             ref = msgs[-1].get("content")
             if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or ref is None:  # e.g. a tool call: no text
                 continue
-            ids = tokenizer.apply_chat_template(msgs[:-1], tools=row_tools(row, where), tokenize=True,
-                                                add_generation_prompt=True, return_dict=True)["input_ids"]
+            ids = tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True,
+                                                return_dict=True,
+                                                **chat_args(row, where, tokenizer, template_kwargs))["input_ids"]
             out.append((list(ids), ref))
         elif fmt in ("prompt_completion", "alpaca"):
             prompt, ref = prompt_and_completion(row, fmt, where)
@@ -95,11 +97,13 @@ class SFTTask:
 
         def encode(part: Part) -> Any:
             settings = {"task": "sft", "format": d.format, "max_length": d.max_length,
-                        "completion_only_loss": d.completion_only_loss, "numbering": part.numbering}  # in warnings
+                        "completion_only_loss": d.completion_only_loss, "numbering": part.numbering,  # in warnings
+                        "chat_template_kwargs": d.chat_template_kwargs}
             return cached(part.rows, part.source, tokenizer, settings, enabled=d.cache_tokenized,
                           encode=lambda: encode_dataset(part.rows, part.source, d.format, tokenizer, d.max_length,
                                                         d.completion_only_loss, progress,
-                                                        tokenizer_workers(d.num_proc), part.numbering)[0])
+                                                        tokenizer_workers(d.num_proc), part.numbering,
+                                                        d.chat_template_kwargs)[0])
 
         train = concatenate([encode(part) for part in train_parts], fractions(d.train), recipe.seed)
         evals = None
@@ -109,7 +113,8 @@ class SFTTask:
             for part in eval_parts:  # the first train.eval_generate held-out rows, across sources
                 if len(examples) < recipe.train.eval_generate:
                     examples += generation_examples(part.rows, part.source, d.format, tokenizer,
-                                                    recipe.train.eval_generate - len(examples), part.numbering)
+                                                    recipe.train.eval_generate - len(examples), part.numbering,
+                                                    d.chat_template_kwargs)
             self.examples = examples
         return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id, d.packing),
                         train_lengths=[len(ids) for ids in train["input_ids"]])

@@ -79,22 +79,36 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--raw", action="store_true",
                    help="prompt and response as plain text (a pair of strings in training), not chat turns")
     for command in (g, c):
+        command.add_argument("--template-var", action="append", default=[], metavar="NAME=VALUE",
+                             help="a chat template variable, as data.chat_template_kwargs in training (e.g. "
+                                  "enable_thinking=false); repeat for more")
         command.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                              help="auto (the default): bfloat16 on a GPU, float32 on a CPU")
     return p
 
 
+def template_vars(items: list[str]) -> dict[str, Any]:
+    """`--template-var` NAME=VALUE items as a mapping, values read as YAML scalars (as recipe overrides); checked
+    before the model loads, so that a typo is said at once."""
+    bad = next((item for item in items if item.partition("=")[1] != "=" or item.startswith("=")), None)
+    if bad is not None:
+        raise UserError(f"--template-var {bad!r}: expected NAME=VALUE, e.g. enable_thinking=false")
+    return parse_overrides(items)
+
+
 def generate(args: argparse.Namespace) -> None:
     """Print the answer to each prompt (of the command line, else of each line of stdin) as it comes."""
-    from finetune.generate import answers, load
+    from finetune.generate import answers, load, template_kwargs
 
     if args.max_new_tokens < 1 or args.temperature < 0:
         raise UserError("generate: expected --max-new-tokens >= 1 and --temperature >= 0")
+    variables = template_vars(args.template_var)
     model, tokenizer = load(args.model, args.dtype)
+    kwargs = template_kwargs(tokenizer, variables, args.raw, "--template-var")
     if not args.prompts and sys.stdin.isatty():
         print("one prompt per line; Ctrl-D ends", file=sys.stderr)
     prompts = args.prompts or (line.strip() for line in sys.stdin if line.strip())
-    for answer in answers(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.raw):
+    for answer in answers(model, tokenizer, prompts, args.max_new_tokens, args.temperature, args.raw, kwargs=kwargs):
         print(answer, flush=True)
 
 
@@ -149,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
             generate(args)
             return 0
         if args.command == "score":
-            from finetune.generate import load
+            from finetune.generate import load, template_kwargs
             from finetune.score import scores
 
+            variables = template_vars(args.template_var)
             model, tokenizer = load(args.model, args.dtype, reward=True)
-            for value in scores(model, tokenizer, args.prompt, args.responses, args.raw):
+            kwargs = template_kwargs(tokenizer, variables, args.raw, "--template-var")
+            for value in scores(model, tokenizer, args.prompt, args.responses, args.raw, kwargs):
                 print(f"{value:.6g}")
             return 0
         overrides = parse_overrides(args.overrides)

@@ -429,6 +429,18 @@ def template_parameters(tokenizer_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(tokenizer_class.apply_chat_template).parameters) | {"messages"}
 
 
+def check_template_kwargs(tokenizer: Any, kwargs: dict[str, Any] | None, what: str) -> None:
+    """Variables for the chat template that reach it: none is one of `apply_chat_template`'s own arguments, and
+    the template reads each that is set (one it never reads would be dropped without a word). `what` prefixes a
+    variable's name in errors."""
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    for name, value in (kwargs or {}).items():
+        if name in template_parameters(type(tokenizer)):
+            raise DataError(f"{what}{name}: an argument of apply_chat_template, not a template variable")
+        if value is not None and template and name not in template:
+            raise DataError(f"{what}{name}: the chat template never reads {name}")
+
+
 def chat_args(row: dict[str, Any], where: str, tokenizer: Any, defaults: dict[str, Any] | None = None
               ) -> dict[str, Any]:
     """What the chat template renders a row with besides its messages: the row's `tools`, and variables for the
@@ -444,18 +456,15 @@ def chat_args(row: dict[str, Any], where: str, tokenizer: Any, defaults: dict[st
     if own is not None and own != "" and not isinstance(own, dict):
         raise DataError(f"{where}: expected 'chat_template_kwargs' to be a mapping of template variables, got "
                         f"{type(own).__name__}")
-    for what, kwargs in (("data.chat_template_kwargs", defaults), (f"{where}: 'chat_template_kwargs'", own)):
-        clash = sorted(template_parameters(type(tokenizer)) & set(kwargs)) if kwargs else ()
-        if clash:
-            raise DataError(f"{what}: {clash[0]!r} is an argument of apply_chat_template, not a template variable")
+    check_template_kwargs(tokenizer, defaults, "data.chat_template_kwargs.")
+    check_template_kwargs(tokenizer, own, f"{where}: chat_template_kwargs.")
     return {"tools": row_tools(row, where), **(defaults or {}), **(own or {})}
 
 
 def require_chat_template(tokenizer: Any, where: str, rows: str, messages: list[dict[str, Any]] = (),
                           args: dict[str, Any] | None = None) -> None:
-    """A chat template that renders these messages with these `chat_args`: one that never mentions tool calls,
-    tools or a template variable would drop them without a word (a tool call's empty content renders as
-    "None")."""
+    """A chat template that renders these messages with these `chat_args`: one that never mentions tool calls or
+    tools would drop them without a word (a tool call's empty content renders as "None")."""
     template = getattr(tokenizer, "chat_template", None)
     if template is None:
         raise DataError(f"{where}: {rows} need a tokenizer with a chat template, and this tokenizer has none; "
@@ -466,10 +475,6 @@ def require_chat_template(tokenizer: Any, where: str, rows: str, messages: list[
         if present and name not in str(template):
             raise DataError(f"{where}: the row has {name}, and the chat template never renders {name}; use a "
                             "model whose template does, or a model.chat_template that does")
-    for name, value in args.items():
-        if name != "tools" and value is not None and name not in str(template):
-            raise DataError(f"{where}: chat_template_kwargs sets {name}, and the chat template never reads {name} "
-                            "(from data.chat_template_kwargs or the row's chat_template_kwargs)")
 
 
 def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str = "chat",

@@ -61,18 +61,32 @@ def as_chat(tokenizer: Any, raw: bool) -> bool:
     return not raw and getattr(tokenizer, "chat_template", None) is not None
 
 
-def prompt_ids(tokenizer: Any, prompt: str, raw: bool = False) -> list[int]:
-    """The prompt as one user turn of the chat template (ending where the assistant's answer starts), or its plain
-    tokens when the tokenizer has no template or `raw`."""
+def template_kwargs(tokenizer: Any, kwargs: dict[str, Any] | None, raw: bool, what: str) -> dict[str, Any]:
+    """Checked variables for the chat template (as data.chat_template_kwargs in training), named `what` in
+    errors; refused where no template renders the prompt."""
+    from finetune.data import check_template_kwargs
+
+    if kwargs and not as_chat(tokenizer, raw):
+        raise UserError(f"{what}: no chat template renders the prompt here (--raw, or the model has none)")
+    check_template_kwargs(tokenizer, kwargs, f"{what} ")
+    return dict(kwargs or {})
+
+
+def prompt_ids(tokenizer: Any, prompt: str, raw: bool = False, kwargs: dict[str, Any] | None = None) -> list[int]:
+    """The prompt as one user turn of the chat template (ending where the assistant's answer starts), rendered with
+    the template variables `kwargs`, or its plain tokens when the tokenizer has no template or `raw`."""
     if not as_chat(tokenizer, raw):
         return list(tokenizer(prompt)["input_ids"])
     return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                              add_generation_prompt=True, return_dict=True)["input_ids"])
+                                              add_generation_prompt=True, return_dict=True,
+                                              **(kwargs or {}))["input_ids"])
 
 
 def answers(model: Any, tokenizer: Any, prompts: Iterable[str], max_new_tokens: int = 64,
-            temperature: float = 0.0, raw: bool = False, seed: int = 0) -> Iterator[str]:
-    """Each prompt's completion (greedy at temperature 0, else sampled), one prompt at a time, in order."""
+            temperature: float = 0.0, raw: bool = False, seed: int = 0,
+            kwargs: dict[str, Any] | None = None) -> Iterator[str]:
+    """Each prompt's completion (greedy at temperature 0, else sampled), one prompt at a time, in order; `kwargs`:
+    variables for the chat template, as data.chat_template_kwargs in training."""
     import torch
 
     from finetune.model import in_eval_mode
@@ -82,7 +96,7 @@ def answers(model: Any, tokenizer: Any, prompts: Iterable[str], max_new_tokens: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     with in_eval_mode(model):
         for prompt in prompts:
-            ids = torch.tensor([prompt_ids(tokenizer, prompt, raw)], device=model.device)
+            ids = torch.tensor([prompt_ids(tokenizer, prompt, raw, kwargs)], device=model.device)
             sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),

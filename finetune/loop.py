@@ -46,19 +46,21 @@ class Result:
     model: Any = field(default=None, repr=False)  # the trained (unwrapped) model, for notebooks and tests
     preempted: bool = False
     tokenizer: Any = field(default=None, repr=False)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # the recipe's, for prompts as in training
 
     def generate(self, *prompts: str, max_new_tokens: int = 64, temperature: float = 0.0) -> list[str]:
         """The trained model's answers to `prompts`, as `finetune generate` gives them from the exported one in the
         same dtype (on a GPU it loads bfloat16 by default, and this model may be float32)."""
         from finetune.generate import answers
 
-        return list(answers(self.model, self.tokenizer, prompts, max_new_tokens, temperature))
+        return list(answers(self.model, self.tokenizer, prompts, max_new_tokens, temperature,
+                            kwargs=self.chat_template_kwargs))
 
     def score(self, prompt: str, *responses: str) -> list[float]:
         """A reward model's scores of `responses` to `prompt`, as `finetune score` gives them."""
         from finetune.score import scores
 
-        return scores(self.model, self.tokenizer, prompt, list(responses))
+        return scores(self.model, self.tokenizer, prompt, list(responses), kwargs=self.chat_template_kwargs)
 
 
 class _Signals:
@@ -432,7 +434,8 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
         metrics = {f"train_{k}": v for k, v in last_train.items()} | final_eval
         history = read_metrics(out / "metrics.jsonl") if main and not eval_only else []
         return Result(output_dir=out, model_dir=out / "model", metrics=metrics, steps=state.step, history=history,
-                      model=trained, preempted=stopped, tokenizer=tokenizer)
+                      model=trained, preempted=stopped, tokenizer=tokenizer,
+                      chat_template_kwargs=recipe.data.chat_template_kwargs)
 
     # ---- the steps (none with eval_only: it evaluates and ends)
     if eval_only:

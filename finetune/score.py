@@ -13,18 +13,20 @@ from finetune.pairs import encode_pair
 UNLIMITED = 1 << 30  # scoring truncates nothing
 
 
-def response_ids(tokenizer: Any, prompt: str, response: str, raw: bool = False) -> list[int]:
-    """The tokens the reward model scores for `response` to `prompt`."""
+def response_ids(tokenizer: Any, prompt: str, response: str, raw: bool = False,
+                 kwargs: dict[str, Any] | None = None) -> list[int]:
+    """The tokens the reward model scores for `response` to `prompt`; `kwargs`: variables for the chat template."""
     if not as_chat(tokenizer, raw):
         row: dict[str, Any] = {"prompt": prompt, "chosen": response, "rejected": response}
     else:
         turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
         row = {"chosen": turns, "rejected": turns}
-    encoded = encode_pair(row, tokenizer, UNLIMITED, UNLIMITED, "score")
+    encoded = encode_pair(row, tokenizer, UNLIMITED, UNLIMITED, "score", kwargs)
     return encoded["prompt"] + encoded["chosen"]
 
 
-def scores(model: Any, tokenizer: Any, prompt: str, responses: list[str], raw: bool = False) -> list[float]:
+def scores(model: Any, tokenizer: Any, prompt: str, responses: list[str], raw: bool = False,
+           kwargs: dict[str, Any] | None = None) -> list[float]:
     """The reward of each response, one forward each (no padding to get wrong), in evaluation mode."""
     import torch
 
@@ -33,6 +35,6 @@ def scores(model: Any, tokenizer: Any, prompt: str, responses: list[str], raw: b
     out = []
     with in_eval_mode(model), torch.no_grad():
         for response in responses:
-            ids = torch.tensor([response_ids(tokenizer, prompt, response, raw)], device=model.device)
+            ids = torch.tensor([response_ids(tokenizer, prompt, response, raw, kwargs)], device=model.device)
             out.append(model(input_ids=ids).logits[0, 0].float().item())
     return out

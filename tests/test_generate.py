@@ -172,3 +172,37 @@ def test_an_unreachable_hub_puts_the_hub_libraries_offline(tmp_path: Path, train
     assert main(["generate", str(adapter), "x"]) == 2
     assert "cannot load its base model 'someone/llama'" in capsys.readouterr().err
     assert lookups == [] and huggingface_hub.constants.HF_HUB_OFFLINE is True
+
+
+def test_template_variables_render_prompts_as_in_training(tmp_path: Path, capsys, monkeypatch):
+    """A run with data.chat_template_kwargs: its in-memory result prompts with them, and `generate` with
+    `--template-var`; variables that cannot reach the template are refused."""
+    from test_data import THINK_TEMPLATE
+
+    import finetune.generate
+    from finetune.generate import prompt_ids
+
+    off = {"enable_thinking": False}
+    result = finetune.train(str(ROOT / "recipes/tiny_sft.yaml"), output_dir=str(tmp_path / "run"),
+                            **{"train.max_steps": 2, "train.eval_generate": 0, "data.eval": None,
+                               "log.progress": False, "log.tensorboard": False, "model.chat_template": THINK_TEMPLATE,
+                               "data.chat_template_kwargs": off})
+    model, tokenizer = load(result.model_dir)
+    assert result.chat_template_kwargs == off
+    assert tokenizer.decode(prompt_ids(tokenizer, "x", kwargs=off)).endswith("assistant\n<think>\n\n</think>\n\n")
+    rendered = []  # two steps leave answers of whitespace: the prompts' variables are what is compared
+    monkeypatch.setattr(finetune.generate, "prompt_ids", lambda *a: rendered.append(a[3]) or prompt_ids(*a))
+    expected = list(answers(model, tokenizer, PROMPTS, 4, kwargs=off))
+    assert result.generate(*PROMPTS, max_new_tokens=4) == expected and rendered == [off] * 4
+    assert main(["generate", str(result.model_dir), *PROMPTS, "--max-new-tokens", "4",
+                 "--template-var", "enable_thinking=false"]) == 0
+    assert capsys.readouterr().out.splitlines() == expected and rendered == [off] * 6
+    for flags, error in ((["--template-var", "enable_reasoning=false"],
+                          "--template-var enable_reasoning: the chat template never reads enable_reasoning"),
+                         (["--template-var", "enable_thinking"],
+                          "--template-var 'enable_thinking': expected NAME=VALUE"),
+                         (["--template-var", "tools=[]"], "--template-var tools: an argument of apply_chat_template"),
+                         (["--raw", "--template-var", "enable_thinking=false"],
+                          "--template-var: no chat template renders the prompt here")):
+        assert main(["generate", str(result.model_dir), "x", *flags]) == 2
+        assert error in capsys.readouterr().err

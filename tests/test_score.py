@@ -50,6 +50,25 @@ def test_command_line_scores_and_refuses_a_language_model(reward_run, tiny_dir, 
     assert "a language model, not a reward model; it generates and does not score" in capsys.readouterr().err
     assert main(["generate", str(run.model_dir), "x"]) == 2
     assert "a reward model; it scores text and does not generate (finetune score)" in capsys.readouterr().err
+    assert main(["score", str(run.model_dir), "x", "y", "--template-var", "enable_thinking=false"]) == 2
+    assert "--template-var enable_thinking: the chat template never reads enable_thinking" in capsys.readouterr().err
+
+
+def test_template_variables_render_the_scored_pair_as_in_training(tiny_dir):
+    from test_data import THINK_TEMPLATE
+    from transformers import AutoTokenizer
+
+    from finetune.pairs import encode_pair
+    from finetune.score import response_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    # as SmolLM3's: the variable also shows in the system header, so that the scored tokens differ
+    tokenizer.chat_template = "{% if enable_thinking is false %}/no_think\n{% endif %}" + THINK_TEMPLATE
+    off = {"enable_thinking": False}
+    turns = [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"}]
+    pair = encode_pair({"chosen": turns, "rejected": turns}, tokenizer, 64, 32, "x", off)
+    assert response_ids(tokenizer, "2 + 3?", "5", kwargs=off) == pair["prompt"] + pair["chosen"]
+    assert response_ids(tokenizer, "2 + 3?", "5") != pair["prompt"] + pair["chosen"]
 
 
 def test_raw_scoring_is_a_pair_of_strings(reward_run, tmp_path: Path):

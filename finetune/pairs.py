@@ -244,7 +244,8 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
         return concatenate(encoded, shares, recipe.seed)  # a pair taken twice keeps its uid
 
     train = encode_all(train_parts, 0, fractions(d.train))
-    evals = None if eval_parts is None else encode_all(eval_parts, len(train))
+    # held-out uids follow every train pair's, also those a mixture's fraction below 1 leaves out
+    evals = None if eval_parts is None else encode_all(eval_parts, max(train["uid"]) + 1)
     # the prompt runs once per pair where the attention understands shared prefixes (sdpa_varlen); not for KTO,
     # whose two completions of a row run in separate forwards (`split_sides`)
     share = d.packing and not kto and attention_for(recipe.model, d.packing) == attention.NAME

@@ -582,10 +582,11 @@ def test_pair_accumulation_4x2_equals_1x8(tmp_path: Path, pair_files, task: str)
 # ------------------------------------------------------------------ DPO
 
 
-@pytest.mark.parametrize("mixture", [False, True], ids=["one-file", "fraction-1.5"])
-def test_dpo_precomputed_reference_equals_frozen_copy(tmp_path: Path, pair_files, mixture: bool):
-    """Also when a mixture repeats pairs: their reference log-probs are computed once, under their one uid."""
-    data = {"train": {str(pair_files[0]): 1.5}} if mixture else {}
+@pytest.mark.parametrize("fraction", [None, 1.5, 0.5], ids=["one-file", "fraction-1.5", "fraction-0.5"])
+def test_dpo_precomputed_reference_equals_frozen_copy(tmp_path: Path, pair_files, fraction: float | None):
+    """Also when a mixture repeats pairs (their reference log-probs are computed once, under their one uid) or
+    leaves some out (the held-out pairs' uids still follow every train pair's)."""
+    data = {"train": {str(pair_files[0]): fraction}} if fraction else {}
     frozen = finetune.train(pair_recipe(tmp_path / "f", pair_files, "dpo", data=data))
     pre = finetune.train(pair_recipe(tmp_path / "p", pair_files, "dpo", data=data,
                                      dpo={"precompute_ref_logps": True}))

@@ -172,7 +172,9 @@ class DPOTask:
         model.train()
         values = accelerator.gather(values.to(accelerator.device)).cpu().view(-1, 2)
         uids = accelerator.gather(uids.to(accelerator.device)).cpu().view(-1)
-        table = torch.zeros(len(self.train) + (0 if self.evals is None else len(self.evals)), 2)
+        # uids index it: a mixture may leave out train pairs (fraction < 1) or repeat them (> 1)
+        held = [] if self.evals is None else list(self.evals["uid"])
+        table = torch.zeros(1 + max(list(self.train["uid"]) + held), 2)
         table[uids[uids >= 0]] = values[uids >= 0]
         if accelerator.is_main_process and not eval_only:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -294,6 +294,21 @@ def train_eval_rows(d: Any, seed: int) -> tuple[list[Part], list[Part] | None]:
     return train, held
 
 
+def eval_sources(d: Any, parts: list[Any]) -> list[tuple[str, int]] | None:
+    """The held-out sources' names in metric names and their tokenized rows' counts, in order (`parts`, as
+    `concatenate` joins them), when there are several (`data.eval`, or the training sources of an
+    `eval_fraction`): `eval_chat_loss` for `data/chat.jsonl`, `eval_tasks_loss` for `builtin:tasks`."""
+    if len(parts) < 2:
+        return None
+    names: list[str] = []
+    for source in sources(d.eval or d.train):
+        path = source.split(":", 1)[1] if is_builtin(source) else split_subset(source)[0]
+        stem = Path(path.rstrip("/")).name.removesuffix(".jsonl").removesuffix(".json").removesuffix(".parquet")
+        name = re.sub(r"\W+", "_", stem).strip("_").lower() or "data"
+        names.append(name if name not in names else f"{name}_{len(names) + 1}")
+    return list(zip(names, (len(part) for part in parts), strict=True))
+
+
 def concatenate(parts: list[Any], shares: list[float] | None = None, seed: int = 0) -> Any:
     """The tokenized parts of a split (one per source) as one `datasets.Dataset`, in order; with `shares`
     (`fractions(data.train)`), each part resampled to its fraction first."""

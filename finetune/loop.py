@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -377,24 +378,33 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
         if data.eval is None:
             return {}
         model.eval()
-        batches, n_real = eval_shard(len(data.eval), cfg.batch_size, world, rank)
-        totals: dict[str, torch.Tensor] = {}
-        shown = tqdm(loader(batches, data.eval, -1), desc="eval", total=len(batches), leave=False,
-                     dynamic_ncols=True, disable=not (main and recipe.log.progress))
-        for i, batch in enumerate(shown):
+        # several held-out sources: batches of one source each, whose sums are that source's metrics as well
+        sources, batches, start = data.eval_sources or [("", len(data.eval))], [], 0
+        for name, n in sources:
+            shard, n_real = eval_shard(n, cfg.batch_size, world, rank, start)
+            batches += [(name, rows, i < n_real) for i, rows in enumerate(shard)]
+            start += n
+        totals: dict[tuple[str, str], torch.Tensor] = {}
+        shown = tqdm(loader([rows for _, rows, _ in batches], data.eval, -1), desc="eval", total=len(batches),
+                     leave=False, dynamic_ncols=True, disable=not (main and recipe.log.progress))
+        for (name, _, real), batch in zip(batches, shown, strict=True):
             batch = to_device(batch)
             result = task.loss(model, batch)
-            if i >= n_real:
-                continue  # a padding batch, run only to keep sharded processes in step
-            sums = {"loss": result.loss_sum.detach().float(), "items": batch["num_items"].float(),
-                    **{k: v.detach().float() for k, v in result.metric_sums.items()}}
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0) + v
-        keys = sorted(totals)
-        reduced = accelerator.reduce(torch.stack([totals[k] for k in keys]), "sum")
-        sums = dict(zip(keys, reduced.tolist(), strict=True))
-        items = max(sums.pop("items"), 1.0)
-        metrics = {f"eval_{k}": v / items for k, v in sums.items()}
+            got = {"loss": result.loss_sum.detach().float(), "items": batch["num_items"].float(),
+                   **{k: v.detach().float() for k, v in result.metric_sums.items()}}
+            for k, v in got.items():  # a padding batch, run only to keep sharded processes in step, adds 0
+                totals[name, k] = totals.get((name, k), 0) + (v if real else torch.zeros_like(v))
+        keys = sorted(totals)  # every process has every key: each runs a batch of each source
+        reduced = dict(zip(keys, accelerator.reduce(torch.stack([totals[k] for k in keys]), "sum").tolist(),
+                           strict=True))
+        metrics: dict[str, float] = {}
+        for prefix, source in [("", None), *((f"{name}_", name) for name, _ in data.eval_sources or ())]:
+            sums: dict[str, float] = defaultdict(float)  # all rows' sums, then each source's
+            for (name, k), v in reduced.items():
+                if source in (None, name):
+                    sums[k] += v
+            items = max(sums.pop("items"), 1.0)
+            metrics.update({f"eval_{prefix}{k}": v / items for k, v in sorted(sums.items())})
         model.train()
         with accelerator.autocast():  # e.g. generation, which does not go through the wrapped forward
             metrics.update(task.extra_eval(recipe, accelerator, model))
@@ -409,7 +419,9 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
             else:
                 state.evals_since_lowest += 1
             tracker.log({"step": step, **metrics})
-            logger.info("step %d: %s", step, _format_metrics(metrics))
+            sources = tuple(f"eval_{name}_" for name, _ in data.eval_sources or ())
+            shown = {k: v for k, v in metrics.items() if not k.startswith(sources) or k.endswith("_loss")}
+            logger.info("step %d: %s", step, _format_metrics(shown))  # of each source only its loss
         return metrics
 
     # ---- the end of every run, defined before the steps for --eval-only, which ends after its evaluation

@@ -29,6 +29,7 @@ from finetune.data import (
     chat_args,
     check_messages,
     concatenate,
+    eval_sources,
     fractions,
     map_rows,
     render_after_prompt,
@@ -219,8 +220,10 @@ def encode_kto_rows(rows: Any, source: str, tokenizer: Any, max_length: int, max
     return datasets.Dataset.from_dict(out)
 
 
-def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, Any | None, PairCollator]:
-    """Tokenized train and held-out pairs (uids numbered across both) and their collator."""
+def build_pair_data(recipe: Any, tokenizer: Any, progress: bool
+                    ) -> tuple[Any, Any | None, PairCollator, list[tuple[str, int]] | None]:
+    """Tokenized train and held-out pairs (uids numbered across both), their collator, and the held-out
+    sources' names and sizes when there are several (`data.eval_sources`)."""
     d = recipe.data
     train_parts, eval_parts = train_eval_rows(d, recipe.seed)
 
@@ -236,20 +239,22 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool) -> tuple[Any, A
         return cached(part.rows, part.source, tokenizer, settings, enabled=d.cache_tokenized,
                       encode=lambda: encode_kto_rows(*args) if kto else encode_pairs(*args)[0])
 
-    def encode_all(parts: list[Part], uid_start: int, shares: list[float] | None = None) -> Any:
+    def encode_all(parts: list[Part], uid_start: int) -> list[Any]:
         encoded = []
         for part in parts:  # uids run on across sources and on from train into eval
             encoded.append(encode(part, uid_start))
             uid_start += len(encoded[-1])
-        return concatenate(encoded, shares, recipe.seed)  # a pair taken twice keeps its uid
+        return encoded
 
-    train = encode_all(train_parts, 0, fractions(d.train))
+    # a pair a mixture takes twice keeps its uid
+    train = concatenate(encode_all(train_parts, 0), fractions(d.train), recipe.seed)
     # held-out uids follow every train pair's, also those a mixture's fraction below 1 leaves out
-    evals = None if eval_parts is None else encode_all(eval_parts, max(train["uid"]) + 1)
+    held = None if eval_parts is None else encode_all(eval_parts, max(train["uid"]) + 1)
+    evals = None if held is None else concatenate(held)
     # the prompt runs once per pair where the attention understands shared prefixes (sdpa_varlen); not for KTO,
     # whose two completions of a row run in separate forwards (`split_sides`)
     share = d.packing and not kto and attention_for(recipe.model, d.packing) == attention.NAME
-    return train, evals, PairCollator(tokenizer.pad_token_id, d.packing, share)
+    return train, evals, PairCollator(tokenizer.pad_token_id, d.packing, share), held and eval_sources(d, held)
 
 
 def pair_tokens(prompt: list[int], chosen: list[int], rejected: list[int]) -> int:

@@ -100,13 +100,15 @@ class TokenBudgetBatches:
             yield bins[b * self.world_size + self.rank]
 
 
-def eval_shard(n_rows: int, batch_size: int, world_size: int, rank: int) -> tuple[list[list[int]], int]:
-    """This process's evaluation batches (every row exactly once across processes) and how many of them are real.
+def eval_shard(n_rows: int, batch_size: int, world_size: int, rank: int,
+               start: int = 0) -> tuple[list[list[int]], int]:
+    """This process's evaluation batches of rows start .. start + n_rows - 1 (every row exactly once across
+    processes) and how many of them are real.
 
     Every process gets the same number of batches, so sharded models run the same collectives on each; the
-    padding batches repeat the first one and must be ignored.
+    padding batches repeat the first one (or the first row, where a process has none) and must be ignored.
     """
-    mine = list(range(rank, n_rows, world_size))
+    mine = list(range(start + rank, start + n_rows, world_size))
     batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
     most = math.ceil(math.ceil(n_rows / world_size) / batch_size)
-    return batches + [batches[0]] * (most - len(batches)), len(batches)
+    return batches + [batches[0] if batches else [start]] * (most - len(batches)), len(batches)

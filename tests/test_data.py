@@ -737,7 +737,7 @@ def test_preference_sources_number_their_pairs_across_files_and_splits(tok, tmp_
     a, b = write_jsonl(tmp_path / "a.jsonl", rows[:6]), write_jsonl(tmp_path / "b.jsonl", rows[6:10])
     recipe = load_recipe({"task": "dpo", "data": {"train": [str(a), str(b)], "eval": [str(b)], "max_length": 64,
                                                    "cache_tokenized": False}})
-    train, evals, _ = build_pair_data(recipe, tok, progress=False)
+    train, evals, _, _ = build_pair_data(recipe, tok, progress=False)
     assert list(train["uid"]) == list(range(10)) and list(evals["uid"]) == list(range(10, 14))
     assert list(evals["chosen"]) == list(train["chosen"])[6:]
 
@@ -854,6 +854,20 @@ def test_a_pair_taken_twice_keeps_its_uid(tok, tmp_path: Path):
     a = write_jsonl(tmp_path / "a.jsonl", preference_rows("train")[:4])
     recipe = load_recipe({"task": "dpo", "data": {"train": {str(a): 2}, "eval": str(a), "max_length": 64,
                                                    "cache_tokenized": False}})
-    train, evals, _ = build_pair_data(recipe, tok, progress=False)
+    train, evals, _, _ = build_pair_data(recipe, tok, progress=False)
     assert list(train["uid"]) == [0, 1, 2, 3] * 2 and list(train["chosen"])[:4] == list(train["chosen"])[4:]
-    assert len(set(evals["uid"])) == 4 and min(evals["uid"]) >= 8  # after the 8 train rows
+    assert sorted(evals["uid"]) == [4, 5, 6, 7]  # after the train pairs' uids
+
+
+def test_held_out_sources_are_named_for_their_metrics():
+    from types import SimpleNamespace
+
+    from finetune.data import eval_sources
+
+    d = SimpleNamespace(eval=["data/chat.jsonl", "builtin:tasks", "openai/gsm8k:main", "x/chat.json", "/a/My Set/"],
+                        train="t.jsonl")
+    assert eval_sources(d, [[0]] * 2 + [[0, 1]] * 3) == [("chat", 1), ("tasks", 1), ("gsm8k", 2), ("chat_4", 2),
+                                                         ("my_set", 2)]
+    held_out = SimpleNamespace(eval=None, train={"a.jsonl": 1.0, "b.parquet": 0.5})  # data.eval_fraction's parts
+    assert eval_sources(held_out, [[0], [0]]) == [("a", 1), ("b", 1)]
+    assert eval_sources(d, [[0]]) is None  # one source: only eval_loss and the rest

@@ -29,14 +29,17 @@ def launch(config: list[str], recipe_overrides: list[str], env: dict | None = No
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
 def test_ddp_two_by_four_equals_one_by_eight(tmp_path: Path, chat_files, optimizer: str):
-    """Also with bitsandbytes' 8-bit AdamW: each process quantises the same all-reduced gradients alike."""
+    """Also with bitsandbytes' 8-bit AdamW: each process quantises the same all-reduced gradients alike. A second
+    held-out source of one row, which one process has no row of, is evaluated alike."""
     train, evals = chat_files
-    common = [f"data.train={train}", f"data.eval={evals}", "train.max_steps=4", "train.warmup_steps=1",
+    one = tmp_path / "one.jsonl"
+    one.write_text(evals.read_text().splitlines(keepends=True)[0])
+    common = [f"data.train={train}", f"data.eval=[{evals}, {one}]", "train.max_steps=4", "train.warmup_steps=1",
               "train.lr=1e-3", "train.grad_accum=2", "seed=0", f"train.optimizer={optimizer}"]
     launch(DDP, [f"output_dir={tmp_path / 'ddp'}", "train.batch_size=4", *common])
     ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
     single = finetune.train("recipes/tiny_sft.yaml", output_dir=str(tmp_path / "one"), seed=0,
-                            data={"train": str(train), "eval": str(evals)},
+                            data={"train": str(train), "eval": [str(evals), str(one)]},
                             train={"max_steps": 4, "warmup_steps": 1, "lr": 1e-3, "batch_size": 8, "grad_accum": 2,
                                    "eval_generate": 0, "optimizer": optimizer},
                             log={"progress": False, "tensorboard": False})
@@ -49,8 +52,9 @@ def test_ddp_two_by_four_equals_one_by_eight(tmp_path: Path, chat_files, optimiz
         assert a["lr"] == pytest.approx(b["lr"])
     # the schedule is stepped once per optimizer step, not once per process: the last step is at the floor
     assert d[-1]["lr"] == pytest.approx(1e-3 * 0.1)
-    assert [e["eval_loss"] for e in ddp if "eval_loss" in e] == pytest.approx(
-        [e["eval_loss"] for e in single.history if "eval_loss" in e], rel=1e-5)
+    for key in ("eval_loss", "eval_eval_loss", "eval_one_loss"):
+        assert [e[key] for e in ddp if "eval_loss" in e] == pytest.approx(
+            [e[key] for e in single.history if "eval_loss" in e], rel=1e-5)
     assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
 
 

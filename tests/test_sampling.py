@@ -100,3 +100,16 @@ def test_token_budget_training_resumes_exactly(tmp_path: Path, chat_files):
     assert [(e["step"], e["loss"]) for e in resumed.history if "loss" in e] == [(e["step"], e["loss"])
                                                                                  for e in events]
     assert resumed.metrics["eval_loss"] == full.metrics["eval_loss"]
+
+
+@pytest.mark.parametrize("n_rows, world", [(10, 2), (3, 4), (1, 2), (7, 3)])
+def test_eval_shards_cover_each_row_once_in_step(n_rows: int, world: int):
+    """Every row of start .. start + n_rows - 1 in exactly one real batch; every process as many batches (padding
+    ones after its real ones, also for a process with no row)."""
+    from finetune.sampling import eval_shard
+
+    shards = [eval_shard(n_rows, 2, world, rank, start=5) for rank in range(world)]
+    real = sorted(i for batches, n_real in shards for batch in batches[:n_real] for i in batch)
+    assert real == list(range(5, 5 + n_rows))
+    assert len({len(batches) for batches, _ in shards}) == 1
+    assert all(i in range(5, 5 + n_rows) for batches, _ in shards for batch in batches for i in batch)

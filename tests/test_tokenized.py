@@ -103,8 +103,8 @@ def test_preference_pairs_are_cached_with_their_uids(tmp_path, home, tok, monkey
     train, evals = write_rows(tmp_path / "train.jsonl", rows[:16]), write_rows(tmp_path / "eval.jsonl", rows[16:])
     recipe = load_recipe({"task": "dpo", "data": {"train": str(train), "eval": str(evals), "max_length": 48},
                           "log": {"progress": False}})
-    first_train, first_eval, _ = build_pair_data(recipe, tok, progress=False)
-    again_train, again_eval, _ = build_pair_data(recipe, tok, progress=False)
+    first_train, first_eval, _, _ = build_pair_data(recipe, tok, progress=False)
+    again_train, again_eval, _, _ = build_pair_data(recipe, tok, progress=False)
     assert calls[0] == 24 and len(list(home.iterdir())) == 2
     assert again_train.to_dict() == first_train.to_dict() and again_eval.to_dict() == first_eval.to_dict()
     assert again_eval["uid"] == list(range(16, 24))  # numbered after the train pairs, as when tokenized

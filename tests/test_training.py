@@ -934,3 +934,25 @@ def test_neftune_adds_bounded_uniform_noise_to_embeddings_in_training_only(tiny_
     assert torch.equal(embeddings(ids), clean)
     with pytest.raises(ConfigError, match="train.neftune_alpha: NEFTune is for sft"):
         load_recipe({"task": "rm", "train": {"neftune_alpha": alpha}})
+
+
+def test_each_held_out_source_is_evaluated_alone_as_well(tmp_path: Path, chat_files):
+    """Several data.eval sources: eval_loss over all their rows, as one file of them all gives it, and each source's
+    own metrics, as an evaluation of it alone gives them (also for a source of one row)."""
+    _, evals = chat_files
+    rows = evals.read_text().splitlines(keepends=True)
+    sums, sort, one = tmp_path / "sums.jsonl", tmp_path / "sort.parquet", tmp_path / "one" / "sums.jsonl"
+    sums.write_text("".join(rows[:20]))
+    import datasets
+
+    datasets.Dataset.from_list([json.loads(r) for r in rows[20:31]]).to_parquet(str(sort))
+    one.parent.mkdir()
+    one.write_text(rows[31])
+    recipe = small_recipe(tmp_path / "run", evals, evals)
+    both = finetune.evaluate(recipe, **{"data.eval": [str(sums), str(sort), str(one)]}).metrics
+    assert both["eval_loss"] == pytest.approx(finetune.evaluate(recipe).metrics["eval_loss"], rel=1e-5)
+    for name, source in (("sums", sums), ("sort", sort), ("sums_3", one)):
+        alone = finetune.evaluate(recipe, **{"data.eval": str(source)}).metrics["eval_loss"]
+        assert both[f"eval_{name}_loss"] == pytest.approx(alone, rel=1e-5)
+    assert len({both["eval_sums_loss"], both["eval_sort_loss"], both["eval_loss"]}) == 3
+    assert finetune.evaluate(recipe).metrics.keys() == {"eval_loss"}  # one source: no names

@@ -22,6 +22,8 @@ class TaskData:
     eval: Any | None
     collate: Any  # rows -> batch dict with a `num_items` tensor (target tokens or pairs)
     train_lengths: list[int] | None = None  # tokens per train row (for token-budget micro-batches)
+    # several held-out sources: each one's name and rows, in order (`data.eval_sources`), for metrics of each
+    eval_sources: list[tuple[str, int]] | None = None
 
 
 class Task(Protocol):

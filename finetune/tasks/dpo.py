@@ -57,9 +57,9 @@ class DPOTask:
 
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
         progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)
-        self.train, self.evals, self.collate = build_pair_data(recipe, tokenizer, progress)
+        self.train, self.evals, self.collate, sizes = build_pair_data(recipe, tokenizer, progress)
         return TaskData(train=self.train, eval=self.evals, collate=self.collate,
-                        train_lengths=pair_lengths(self.train))
+                        train_lengths=pair_lengths(self.train), eval_sources=sizes)
 
     def build_model(self, recipe: Any, accelerator: Any, tokenizer: Any) -> Any:
         self.cfg, self.lora = recipe.dpo, recipe.lora.enabled

@@ -37,9 +37,10 @@ class RewardModelTask:
 
     def build_data(self, recipe: Any, tokenizer: Any) -> TaskData:
         progress = recipe.log.progress and logger.isEnabledFor(logging.INFO)
-        train, evals, collate = build_pair_data(recipe, tokenizer, progress)
+        train, evals, collate, sizes = build_pair_data(recipe, tokenizer, progress)
         self.center = recipe.rm.center_rewards
-        return TaskData(train=train, eval=evals, collate=collate, train_lengths=pair_lengths(train))
+        return TaskData(train=train, eval=evals, collate=collate, train_lengths=pair_lengths(train),
+                        eval_sources=sizes)
 
     def build_model(self, recipe: Any, accelerator: Any, tokenizer: Any) -> Any:
         # the pad token is set on the config, so the head scores each row's last non-pad token

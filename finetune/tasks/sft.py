@@ -20,6 +20,7 @@ from finetune.data import (
     conversational_prompt,
     detect_format,
     encode_dataset,
+    eval_sources,
     fractions,
     prompt_and_completion,
     row_messages,
@@ -106,9 +107,10 @@ class SFTTask:
                                                         d.chat_template_kwargs)[0])
 
         train = concatenate([encode(part) for part in train_parts], fractions(d.train), recipe.seed)
-        evals = None
+        evals = sizes = None
         if eval_parts is not None:
-            evals = concatenate([encode(part) for part in eval_parts])
+            encoded = [encode(part) for part in eval_parts]
+            evals, sizes = concatenate(encoded), eval_sources(d, encoded)
             examples: list[tuple[list, str]] = []
             for part in eval_parts:  # the first train.eval_generate held-out rows, across sources
                 if len(examples) < recipe.train.eval_generate:
@@ -117,7 +119,7 @@ class SFTTask:
                                                     d.chat_template_kwargs)
             self.examples = examples
         return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id, d.packing),
-                        train_lengths=[len(ids) for ids in train["input_ids"]])
+                        train_lengths=[len(ids) for ids in train["input_ids"]], eval_sources=sizes)
 
     def build_model(self, recipe: Any, accelerator: Any, tokenizer: Any) -> Any:
         model = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,

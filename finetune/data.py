@@ -422,6 +422,10 @@ def sharegpt_messages(turns: Any, where: str) -> list[dict[str, Any]]:
                 raise DataError(f"{where}: conversations[{i}] is a function_call whose value is not JSON "
                                 f"({e.msg}); expected {{\"name\": ..., \"arguments\": ...}}") from None
             calls = call if isinstance(call, list) else [call]  # LLaMA-Factory: one call, or a list of them
+            if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+                raise DataError(f"{where}: conversations[{i}] is a function_call; expected its value to be "
+                                f"{{\"name\": ..., \"arguments\": ...}} (or a list of them), got "
+                                f"{turn['value'][:60]!r}")
             messages.append({"role": role, "content": None,
                              "tool_calls": [{"type": "function", "function": c} for c in calls]})
         else:

@@ -339,6 +339,10 @@ def test_sharegpt_function_calls_are_tool_calls(tiny_dir):
     with pytest.raises(DataError, match=r"^x: conversations\[1\] is a function_call whose value is not JSON"):
         encode_row({"conversations": [turns[0], {"from": "function_call", "value": "add(2, 3)"}]}, "sharegpt", tok,
                    1024, True, "x")
+    for value in ('{"arguments": {"a": 2}}', '"add"', "[]", '[{"name": "add"}, 3]'):
+        with pytest.raises(DataError, match=r"^x: conversations\[1\] is a function_call; expected its value to be "):
+            encode_row({"conversations": [turns[0], {"from": "function_call", "value": value}]}, "sharegpt", tok,
+                       1024, True, "x")
 
 
 @pytest.mark.parametrize("turns, says", [

@@ -496,6 +496,20 @@ def require_chat_template(tokenizer: Any, where: str, rows: str, messages: list[
                             "model whose template does, or a model.chat_template that does")
 
 
+def apply_template(tokenizer: Any, messages: list[dict[str, Any]], where: str, **kwargs: Any) -> Any:
+    """`tokenizer.apply_chat_template`, with the template's own refusal of a row (its `raise_exception`, e.g.
+    Gemma's "System role not supported") or failure on it said in one line naming the row."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except jinja2.TemplateSyntaxError as e:
+        raise DataError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message}); fix "
+                        "model.chat_template or the tokenizer's") from None
+    except jinja2.TemplateError as e:
+        raise DataError(f"{where}: the chat template failed on this row: {e}") from None
+
+
 def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str = "chat",
                       args: dict[str, Any] | None = None) -> tuple[list, list]:
     """Token ids of a rendered chat and a 0/1 mask of assistant tokens (including each turn's end token).
@@ -507,17 +521,17 @@ def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str
     args = args or {}
     require_chat_template(tokenizer, where, "chat rows", messages, args)
     if has_generation_markers(tokenizer.chat_template):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True, **args)
+        out = apply_template(tokenizer, messages, where, tokenize=True, return_dict=True,
+                             return_assistant_tokens_mask=True, **args)
         return list(out["input_ids"]), list(out["assistant_masks"])
-    text = tokenizer.apply_chat_template(messages, tokenize=False, **args)
+    text = apply_template(tokenizer, messages, where, tokenize=False, **args)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True,
-                                               **args) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, **args)
+        before = apply_template(tokenizer, messages[:i], where, tokenize=False, add_generation_prompt=True,
+                                **args) if i else ""
+        through = apply_template(tokenizer, messages[: i + 1], where, tokenize=False, **args)
         if not (text.startswith(before) and text.startswith(through)):
             raise DataError(f"{where}: the chat template renders earlier turns differently once later turns follow, "
                             "so assistant tokens cannot be located; use a template with {% generation %} markers "
@@ -545,8 +559,8 @@ def render_after_prompt(tokenizer: Any, prompt: list, response: list, where: str
     with it (checked: the response's tokens are what follows). `args`: `chat_args`."""
     args = args or {}
     require_chat_template(tokenizer, where, rows, prompt + response, args)
-    head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **args)
-    text = tokenizer.apply_chat_template(prompt + response, tokenize=False, **args)
+    head = apply_template(tokenizer, prompt, where, tokenize=False, add_generation_prompt=True, **args)
+    text = apply_template(tokenizer, prompt + response, where, tokenize=False, **args)
     if not text.startswith(head):
         raise DataError(f"{where}: the chat template renders the prompt differently once a response follows")
     return head, text

@@ -77,9 +77,10 @@ def prompt_ids(tokenizer: Any, prompt: str, raw: bool = False, kwargs: dict[str,
     the template variables `kwargs`, or its plain tokens when the tokenizer has no template or `raw`."""
     if not as_chat(tokenizer, raw):
         return list(tokenizer(prompt)["input_ids"])
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                              add_generation_prompt=True, return_dict=True,
-                                              **(kwargs or {}))["input_ids"])
+    from finetune.data import apply_template
+
+    return list(apply_template(tokenizer, [{"role": "user", "content": prompt}], "prompt", tokenize=True,
+                               add_generation_prompt=True, return_dict=True, **(kwargs or {}))["input_ids"])
 
 
 def answers(model: Any, tokenizer: Any, prompts: Iterable[str], max_new_tokens: int = 64,

@@ -875,3 +875,40 @@ def test_held_out_sources_are_named_for_their_metrics():
     held_out = SimpleNamespace(eval=None, train={"a.jsonl": 1.0, "b.parquet": 0.5})  # data.eval_fraction's parts
     assert eval_sources(held_out, [[0], [0]]) == [("a", 1), ("b", 1)]
     assert eval_sources(d, [[0]]) is None  # one source: only eval_loss and the rest
+
+
+def test_a_template_that_fails_on_a_row_is_one_line_naming_it(tok, tmp_path: Path):
+    """Gemma's template raises "System role not supported" on a system message: said for the row, as for a
+    template that cannot render it or is not Jinja, in every kind of row and on the command line (exit code 2)."""
+    from conftest import python, run_cli
+
+    from finetune.pairs import encode_pair
+
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    refused = r"^x: the chat template failed on this row: System role not supported$"
+    with pytest.raises(DataError, match=refused):
+        encode_row({"messages": CONVO}, "chat", tok, 64, True, "x")
+    with pytest.raises(DataError, match=refused):
+        encode_row({"prompt": CONVO[:2], "completion": CONVO[2:3]}, "prompt_completion", tok, 64, True, "x")
+    with pytest.raises(DataError, match=refused):
+        encode_pair({"prompt": CONVO[:2], "chosen": CONVO[2:3], "rejected": CONVO[4:5]}, tok, 64, 32, "x")
+    assert encode_row({"messages": CONVO[1:3]}, "chat", tok, 64, True, "x")["input_ids"]  # without the system turn
+    tok.chat_template = "{% for m in messages %}{{ m.content.upper() }}{% endfor %}{{ date.today }}"
+    with pytest.raises(DataError, match=r"^x: the chat template failed on this row: 'date' is undefined$"):
+        encode_row({"messages": CONVO}, "chat", tok, 64, True, "x")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }"
+    with pytest.raises(DataError, match=r"^the chat template is not valid Jinja \(line 1: unexpected '}'\)"):
+        encode_row({"messages": CONVO}, "chat", tok, 64, True, "x")
+
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"messages": CONVO}) + "\n")
+    template = tmp_path / "gemma.jinja"
+    template.write_text("{{ raise_exception('System role not supported') }}")
+    done = run_cli(python(), "-m", "finetune", "sft", "recipes/tiny_sft.yaml", f"data.train={train}",
+                   f"model.chat_template={template}", "data.eval=null", f"output_dir={tmp_path / 'run'}")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        f"{train}: line 1: the chat template failed on this row: System role not supported")
+    assert "Traceback" not in done.stderr

@@ -14,6 +14,7 @@ from finetune.data import (
     ROWS,
     Numbering,
     Part,
+    apply_template,
     chat_args,
     column_names,
     concatenate,
@@ -50,9 +51,8 @@ def generation_examples(rows: Any, source: str, fmt: str, tokenizer: Any, limit:
             ref = msgs[-1].get("content")
             if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or ref is None:  # e.g. a tool call: no text
                 continue
-            ids = tokenizer.apply_chat_template(msgs[:-1], tokenize=True, add_generation_prompt=True,
-                                                return_dict=True,
-                                                **chat_args(row, where, tokenizer, template_kwargs))["input_ids"]
+            ids = apply_template(tokenizer, msgs[:-1], where, tokenize=True, add_generation_prompt=True,
+                                 return_dict=True, **chat_args(row, where, tokenizer, template_kwargs))["input_ids"]
             out.append((list(ids), ref))
         elif fmt in ("prompt_completion", "alpaca"):
             prompt, ref = prompt_and_completion(row, fmt, where)

@@ -442,6 +442,28 @@ def has_generation_markers(template: str | None) -> bool:
     return bool(template) and "generation" in template and "endgeneration" in template
 
 
+_TRAINING_TEMPLATES: dict[str, str | None] = {}
+
+
+def training_template(tokenizer: Any) -> str | None:
+    """For a loss on assistant turns only, where the tokenizer's template has no `{% generation %}` markers: TRL's
+    training version of it (`get_training_chat_template`: the same turns, with markers, and earlier turns rendered
+    as when they were last, e.g. Qwen3's reasoning), as TRL's SFTTrainer trains with; None for a template TRL has
+    none for (its assistant turns are then found by rendering)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or has_generation_markers(template):
+        return None
+    if template not in _TRAINING_TEMPLATES:
+        import jinja2
+        from trl.chat_template_utils import get_training_chat_template
+
+        try:
+            _TRAINING_TEMPLATES[template] = get_training_chat_template(tokenizer)
+        except (ValueError, TypeError, jinja2.TemplateError):  # not a template TRL knows
+            _TRAINING_TEMPLATES[template] = None
+    return _TRAINING_TEMPLATES[template]
+
+
 @functools.cache
 def template_parameters(tokenizer_class: type) -> frozenset[str]:
     """The names `apply_chat_template` takes itself: a chat template variable by one of them never reaches it."""
@@ -514,13 +536,14 @@ def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str
                       args: dict[str, Any] | None = None) -> tuple[list, list]:
     """Token ids of a rendered chat and a 0/1 mask of assistant tokens (including each turn's end token).
 
-    Templates with `{% generation %}` markers use transformers' own assistant mask. For templates without
-    them (most real models), each assistant turn's character span is found by rendering the conversation up to
-    it, and tokens are assigned through the tokenizer's offsets.
+    Templates with `{% generation %}` markers (the tokenizer's, or `args["chat_template"]`, a
+    `training_template`) use transformers' own assistant mask. For templates without them, each assistant turn's
+    character span is found by rendering the conversation up to it, and tokens are assigned through the
+    tokenizer's offsets.
     """
     args = args or {}
     require_chat_template(tokenizer, where, "chat rows", messages, args)
-    if has_generation_markers(tokenizer.chat_template):
+    if has_generation_markers(args.get("chat_template") or tokenizer.chat_template):
         out = apply_template(tokenizer, messages, where, tokenize=True, return_dict=True,
                              return_assistant_tokens_mask=True, **args)
         return list(out["input_ids"]), list(out["assistant_masks"])
@@ -594,8 +617,15 @@ def encode_row(row: dict[str, Any], fmt: str, tokenizer: Any, max_length: int, c
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     conversation = conversational_prompt(row, fmt, where)
     if fmt in CHAT_FORMATS:
-        ids, mask = chat_ids_and_mask(tokenizer, row_messages(row, fmt, where), where,
-                                      chat_args(row, where, tokenizer, template_kwargs))
+        messages, args = row_messages(row, fmt, where), chat_args(row, where, tokenizer, template_kwargs)
+        if completion_only:
+            training = training_template(tokenizer)  # as TRL's SFTTrainer with assistant_only_loss
+            ids, mask = chat_ids_and_mask(tokenizer, messages, where,
+                                          {**args, "chat_template": training} if training else args)
+        else:  # every token trains: no assistant turn needs finding
+            require_chat_template(tokenizer, where, "chat rows", messages, args)
+            out = apply_template(tokenizer, messages, where, tokenize=True, return_dict=True, **args)
+            ids, mask = list(out["input_ids"]), [1] * len(out["input_ids"])
     elif conversation is not None:
         ids, mask = chat_prompt_completion_ids(tokenizer, *conversation, where,
                                                chat_args(row, where, tokenizer, template_kwargs))
@@ -689,6 +719,11 @@ def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length:
 
     def encode(row: Any, where: str) -> dict:
         return encode_row(row, fmt, tokenizer, max_length, completion_only, where, template_kwargs)
+
+    if completion_only and fmt in CHAT_FORMATS and training_template(tokenizer):  # before any worker forks
+        logger.info("%s: chat rows rendered with TRL's training version of the chat template (get_training_chat_"
+                    "template: generation markers for the assistant-only loss), as TRL's SFTTrainer renders them",
+                    source)
 
     for i, enc in enumerate(map_rows(encode, rows, source, progress, workers, numbering)):
         truncated += enc["truncated"]

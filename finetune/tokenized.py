@@ -41,14 +41,16 @@ def cache_root() -> Path:
 def fingerprint(rows: Any, source: str, tokenizer: Any, settings: dict[str, Any]) -> str:
     import tokenizers
     import transformers
+    import trl
 
     from finetune import data, pairs
 
     h = hashlib.sha256()
     for module in (data, pairs):  # the encoding code itself: editing it invalidates every entry
         h.update(Path(module.__file__).read_bytes())
-    h.update(json.dumps([source, settings, transformers.__version__, tokenizers.__version__], sort_keys=True,
-                        default=str).encode())
+    # trl: its training chat templates (`data.training_template`)
+    h.update(json.dumps([source, settings, transformers.__version__, tokenizers.__version__, trl.__version__],
+                        sort_keys=True, default=str).encode())
     with tempfile.TemporaryDirectory() as folder:  # everything that shapes its output, as transformers saves it
         tokenizer.save_pretrained(folder)
         for path in sorted(Path(folder).iterdir()):

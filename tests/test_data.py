@@ -912,3 +912,41 @@ def test_a_template_that_fails_on_a_row_is_one_line_naming_it(tok, tmp_path: Pat
     assert done.stderr.strip().splitlines()[-1].endswith(
         f"{train}: line 1: the chat template failed on this row: System role not supported")
     assert "Traceback" not in done.stderr
+
+
+REASONING_CHAT = [{"role": "user", "content": "What is 2 + 3?"},
+                  {"role": "assistant", "content": "5", "reasoning_content": "2 + 3 = 5"},
+                  {"role": "user", "content": "And 4 + 4?"},
+                  {"role": "assistant", "content": "8", "reasoning_content": "4 + 4 = 8"}]
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama3"])
+def test_real_templates_without_markers_train_as_trl_trains_them(tiny_dir, tmp_path: Path, name: str):
+    """Real models' templates have no {% generation %} markers, and Qwen3's renders an earlier answer without its
+    reasoning once another turn follows, so no answer's span can be found by rendering. Chat rows then train with
+    TRL's training version of the template, as TRL's SFTTrainer does: the same ids and assistant labels; with
+    data.completion_only_loss false, the template's own rendering."""
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text()
+    tok.bos_token = tok.eos_token  # Llama 3's template starts with one; the tiny tokenizer has none of its own
+    rows = [{"messages": REASONING_CHAT}, {"messages": REASONING_CHAT[:2]}]
+    args = SFTConfig(output_dir=str(tmp_path), max_length=1024, assistant_only_loss=True, report_to="none",
+                     bf16=False)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dir), args=args,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    ours, _ = encode_dataset(rows, "mem", "chat", tok, 1024, True, progress=False)
+    assert ours["input_ids"] == trainer.train_dataset["input_ids"]
+    assert ours["labels"] == trainer.train_dataset["labels"]
+    trained = tok.decode([t for t in ours["labels"][0] if t != IGNORE_INDEX])
+    assert "5" in trained and "8" in trained and "4 + 4?" not in trained
+    if name == "qwen3":
+        assert "2 + 3 = 5" in trained  # the earlier answer's reasoning, which the template's own rendering drops
+        with pytest.raises(DataError, match="renders earlier turns differently"):
+            chat_ids_and_mask(tok, REASONING_CHAT, "x")  # what rendering alone can do with it
+    everything = encode_row(rows[0], "chat", tok, 1024, False, "x")
+    assert everything["input_ids"] == tok.apply_chat_template(REASONING_CHAT, tokenize=True,
+                                                              return_dict=True)["input_ids"]

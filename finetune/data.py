@@ -518,6 +518,25 @@ def require_chat_template(tokenizer: Any, where: str, rows: str, messages: list[
                             "model whose template does, or a model.chat_template that does")
 
 
+def check_marked_template(tokenizer: Any, source: str) -> None:
+    """Say which template chat rows with an assistant-only loss render with, where it is TRL's training version,
+    and warn where its {% generation %} span leaves an answer's end-of-turn token out of the loss: the model
+    would never learn to stop (TRL's check; a span found by rendering holds the end token by construction)."""
+    from_trl = training_template(tokenizer)
+    marked = from_trl or (tokenizer.chat_template if has_generation_markers(tokenizer.chat_template) else None)
+    if from_trl:
+        logger.info("%s: chat rows rendered with TRL's training version of the chat template (get_training_chat_"
+                    "template: generation markers for the assistant-only loss), as TRL's SFTTrainer renders them",
+                    source)
+    if marked:
+        from trl.chat_template_utils import is_chat_template_stop_token_trained
+
+        if not is_chat_template_stop_token_trained(tokenizer, chat_template=marked):
+            logger.warning("%s: the chat template's {%% generation %%} span of an answer leaves out its end-of-turn "
+                           "token, so the model would not learn to stop; put that token inside the span, or set "
+                           "data.completion_only_loss: false", source)
+
+
 def apply_template(tokenizer: Any, messages: list[dict[str, Any]], where: str, **kwargs: Any) -> Any:
     """`tokenizer.apply_chat_template`, with the template's own refusal of a row (its `raise_exception`, e.g.
     Gemma's "System role not supported") or failure on it said in one line naming the row."""
@@ -720,10 +739,8 @@ def encode_dataset(rows: Any, source: str, fmt: str, tokenizer: Any, max_length:
     def encode(row: Any, where: str) -> dict:
         return encode_row(row, fmt, tokenizer, max_length, completion_only, where, template_kwargs)
 
-    if completion_only and fmt in CHAT_FORMATS and training_template(tokenizer):  # before any worker forks
-        logger.info("%s: chat rows rendered with TRL's training version of the chat template (get_training_chat_"
-                    "template: generation markers for the assistant-only loss), as TRL's SFTTrainer renders them",
-                    source)
+    if completion_only and fmt in CHAT_FORMATS:
+        check_marked_template(tokenizer, source)  # before any worker forks
 
     for i, enc in enumerate(map_rows(encode, rows, source, progress, workers, numbering)):
         truncated += enc["truncated"]

@@ -950,3 +950,25 @@ def test_real_templates_without_markers_train_as_trl_trains_them(tiny_dir, tmp_p
     everything = encode_row(rows[0], "chat", tok, 1024, False, "x")
     assert everything["input_ids"] == tok.apply_chat_template(REASONING_CHAT, tokenize=True,
                                                               return_dict=True)["input_ids"]
+
+
+def test_a_marked_answer_span_without_its_end_token_is_warned_about(tok, caplog):
+    """A {% generation %} span that stops before the answer's <|im_end|> would never train the model to stop (TRL's
+    check, as its SFTTrainer warns); the builtin template's span holds it, as does a span found by rendering."""
+    import logging
+
+    rows = [{"messages": CONVO}]
+    unmarked = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    cut = CHAT_TEMPLATE.replace("{% generation %}{{- message['content'] + '<|im_end|>\n' -}}{% endgeneration %}",
+                                "{% generation %}{{- message['content'] -}}{% endgeneration %}{{- '<|im_end|>\n' -}}")
+    said = {}
+    for name, template in (("builtin", CHAT_TEMPLATE), ("unmarked", unmarked), ("cut", cut)):
+        tok.chat_template = template
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="finetune"):
+            encode_dataset(rows, name, "chat", tok, 64, True, progress=False)
+        said[name] = [r.getMessage() for r in caplog.records if "would not learn to stop" in r.getMessage()]
+    assert cut != CHAT_TEMPLATE and said["builtin"] == said["unmarked"] == []
+    assert said["cut"] == ["cut: the chat template's {% generation %} span of an answer leaves out its end-of-turn "
+                           "token, so the model would not learn to stop; put that token inside the span, or set "
+                           "data.completion_only_loss: false"]

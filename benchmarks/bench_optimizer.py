@@ -63,6 +63,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="the ones to run (fused, the reference of the ratios, always runs)")
     parser.add_argument("--child", nargs=2, metavar=("SIZE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -74,7 +76,7 @@ def main() -> None:
     print("| model | variant | ms/step | vs fused | state | peak RSS |\n|---|---|---|---|---|---|")
     for size in args.sizes:
         runs = {}
-        for variant in VARIANTS:
+        for variant in dict.fromkeys(["fused", *args.variants]):
             out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", size, variant],
                                  capture_output=True, text=True, check=True).stdout
             runs[variant] = json.loads(out.strip().splitlines()[-1])

@@ -53,6 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each setting (2: A B B A, and two cache hits; 1: A B, one, for a smoke test)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -70,10 +72,11 @@ def main() -> None:
     home = folder / "home"
     settings = {"1 process": (1, False), f"{args.workers} workers": (args.workers, False)}
     runs: dict[str, list[dict]] = {name: [] for name in settings}
-    for name in (*settings, *reversed(settings)):
+    order = [*settings, *reversed(settings)] * args.repeats
+    for name in order[:len(settings) * args.repeats]:
         runs[name].append(spawn(assets_file, rows_file, *settings[name], home))
     spawn(assets_file, rows_file, 1, True, home)  # writes the cache
-    runs["cache hit"] = [spawn(assets_file, rows_file, 1, True, home) for _ in range(2)]
+    runs["cache hit"] = [spawn(assets_file, rows_file, 1, True, home) for _ in range(args.repeats)]
 
     print(f"{args.rows} chat rows (bench_trl's data repeated), max_length 512, {os.cpu_count()} CPUs\n")
     print("| setting | seconds | ratio to 1 process |\n|---|---|---|")

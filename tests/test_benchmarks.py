@@ -27,7 +27,8 @@ def test_bench_gpu_runs_and_reports_each_configuration():
 
 
 def test_bench_tokenize_reports_each_setting():
-    proc = run_cli(python(), "benchmarks/bench_tokenize.py", "--rows", "2000", "--workers", "2", timeout=300)
+    proc = run_cli(python(), "benchmarks/bench_tokenize.py", "--rows", "2000", "--workers", "2", "--repeats", "1",
+                   timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
     for setting in ("1 process", "2 workers", "cache hit"):
@@ -35,12 +36,14 @@ def test_bench_tokenize_reports_each_setting():
 
 
 def test_bench_optimizer_reports_each_variant_and_the_size_of_its_state():
-    proc = run_cli(python(), "benchmarks/bench_optimizer.py", "--sizes", "10M", "--steps", "1", timeout=300)
+    # torch's default and foreach AdamW left out: the same state as fused, each its own process of 4-5 s
+    proc = run_cli(python(), "benchmarks/bench_optimizer.py", "--sizes", "10M", "--steps", "1", "--variants", "lion",
+                   "adamw_8bit", "lion_8bit", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split("|")[2].strip(): line.split("|") for line in proc.stdout.splitlines()
             if line.startswith("| 10M")}
-    assert sorted(rows) == ["adamw_8bit", "default", "foreach", "fused", "lion", "lion_8bit"], proc.stdout
+    assert sorted(rows) == ["adamw_8bit", "fused", "lion", "lion_8bit"], proc.stdout
     assert all(float(r[3]) > 0 for r in rows.values())
     state = {k: float(r[5].split()[0]) for k, r in rows.items()}
-    assert state["fused"] == state["default"] == 2 * state["lion"]
+    assert state["fused"] == 2 * state["lion"]
     assert state["adamw_8bit"] < 0.3 * state["fused"] and state["lion_8bit"] < 0.3 * state["lion"]

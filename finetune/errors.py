@@ -6,6 +6,10 @@ class UserError(ValueError):
     """Bad input that the user must fix: a recipe key, a data row, a model path, an output directory."""
 
 
+class DataError(UserError):
+    """Bad data the user must fix: a row, a data source, a chat template that cannot render a row."""
+
+
 class SaidByMainProcess(UserError):
     """The main process of a distributed run found a user error and says it; the others stop quietly (exit 2)."""
 

@@ -64,7 +64,7 @@ def as_chat(tokenizer: Any, raw: bool) -> bool:
 def template_kwargs(tokenizer: Any, kwargs: dict[str, Any] | None, raw: bool, what: str) -> dict[str, Any]:
     """Checked variables for the chat template (as data.chat_template_kwargs in training), named `what` in
     errors; refused where no template renders the prompt."""
-    from finetune.data import check_template_kwargs
+    from finetune.chat import check_template_kwargs
 
     if kwargs and not as_chat(tokenizer, raw):
         raise UserError(f"{what}: no chat template renders the prompt here (--raw, or the model has none)")
@@ -77,7 +77,7 @@ def prompt_ids(tokenizer: Any, prompt: str, raw: bool = False, kwargs: dict[str,
     the template variables `kwargs`, or its plain tokens when the tokenizer has no template or `raw`."""
     if not as_chat(tokenizer, raw):
         return list(tokenizer(prompt)["input_ids"])
-    from finetune.data import apply_template
+    from finetune.chat import apply_template
 
     return list(apply_template(tokenizer, [{"role": "user", "content": prompt}], "prompt", tokenize=True,
                                add_generation_prompt=True, return_dict=True, **(kwargs or {}))["input_ids"])

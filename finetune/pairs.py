@@ -20,22 +20,20 @@ from typing import Any
 import torch
 
 from finetune import attention
+from finetune.chat import chat_args, check_messages, render_after_prompt
 from finetune.collate import pad
 from finetune.data import (
     ROWS,
-    DataError,
     Numbering,
     Part,
-    chat_args,
-    check_messages,
     concatenate,
     eval_sources,
     fractions,
     map_rows,
-    render_after_prompt,
     tokenizer_workers,
     train_eval_rows,
 )
+from finetune.errors import DataError
 from finetune.losses import IGNORE_INDEX
 from finetune.model import attention_for
 from finetune.tokenized import cached

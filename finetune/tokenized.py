@@ -43,10 +43,10 @@ def fingerprint(rows: Any, source: str, tokenizer: Any, settings: dict[str, Any]
     import transformers
     import trl
 
-    from finetune import data, pairs
+    from finetune import chat, data, pairs
 
     h = hashlib.sha256()
-    for module in (data, pairs):  # the encoding code itself: editing it invalidates every entry
+    for module in (chat, data, pairs):  # the encoding code itself: editing it invalidates every entry
         h.update(Path(module.__file__).read_bytes())
     # trl: its training chat templates (`data.training_template`)
     h.update(json.dumps([source, settings, transformers.__version__, tokenizers.__version__, trl.__version__],

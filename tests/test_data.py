@@ -6,7 +6,9 @@ import pytest
 from conftest import as_sharegpt
 
 from finetune.builtin import CHAT_TEMPLATE, builtin_rows, descending_rows, task_rows
-from finetune.data import DataError, chat_ids_and_mask, detect_format, encode_dataset, encode_row, load_rows
+from finetune.chat import chat_ids_and_mask
+from finetune.data import detect_format, encode_dataset, encode_row, load_rows
+from finetune.errors import DataError
 from finetune.losses import IGNORE_INDEX
 
 CONVO = [

@@ -16,7 +16,7 @@ import finetune
 from finetune import attention
 from finetune.builtin import preference_rows
 from finetune.collate import pad
-from finetune.data import DataError
+from finetune.errors import DataError
 from finetune.losses import IGNORE_INDEX
 from finetune.pairs import PairCollator, encode_pair, encode_pairs
 from finetune.tracking import read_metrics

@@ -8,23 +8,19 @@ from typing import Any
 import torch
 
 from finetune import model as model_lib
+from finetune.chat import CHAT_FORMATS, apply_template, chat_args, conversational_prompt, row_messages
 from finetune.collate import CausalLMCollator, pad
 from finetune.data import (
-    CHAT_FORMATS,
     ROWS,
     Numbering,
     Part,
-    apply_template,
-    chat_args,
     column_names,
     concatenate,
-    conversational_prompt,
     detect_format,
     encode_dataset,
     eval_sources,
     fractions,
     prompt_and_completion,
-    row_messages,
     row_name,
     take,
     tokenizer_workers,

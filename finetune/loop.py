@@ -420,8 +420,8 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
                 state.evals_since_lowest += 1
             tracker.log({"step": step, **metrics})
             sources = tuple(f"eval_{name}_" for name, _ in data.eval_sources or ())
-            shown = {k: v for k, v in metrics.items() if not k.startswith(sources) or k.endswith("_loss")}
-            logger.info("step %d: %s", step, _format_metrics(shown))  # of each source only its loss
+            shown = {k: v for k, v in metrics.items() if not k.startswith(sources) or k.endswith(("loss", "accuracy"))}
+            logger.info("step %d: %s", step, _format_metrics(shown))  # of each source its loss and accuracy
         return metrics
 
     # ---- the end of every run, defined before the steps for --eval-only, which ends after its evaluation

@@ -956,3 +956,33 @@ def test_each_held_out_source_is_evaluated_alone_as_well(tmp_path: Path, chat_fi
         assert both[f"eval_{name}_loss"] == pytest.approx(alone, rel=1e-5)
     assert len({both["eval_sums_loss"], both["eval_sort_loss"], both["eval_loss"]}) == 3
     assert finetune.evaluate(recipe).metrics.keys() == {"eval_loss"}  # one source: no names
+
+
+def test_exact_match_takes_the_first_rows_of_each_held_out_source(tmp_path: Path, chat_files, monkeypatch):
+    """train.eval_generate with several held-out sources: the first rows of each, scored overall and per source
+    (here by a stand-in for greedy decoding, right where the prompt has a multiple of 3 tokens)."""
+    from transformers import AutoTokenizer
+
+    import finetune.tasks.sft
+    from finetune.builtin import ensure_builtin_model
+    from finetune.tasks.sft import generation_examples
+
+    monkeypatch.setattr(finetune.tasks.sft, "exact_match",
+                        lambda model, tokenizer, examples, *a, **k: [len(p) % 3 == 0 for p, _ in examples])
+    _, evals = chat_files
+    rows = evals.read_text().splitlines(keepends=True)
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(rows[:16]))
+    second.write_text("".join(rows[16:]))
+    recipe = small_recipe(tmp_path / "run", evals, evals, train={"eval_generate": 6})
+    got = finetune.evaluate(recipe, **{"data.eval": [str(first), str(second)]}).metrics
+    tok = AutoTokenizer.from_pretrained(ensure_builtin_model("builtin:tiny-llama"))
+    right = {}
+    for name, source in (("first", first), ("second", second)):
+        examples = generation_examples([json.loads(r) for r in source.read_text().splitlines()], name, "auto", tok, 6)
+        right[name] = [len(p) % 3 == 0 for p, _ in examples]
+        assert len(right[name]) == 6 and got[f"eval_{name}_accuracy"] == pytest.approx(sum(right[name]) / 6)
+    assert got["eval_accuracy"] == pytest.approx((sum(right["first"]) + sum(right["second"])) / 12)
+    assert got["eval_first_accuracy"] != got["eval_second_accuracy"]
+    alone = finetune.evaluate(recipe, **{"data.eval": str(first)}).metrics  # one source: its first rows, unnamed
+    assert alone["eval_accuracy"] == got["eval_first_accuracy"] and "eval_first_accuracy" not in alone

@@ -84,6 +84,8 @@ class SFTTask:
     def __init__(self) -> None:
         self.tokenizer: Any = None
         self.examples: list[tuple[list, str]] = []
+        self.example_sources: list[int] = []  # each example's held-out source, where there are several
+        self.source_names: list[str] = []
         self.keep_logits = False
         self.head: Any = None  # the fused output layer, with train.fused_linear_loss
 
@@ -107,13 +109,16 @@ class SFTTask:
         if eval_parts is not None:
             encoded = [encode(part) for part in eval_parts]
             evals, sizes = concatenate(encoded), eval_sources(d, encoded)
-            examples: list[tuple[list, str]] = []
-            for part in eval_parts:  # the first train.eval_generate held-out rows, across sources
-                if len(examples) < recipe.train.eval_generate:
-                    examples += generation_examples(part.rows, part.source, d.format, tokenizer,
-                                                    recipe.train.eval_generate - len(examples), part.numbering,
-                                                    d.chat_template_kwargs)
-            self.examples = examples
+            # the first train.eval_generate held-out rows: across sources, or of each where they are named apart
+            self.examples, self.example_sources = [], []
+            self.source_names = [name for name, _ in sizes or ()]
+            for i, part in enumerate(eval_parts):
+                limit = recipe.train.eval_generate - (0 if sizes else len(self.examples))
+                if limit > 0:
+                    got = generation_examples(part.rows, part.source, d.format, tokenizer, limit, part.numbering,
+                                              d.chat_template_kwargs)
+                    self.examples += got
+                    self.example_sources += [i] * len(got)
         return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id, d.packing),
                         train_lengths=[len(ids) for ids in train["input_ids"]], eval_sources=sizes)
 
@@ -147,6 +152,7 @@ class SFTTask:
             return {}
         world = accelerator.num_processes
         mine = self.examples[accelerator.process_index::world]
+        sources = self.example_sources[accelerator.process_index::world]
         sharded = accelerator.distributed_type.name == "FSDP"
         if sharded:  # every forward all-gathers weights: the same prompts, batches and decode steps everywhere
             real, per_process = len(mine), -(-len(self.examples) // world)
@@ -156,5 +162,15 @@ class SFTTask:
                               recipe.log.progress and accelerator.is_main_process, synced=sharded)
         if sharded:
             correct = correct[:real]
-        counts = accelerator.reduce(torch.tensor([sum(correct), len(correct)], device=accelerator.device), "sum")
-        return {"eval_accuracy": counts[0].item() / max(1, counts[1].item())}
+        # (right, answered) of all examples, then of each named source's
+        counts = [[0.0, 0.0] for _ in range(1 + len(self.source_names))]
+        for ok, source in zip(correct, sources, strict=True):
+            for row in (0, 1 + source) if self.source_names else (0,):
+                counts[row][0] += ok
+                counts[row][1] += 1
+        counts = accelerator.reduce(torch.tensor(counts, device=accelerator.device), "sum").tolist()
+        metrics = {"eval_accuracy": counts[0][0] / max(1, counts[0][1])}
+        for name, (right, answered) in zip(self.source_names, counts[1:], strict=True):
+            if answered:
+                metrics[f"eval_{name}_accuracy"] = right / answered
+        return metrics

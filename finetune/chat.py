@@ -109,8 +109,19 @@ def sharegpt_messages(turns: Any, where: str) -> list[dict[str, Any]]:
 
 
 def row_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, str]]:
-    """The checked chat messages of a `chat` or `sharegpt` row."""
-    return check_messages(row["messages"] if fmt == "chat" else sharegpt_messages(row["conversations"], where), where)
+    """The checked chat messages of a `chat` or `sharegpt` row; a ShareGPT row's `system` field (LLaMA-Factory's
+    system prompt) is its first message."""
+    if fmt == "chat":
+        return check_messages(row["messages"], where)
+    messages = sharegpt_messages(row["conversations"], where)
+    system = row.get("system")
+    if system:
+        check_str(system, "'system'", where)
+        if messages[0]["role"] == "system" and messages[0]["content"] != system:
+            raise DataError(f"{where}: a 'system' field beside a conversation that begins with another system turn; "
+                            "expected one system prompt")
+        messages = messages if messages[0]["role"] == "system" else [{"role": "system", "content": system}, *messages]
+    return check_messages(messages, where)
 
 
 def has_generation_markers(template: str | None) -> bool:

@@ -350,6 +350,10 @@ def prompt_and_completion(row: dict[str, Any], fmt: str, where: str) -> tuple[st
     """The prompt text and the target text of a prompt_completion or alpaca row."""
     if fmt == "prompt_completion":
         return check_str(row["prompt"], "'prompt'", where), check_str(row["completion"], "'completion'", where)
+    for key in ("history", "system"):  # LLaMA-Factory's alpaca: turns before, and a system prompt, for a chat
+        if row.get(key):                 # template to render; the Alpaca prompt has no place for them
+            raise DataError(f"{where}: an alpaca row with '{key}' (LLaMA-Factory's multi-turn alpaca), which the "
+                            "Alpaca prompt has no place for; write such rows as chat messages (data.format: chat)")
     extra = check_str(row.get("input") or "", "'input'", where)
     prompt = ALPACA_PROMPT.format(ctx=", paired with an input that provides further context" if extra else "",
                                   instruction=check_str(row["instruction"], "'instruction'", where),

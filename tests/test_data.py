@@ -92,6 +92,26 @@ def test_sharegpt_rows_encode_as_their_chat_messages(tok, tmp_path: Path):
                                                                                  tok, 4)
 
 
+def test_llama_factory_system_prompts_are_kept_or_refused_by_row(tok):
+    """LLaMA-Factory's ShareGPT `system` field is the conversation's system prompt (it was dropped without a
+    word); its alpaca `system` and `history`, which the Alpaca prompt has no place for, are refused by row."""
+    turns = as_sharegpt(CONVO)
+    chat = encode_row({"messages": CONVO}, "chat", tok, 128, True, "x")
+    with_field = encode_row({"conversations": turns[1:], "system": CONVO[0]["content"]}, "sharegpt", tok, 128, True,
+                            "x")
+    assert (with_field["input_ids"], with_field["labels"]) == (chat["input_ids"], chat["labels"])
+    both = encode_row({"conversations": turns, "system": CONVO[0]["content"]}, "sharegpt", tok, 128, True, "x")
+    assert both == chat
+    with pytest.raises(DataError, match=r"^x: a 'system' field beside a conversation that begins with another"):
+        encode_row({"conversations": turns, "system": "Be long."}, "sharegpt", tok, 128, True, "x")
+    alpaca = {"instruction": "Sort: 3 1 2", "input": "", "output": "1 2 3"}
+    assert encode_row({**alpaca, "system": "", "history": []}, "alpaca", tok, 128, True, "x") == \
+        encode_row(alpaca, "alpaca", tok, 128, True, "x")
+    for key, value in (("history", [["What is 2 + 3?", "5"]]), ("system", "Be brief.")):
+        with pytest.raises(DataError, match=rf"^x: an alpaca row with '{key}' \(LLaMA-Factory's multi-turn alpaca\)"):
+            encode_row({**alpaca, key: value}, "alpaca", tok, 128, True, "x")
+
+
 def test_content_given_as_text_parts_is_their_text(tok):
     """OpenAI's and multimodal datasets' layout, content as a list of parts: text parts train as the text they
     make together (chat rows, conversational prompt/completion, exact match's reference, preference pairs);

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from finetune import attention
-from finetune.chat import chat_args, check_messages, render_after_prompt
+from finetune.chat import chat_args, check_messages, render_after_prompt, row_messages, sharegpt_messages
 from finetune.collate import pad
 from finetune.data import (
     ROWS,
@@ -97,6 +97,13 @@ def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int, max_prompt
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise DataError(f"{where}: expected 'margin' to be a number, got {type(margin).__name__}")
     once = row["rejected"] is row["chosen"]  # KTO's unpaired rows pass one completion as both: tokenized once
+    if isinstance(row.get("conversations"), list) and isinstance(row["chosen"], dict) \
+            and isinstance(row["rejected"], dict):  # LLaMA-Factory's ShareGPT pairs: the turns so far, then one each
+        for key in ("chosen", "rejected"):
+            if "from" not in row[key] or "value" not in row[key]:
+                raise DataError(f"{where}: expected '{key}' to be one turn {{from, value}}, as 'conversations' holds")
+        row = {**row, "prompt": row_messages(row, "sharegpt", f"{where} (conversations)"),
+               **{key: sharegpt_messages([row[key]], f"{where} ({key})") for key in ("chosen", "rejected")}}
     if isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
         texts = row.get("prompt"), row["chosen"], row["rejected"]
         if texts[0] is None:  # the prompt is the beginning both texts share

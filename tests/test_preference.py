@@ -117,6 +117,18 @@ def test_conversational_pairs_render_their_tools(tok):
         "user: 2 + 3?\nassistant: "
 
 
+def test_llama_factory_sharegpt_pairs_are_conversational_pairs(tok):
+    """LLaMA-Factory's ShareGPT preference rows (`conversations` so far, `chosen` and `rejected` one turn each, an
+    optional `system` field) encode as the same pair in TRL's conversational layout."""
+    trl_row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 3?"}],
+               "chosen": [{"role": "assistant", "content": "5"}], "rejected": [{"role": "assistant", "content": "6"}]}
+    factory = {"conversations": [{"from": "human", "value": "2 + 3?"}], "system": "Be brief.",
+               "chosen": {"from": "gpt", "value": "5"}, "rejected": {"from": "gpt", "value": "6"}}
+    assert encode_pair(factory, tok, 64, 32, "x") == encode_pair(trl_row, tok, 64, 32, "x")
+    with pytest.raises(DataError, match=r"^x: expected 'chosen' to be one turn \{from, value\}, as 'conversations'"):
+        encode_pair({**factory, "chosen": {"role": "assistant", "content": "5"}}, tok, 64, 32, "x")
+
+
 def test_truncation_keeps_the_end_of_the_prompt(tok):
     prompt = "Reverse: " + " ".join(["cat"] * 30) + " dog"
     enc = encode_pair({"prompt": prompt, "chosen": " moon sun", "rejected": " sun"}, tok, 16, 8, "x")

@@ -33,15 +33,22 @@ def _text_parts(parts: list, what: str, where: str) -> str:
     return "".join(texts)
 
 
-def check_messages(messages: Any, where: str) -> list[dict[str, Any]]:
+def check_messages(messages: Any, where: str, weights: bool = False) -> list[dict[str, Any]]:
     """Chat messages: each a `role` and a text `content` (text parts are joined into it); an assistant's tool
-    calls (`tool_calls`, a list) may stand instead of the content, as in the OpenAI format chat templates render."""
+    calls (`tool_calls`, a list) may stand instead of the content, as in the OpenAI format chat templates render.
+    With `weights` (chat rows), an assistant message's `weight` 0 leaves it untrained (OpenAI's fine-tuning
+    format); elsewhere a weight 0 is refused rather than ignored."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: expected 'messages' to be a non-empty list of {{role, content}}")
     checked = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
             raise DataError(f"{where}: messages[{i}] must have 'role' and 'content'")
+        weight = m.get("weight")
+        if weight is not None and (weight not in (0, 1) or (weight == 0 and not weights)
+                                   or (m["role"] != "assistant" and weight != 1)):
+            raise DataError(f"{where}: messages[{i}].weight is {weight!r}; expected 0 or 1 on an assistant message "
+                            "(OpenAI's fine-tuning format), and 0 only in chat rows (messages or conversations)")
         calls = m.get("tool_calls")
         if calls is not None and not isinstance(calls, list):
             raise DataError(f"{where}: expected messages[{i}].tool_calls to be a list, got {type(calls).__name__}")
@@ -104,7 +111,9 @@ def sharegpt_messages(turns: Any, where: str) -> list[dict[str, Any]]:
             messages.append({"role": role, "content": None,
                              "tool_calls": [{"type": "function", "function": c} for c in calls]})
         else:
-            messages.append({"role": role, "content": turn["value"]})
+            # axolotl's ShareGPT turns may carry a weight, as OpenAI's messages do
+            weight = {"weight": turn["weight"]} if turn.get("weight") is not None else {}
+            messages.append({"role": role, "content": turn["value"], **weight})
     return messages
 
 
@@ -112,7 +121,7 @@ def row_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, st
     """The checked chat messages of a `chat` or `sharegpt` row; a ShareGPT row's `system` field (LLaMA-Factory's
     system prompt) is its first message."""
     if fmt == "chat":
-        return check_messages(row["messages"], where)
+        return check_messages(row["messages"], where, weights=True)
     messages = sharegpt_messages(row["conversations"], where)
     system = row.get("system")
     if system:
@@ -121,7 +130,7 @@ def row_messages(row: dict[str, Any], fmt: str, where: str) -> list[dict[str, st
             raise DataError(f"{where}: a 'system' field beside a conversation that begins with another system turn; "
                             "expected one system prompt")
         messages = messages if messages[0]["role"] == "system" else [{"role": "system", "content": system}, *messages]
-    return check_messages(messages, where)
+    return check_messages(messages, where, weights=True)
 
 
 def has_generation_markers(template: str | None) -> bool:
@@ -248,10 +257,23 @@ def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str
     """
     args = args or {}
     require_chat_template(tokenizer, where, "chat rows", messages, args)
+    answers = [m for m in messages if m["role"] == "assistant"]
     if has_generation_markers(args.get("chat_template") or tokenizer.chat_template):
         out = apply_template(tokenizer, messages, where, tokenize=True, return_dict=True,
                              return_assistant_tokens_mask=True, **args)
-        return list(out["input_ids"]), list(out["assistant_masks"])
+        mask = list(out["assistant_masks"])
+        if any(m.get("weight") == 0 for m in answers):  # the k-th run of marked tokens is the k-th answer's
+            runs = [i for i, bit in enumerate(mask) if bit and (i == 0 or not mask[i - 1])]
+            if len(runs) != len(answers):
+                raise DataError(f"{where}: a message weight needs each answer's tokens apart, and the chat "
+                                f"template's {{% generation %}} spans are {len(runs)} for {len(answers)} answers")
+            for start, message in zip(runs, answers, strict=True):
+                end = start
+                while end < len(mask) and mask[end]:
+                    end += 1
+                if message.get("weight") == 0:
+                    mask[start:end] = [0] * (end - start)
+        return list(out["input_ids"]), mask
     text = apply_template(tokenizer, messages, where, tokenize=False, **args)
     spans = []
     for i, message in enumerate(messages):
@@ -264,7 +286,8 @@ def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]], where: str
             raise DataError(f"{where}: the chat template renders earlier turns differently once later turns follow, "
                             "so assistant tokens cannot be located; use a template with {% generation %} markers "
                             "or set data.completion_only_loss: false")
-        spans.append((len(before), len(through)))
+        if message.get("weight") != 0:
+            spans.append((len(before), len(through)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(s <= start < e for s, e in spans)) for start, _ in enc["offset_mapping"]]
     return list(enc["input_ids"]), mask

@@ -112,6 +112,34 @@ def test_llama_factory_system_prompts_are_kept_or_refused_by_row(tok):
             encode_row({**alpaca, key: value}, "alpaca", tok, 128, True, "x")
 
 
+def test_an_answer_of_weight_0_is_not_trained(tok):
+    """OpenAI's fine-tuning format (and axolotl's ShareGPT turns): an assistant message's `weight` 0 leaves its
+    tokens out of the loss, found by the template's {% generation %} spans or by rendering alike; 1 is as none."""
+    from finetune.pairs import encode_pair
+
+    def trained(messages, fmt="chat"):
+        turns = [{**t, **({"weight": m["weight"]} if "weight" in m else {})}
+                 for t, m in zip(as_sharegpt(messages), messages, strict=True)]
+        row = {"messages": messages} if fmt == "chat" else {"conversations": turns}
+        return tok.decode([t for t in encode_row(row, fmt, tok, 128, True, "x")["labels"] if t != IGNORE_INDEX])
+
+    skip_first = [*CONVO[:2], {**CONVO[2], "weight": 0}, *CONVO[3:]]
+    unmarked = CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    for template in (CHAT_TEMPLATE, unmarked):
+        tok.chat_template = template
+        assert trained(skip_first) == "1 2 3<|im_end|>\n"
+        assert trained([*CONVO[:4], {**CONVO[4], "weight": 0}]) == "5<|im_end|>\n"
+        assert trained([*CONVO[:2], {**CONVO[2], "weight": 1}, *CONVO[3:]]) == trained(CONVO) == \
+            "5<|im_end|>\n1 2 3<|im_end|>\n"
+    assert trained(skip_first, "sharegpt") == "1 2 3<|im_end|>\n"
+    for messages in ([*CONVO[:2], {**CONVO[2], "weight": 0.5}], [{**CONVO[0], "weight": 0}, *CONVO[1:]]):
+        with pytest.raises(DataError, match=r"^x: messages\[\d\]\.weight is 0(\.5)?; expected 0 or 1 on an assistant"):
+            encode_row({"messages": messages}, "chat", tok, 128, True, "x")
+    with pytest.raises(DataError, match=r"^x \(chosen\): messages\[0\]\.weight is 0; expected 0 or 1 on an assist"):
+        encode_pair({"prompt": CONVO[:2], "chosen": [{**CONVO[2], "weight": 0}], "rejected": CONVO[4:5]}, tok, 64, 32,
+                    "x")
+
+
 def test_content_given_as_text_parts_is_their_text(tok):
     """OpenAI's and multimodal datasets' layout, content as a list of parts: text parts train as the text they
     make together (chat rows, conversational prompt/completion, exact match's reference, preference pairs);

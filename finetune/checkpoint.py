@@ -23,6 +23,7 @@ logger = logging.getLogger("finetune")
 
 MARKER = "complete"
 STATE_FILE = "trainer_state.json"
+TEMPLATE_KWARGS = "chat_template_kwargs.json"  # an exported model's data.chat_template_kwargs
 
 
 @dataclass
@@ -244,9 +245,10 @@ def load_shards_unsharded(accelerator: Any, path: Path) -> None:
 
 
 def export_model(accelerator: Any, model: Any, tokenizer: Any, target: Path, checkpoints: Path,
-                 max_shard_size: str = "5GB") -> None:
+                 max_shard_size: str = "5GB", template_kwargs: dict[str, Any] | None = None) -> None:
     """Save the final model (or LoRA adapter) with its tokenizer, loadable by `from_pretrained`; atomic.
-    Weights larger than `max_shard_size` are split into shards with an index, as on the hub."""
+    Weights larger than `max_shard_size` are split into shards with an index, as on the hub. `template_kwargs`
+    (data.chat_template_kwargs), where set, go beside them for `finetune generate` and `score`."""
     state_dict = accelerator.get_state_dict(model)  # gathers full tensors from shards under FSDP
     if accelerator.is_main_process:
         tmp = target.parent / f".tmp-{target.name}"
@@ -262,6 +264,8 @@ def export_model(accelerator: Any, model: Any, tokenizer: Any, target: Path, che
         with writing(tmp, f"exporting the model to {target}", checkpoints):
             unwrapped.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True, **options)
             tokenizer.save_pretrained(str(tmp))
+            if template_kwargs:
+                (tmp / TEMPLATE_KWARGS).write_text(json.dumps(template_kwargs, indent=2) + "\n")
         old = target.parent / f".old-{target.name}"
         if target.exists():
             target.rename(old)

@@ -96,15 +96,24 @@ def template_vars(items: list[str]) -> dict[str, Any]:
     return parse_overrides(items)
 
 
+def chat_variables(args: argparse.Namespace, tokenizer: Any, variables: dict[str, Any]) -> dict[str, Any]:
+    """The chat template's variables for `generate` and `score`: those the run trained with, saved beside its
+    model, under `--template-var`'s; checked against the template."""
+    from finetune.generate import saved_template_kwargs, template_kwargs
+
+    saved = {} if args.raw else saved_template_kwargs(args.model)
+    return template_kwargs(tokenizer, {**saved, **variables}, args.raw, "--template-var")
+
+
 def generate(args: argparse.Namespace) -> None:
     """Print the answer to each prompt (of the command line, else of each line of stdin) as it comes."""
-    from finetune.generate import answers, load, template_kwargs
+    from finetune.generate import answers, load
 
     if args.max_new_tokens < 1 or args.temperature < 0:
         raise UserError("generate: expected --max-new-tokens >= 1 and --temperature >= 0")
     variables = template_vars(args.template_var)
     model, tokenizer = load(args.model, args.dtype)
-    kwargs = template_kwargs(tokenizer, variables, args.raw, "--template-var")
+    kwargs = chat_variables(args, tokenizer, variables)
     if not args.prompts and sys.stdin.isatty():
         print("one prompt per line; Ctrl-D ends", file=sys.stderr)
     prompts = args.prompts or (line.strip() for line in sys.stdin if line.strip())
@@ -163,12 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             generate(args)
             return 0
         if args.command == "score":
-            from finetune.generate import load, template_kwargs
+            from finetune.generate import load
             from finetune.score import scores
 
             variables = template_vars(args.template_var)
             model, tokenizer = load(args.model, args.dtype, reward=True)
-            kwargs = template_kwargs(tokenizer, variables, args.raw, "--template-var")
+            kwargs = chat_variables(args, tokenizer, variables)
             for value in scores(model, tokenizer, args.prompt, args.responses, args.raw, kwargs):
                 print(f"{value:.6g}")
             return 0

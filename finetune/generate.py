@@ -61,6 +61,22 @@ def as_chat(tokenizer: Any, raw: bool) -> bool:
     return not raw and getattr(tokenizer, "chat_template", None) is not None
 
 
+def saved_template_kwargs(model_dir: str | Path) -> dict[str, Any]:
+    """The chat template variables a run trained with (data.chat_template_kwargs), saved beside its model."""
+    from finetune.checkpoint import TEMPLATE_KWARGS
+
+    path = Path(model_dir) / TEMPLATE_KWARGS
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not readable as JSON ({e}); expected the template variables of its run") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: expected a mapping of template variables, got {type(saved).__name__}")
+    return saved
+
+
 def template_kwargs(tokenizer: Any, kwargs: dict[str, Any] | None, raw: bool, what: str) -> dict[str, Any]:
     """Checked variables for the chat template (as data.chat_template_kwargs in training), named `what` in
     errors; refused where no template renders the prompt."""

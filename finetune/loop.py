@@ -552,7 +552,8 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
                     "%.4f)", best, final_eval["eval_loss"], last)
     if not stopped:
         model_dir = out / "model"
-        checkpoint.export_model(accelerator, model, tokenizer, model_dir, out / "checkpoints")
+        checkpoint.export_model(accelerator, model, tokenizer, model_dir, out / "checkpoints",
+                                template_kwargs=recipe.data.chat_template_kwargs)
         logger.info("saved the model to %s", model_dir)
     else:
         logger.warning("stopped at step %d of %d; run the same command again (resume: auto) to continue",

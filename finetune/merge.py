@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from finetune.checkpoint import TEMPLATE_KWARGS
 from finetune.errors import UserError
 from finetune.hub import local_only
 
@@ -74,6 +75,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | N
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if (adapter_dir / TEMPLATE_KWARGS).is_file():  # the run's template variables go with its tokenizer
+        shutil.copy(adapter_dir / TEMPLATE_KWARGS, tmp / TEMPLATE_KWARGS)
     if output_dir.exists():
         shutil.rmtree(output_dir)
     tmp.rename(output_dir)

@@ -175,18 +175,20 @@ def test_an_unreachable_hub_puts_the_hub_libraries_offline(tmp_path: Path, train
 
 
 def test_template_variables_render_prompts_as_in_training(tmp_path: Path, capsys, monkeypatch):
-    """A run with data.chat_template_kwargs: its in-memory result prompts with them, and `generate` with
-    `--template-var`; variables that cannot reach the template are refused."""
+    """A run with data.chat_template_kwargs: its in-memory result prompts with them, and so do `generate` and a
+    merged adapter's, from the file exported beside the model, `--template-var` over it; variables that cannot
+    reach the template are refused."""
     from test_data import THINK_TEMPLATE
 
     import finetune.generate
+    from finetune.checkpoint import TEMPLATE_KWARGS
     from finetune.generate import prompt_ids
+    from finetune.merge import merge_adapter
 
     off = {"enable_thinking": False}
-    result = finetune.train(str(ROOT / "recipes/tiny_sft.yaml"), output_dir=str(tmp_path / "run"),
-                            **{"train.max_steps": 2, "train.eval_generate": 0, "data.eval": None,
-                               "log.progress": False, "log.tensorboard": False, "model.chat_template": THINK_TEMPLATE,
-                               "data.chat_template_kwargs": off})
+    common = {"train.max_steps": 2, "train.eval_generate": 0, "data.eval": None, "log.progress": False,
+              "log.tensorboard": False, "model.chat_template": THINK_TEMPLATE, "data.chat_template_kwargs": off}
+    result = finetune.train(str(ROOT / "recipes/tiny_sft.yaml"), output_dir=str(tmp_path / "run"), **common)
     model, tokenizer = load(result.model_dir)
     assert result.chat_template_kwargs == off
     assert tokenizer.decode(prompt_ids(tokenizer, "x", kwargs=off)).endswith("assistant\n<think>\n\n</think>\n\n")
@@ -194,9 +196,12 @@ def test_template_variables_render_prompts_as_in_training(tmp_path: Path, capsys
     monkeypatch.setattr(finetune.generate, "prompt_ids", lambda *a: rendered.append(a[3]) or prompt_ids(*a))
     expected = list(answers(model, tokenizer, PROMPTS, 4, kwargs=off))
     assert result.generate(*PROMPTS, max_new_tokens=4) == expected and rendered == [off] * 4
-    assert main(["generate", str(result.model_dir), *PROMPTS, "--max-new-tokens", "4",
-                 "--template-var", "enable_thinking=false"]) == 0
+    assert main(["generate", str(result.model_dir), *PROMPTS, "--max-new-tokens", "4"]) == 0  # the saved ones
     assert capsys.readouterr().out.splitlines() == expected and rendered == [off] * 6
+    assert main(["generate", str(result.model_dir), "x", "--max-new-tokens", "1",
+                 "--template-var", "enable_thinking=true"]) == 0
+    assert rendered[-1] == {"enable_thinking": True}
+    capsys.readouterr()
     for flags, error in ((["--template-var", "enable_reasoning=false"],
                           "--template-var enable_reasoning: the chat template never reads enable_reasoning"),
                          (["--template-var", "enable_thinking"],
@@ -206,3 +211,9 @@ def test_template_variables_render_prompts_as_in_training(tmp_path: Path, capsys
                           "--template-var: no chat template renders the prompt here")):
         assert main(["generate", str(result.model_dir), "x", *flags]) == 2
         assert error in capsys.readouterr().err
+    assert main(["generate", str(result.model_dir), "x", "--raw", "--max-new-tokens", "1"]) == 0  # saved: unused
+
+    adapter = finetune.train(str(ROOT / "recipes/tiny_sft.yaml"), output_dir=str(tmp_path / "lora"), **common,
+                             **{"lora.enabled": True}).model_dir
+    merged = merge_adapter(adapter, tmp_path / "merged")
+    assert json.loads((merged / TEMPLATE_KWARGS).read_text()) == json.loads((adapter / TEMPLATE_KWARGS).read_text())

@@ -48,7 +48,7 @@ def fingerprint(rows: Any, source: str, tokenizer: Any, settings: dict[str, Any]
     h = hashlib.sha256()
     for module in (chat, data, pairs):  # the encoding code itself: editing it invalidates every entry
         h.update(Path(module.__file__).read_bytes())
-    # trl: its training chat templates (`data.training_template`)
+    # trl: its training chat templates (`chat.training_template`)
     h.update(json.dumps([source, settings, transformers.__version__, tokenizers.__version__, trl.__version__],
                         sort_keys=True, default=str).encode())
     with tempfile.TemporaryDirectory() as folder:  # everything that shapes its output, as transformers saves it

@@ -135,9 +135,11 @@ def setup_logging() -> None:
     """finetune's own messages at INFO; other libraries only warn."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
     logging.getLogger("finetune").setLevel(logging.INFO)
-    # peft imports bitsandbytes on every LoRA run or merge; on CPUs with AVX512-BF16 it then warns that a faster
-    # 4-bit kernel needs the `kernels` package, which matters only to QLoRA on a CPU
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft imports bitsandbytes on every LoRA run or merge; on CPUs with AVX512-BF16 it then looks for a faster
+    # 4-bit kernel on the hub through the `kernels` package (which transformers >= 5.25 installs), and both warn
+    # when it is not there or the hub is offline: it matters only to QLoRA on a CPU
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _close_progress_bars() -> None:

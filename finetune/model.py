@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -255,8 +256,12 @@ def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointi
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        # peft 0.22 renamed the keyword (and warns on the old one); earlier versions know only the old one
+        named = "activation_checkpointing_kwargs" \
+            if "activation_checkpointing_kwargs" in inspect.signature(prepare_model_for_kbit_training).parameters \
+            else "gradient_checkpointing_kwargs"
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+                                                **{named: {"use_reentrant": False}})
     targets = cfg.target_modules
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task_type,
                               target_modules=targets, modules_to_save=list(cfg.modules_to_save) or None,

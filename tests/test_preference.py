@@ -585,9 +585,12 @@ def test_pair_accumulation_4x2_equals_1x8(tmp_path: Path, pair_files, task: str)
     four = finetune.train(pair_recipe(tmp_path / "b", pair_files, task, train={"batch_size": 2, "grad_accum": 4}))
     a = [e for e in one.history if "loss" in e]
     b = [e for e in four.history if "loss" in e]
-    for x, y in zip(a, b, strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    # The first step shows a normalisation error in full (a wrong one is off by a factor); later ones also carry
+    # float32 summation-order noise that Adam's first steps amplify: the reward model's third loss differed by
+    # 1.3e-5 relative on an Intel Xeon (its GEMMs block batches of 8 and 2 differently), by less on AMD EPYC.
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6 if i == 0 else 1e-4)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5 if i == 0 else 1e-3)
         assert x["accuracy"] == pytest.approx(y["accuracy"])
 
 

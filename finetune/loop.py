@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from finetune import checkpoint, lock
+from finetune import checkpoint, lock, precision
 from finetune.config import Recipe, to_yaml
 from finetune.errors import SaidByMainProcess, UserError, count
 from finetune.memory import bound_kernel_caches, heap_trimmer
@@ -231,6 +231,10 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     set_seed(recipe.seed)  # python, numpy, torch (all devices); data order has its own seeded generator
     for unused in recipe.unused_settings():
         logger.warning(unused)
+    if main and not eval_only and cfg.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        advice = precision.bf16_cpu_advice(precision.bf16_matmul_speedup())  # some CPUs: half float32's speed
+        if advice:
+            logger.warning(advice)
     if eval_only and not (recipe.data.eval or recipe.data.eval_fraction):
         raise UserError("--eval-only: needs held-out data to evaluate on: data.eval or data.eval_fraction")
     if eval_only and recipe.data.eval:  # no training rows are needed (nor need they be on this machine)

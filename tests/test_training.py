@@ -222,14 +222,36 @@ def test_gradient_checkpointing_same_losses(tmp_path: Path, chat_files):
         assert [e["loss"] for e in steps(plain)] == pytest.approx([e["loss"] for e in steps(ckpt)], rel=1e-6)
 
 
-def test_bf16_then_fp32_in_one_process(tmp_path: Path, chat_files):
-    """Mixed precision from the recipe; a second train() in the same process may change it."""
+def test_bf16_then_fp32_in_one_process(tmp_path: Path, chat_files, monkeypatch, caplog):
+    """Mixed precision from the recipe; a second train() in the same process may change it. A bf16 run on a
+    CPU whose bf16 products are slower than float32's is told so (the measurement is replaced here: this CPU's
+    own may go either way); a float32 run measures nothing."""
+    import finetune.precision
+
+    measured = []
+    monkeypatch.setattr(finetune.precision, "bf16_matmul_speedup", lambda: measured.append(1) or 0.5)
     train, _ = chat_files
-    bf16 = finetune.train(small_recipe(tmp_path / "bf16", train), **{"train.mixed_precision": "bf16"})
-    fp32 = finetune.train(small_recipe(tmp_path / "fp32", train))
+    with caplog.at_level("WARNING", logger="finetune"):
+        bf16 = finetune.train(small_recipe(tmp_path / "bf16", train), **{"train.mixed_precision": "bf16"})
+    assert len(measured) == 1
+    (warning,) = [r.getMessage() for r in caplog.records if "slower than float32" in r.getMessage()]
+    assert "0.50x" in warning and "train.mixed_precision=no" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finetune"):
+        fp32 = finetune.train(small_recipe(tmp_path / "fp32", train))
+    assert len(measured) == 1 and not any("float32" in r.getMessage() for r in caplog.records)
     lb, lf = [e["loss"] for e in steps(bf16)], [e["loss"] for e in steps(fp32)]
     assert all(torch.isfinite(torch.tensor(lb)))
     assert lb != lf and lb == pytest.approx(lf, rel=0.05)  # autocast really ran, and trains the same thing
+
+
+def test_bf16_speed_measurement_and_advice():
+    from finetune.precision import SLOWER, bf16_cpu_advice, bf16_matmul_speedup
+
+    speedup = bf16_matmul_speedup()
+    assert 0.05 < speedup < 20  # a ratio of two real timings (0.5 on an Intel Xeon VM, 2.2 on AMD Zen 4)
+    assert bf16_cpu_advice(SLOWER) is None and bf16_cpu_advice(1.9) is None
+    assert "0.51x" in bf16_cpu_advice(0.51)
 
 
 @pytest.mark.parametrize("lora, optimizer", [(False, "adamw"), (True, "adamw"), (False, "adamw_8bit"),

@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, or OpenMP threads spin
+    os.environ["OMP_NUM_THREADS"] = "1"  # against each other (a step went from 42 ms to 2.3 s in FACTS.md)
+
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 # tests that also run on a CUDA GPU where there is one (CI has none; see tests/test_cuda.py)

@@ -10,6 +10,7 @@ run with `train.mixed_precision: bf16` measures it at start and says so when flo
 from __future__ import annotations
 
 import time
+from functools import cache
 
 import torch
 
@@ -18,6 +19,7 @@ import torch
 SLOWER = 0.8
 
 
+@cache  # a property of the CPU: measured once per process, not at every run of a notebook
 def bf16_matmul_speedup(tokens: int = 1024, width: int = 1024, repeats: int = 5) -> float:
     """bf16 / float32 throughput of a (tokens x width) @ (width x width) product on the CPU with torch's threads:
     above 1 bf16 is faster. Each dtype's best of `repeats` after one warm-up, so a busy neighbour moves it little

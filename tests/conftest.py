@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each, or OpenMP threads spin
-    os.environ["OMP_NUM_THREADS"] = "1"  # against each other (a step went from 42 ms to 2.3 s in FACTS.md)
+# two pytest-xdist workers on two cores: one thread each, or their OpenMP threads spin against each other (a
+# step went from 42 ms to 2.3 s in FACTS.md)
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if XDIST_WORKER:
     torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """finetune LoRA vs finetune full fine-tuning, per token, at two model sizes, in one invocation.
 
     python benchmarks/bench_lora.py --steps 4
-    python benchmarks/bench_lora.py --sizes 10M --interleaved 20 [--dropout]
+    python benchmarks/bench_lora.py --sizes 10M --interleaved 20 [--dropout] [--fp32]
 
 LoRA skips the frozen weights' gradients (one of the three GEMMs of every linear layer) and their optimizer
 state; attention, norms, the loss and LoRA's own rank-r products cost it as much as full fine-tuning. How much
@@ -31,12 +31,12 @@ SIZES = {"10M": MODEL,
                       num_key_value_heads=16, max_position_embeddings=1024, tie_word_embeddings=True)}
 
 
-def interleaved(size: str, dropout: float, steps: int) -> dict[str, float]:
+def interleaved(size: str, dropout: float, steps: int, bf16: bool = True) -> dict[str, float]:
     """Seconds per optimizer step of full fine-tuning, LoRA, LoRA with peft's forward and training the norms only
     (LoRA with adapters that cost nothing: the bound for any LoRA), the models in one process taking turns step
     by step (A B C D, then D C B A), so a slowdown of the machine falls on all of them.
     A step: one packed row of 2048 tokens (sequences of 20-450, the second half of each a target), forward,
-    loss, backward and AdamW, BF16."""
+    loss, backward and AdamW; BF16 autocast, or float32 with `bf16` False."""
     import random
     import time
 
@@ -57,11 +57,13 @@ def interleaved(size: str, dropout: float, steps: int) -> dict[str, float]:
         if kind == "norms":  # LoRA's bound: every linear layer frozen, gradients still flow through all of them
             for name, p in model.named_parameters():
                 p.requires_grad_("norm" in name)
-            store_frozen_linears_in(model, torch.bfloat16)
+            if bf16:  # as the loop stores frozen weights under BF16 autocast
+                store_frozen_linears_in(model, torch.bfloat16)
         elif kind != "full":
             model = apply_lora(model, LoraConfig(enabled=True, r=16, alpha=32, dropout=dropout,
                                                  fused=kind == "lora"), "CAUSAL_LM", False)
-            store_frozen_linears_in(model, torch.bfloat16)
+            if bf16:  # as the loop stores frozen weights under BF16 autocast
+                store_frozen_linears_in(model, torch.bfloat16)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
         models[kind] = (model.train(), optimizer)
     rng = random.Random(0)
@@ -76,7 +78,7 @@ def interleaved(size: str, dropout: float, steps: int) -> dict[str, float]:
     def step(kind: str) -> float:
         model, optimizer = models[kind]
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = causal_lm_forward(model, batch, keep_logits=True)  # as the sft task: at targets only
         loss, count = causal_lm_loss(logits, labels)
         loss.div(count).backward()
@@ -98,14 +100,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sizes", nargs="*", choices=list(SIZES), default=list(SIZES))
     parser.add_argument("--dropout", action="store_true", help="LoRA dropout 0.05 (the recipes' default), not 0")
+    parser.add_argument("--fp32", action="store_true", help="with --interleaved: float32, not BF16 autocast")
     parser.add_argument("--interleaved", type=int, default=0, metavar="STEPS",
                         help="instead: the models in one process, taking turns for STEPS steps each")
     args = parser.parse_args()
     if args.interleaved:
         dropout = 0.05 if args.dropout else 0.0
-        print(f"one process, models taking turns, median of {args.interleaved} steps, LoRA dropout {dropout}")
+        print(f"one process, models taking turns, median of {args.interleaved} steps, LoRA dropout {dropout}, "
+              f"{'float32' if args.fp32 else 'BF16'}")
         for size in args.sizes:
-            t = interleaved(size, dropout, args.interleaved)
+            t = interleaved(size, dropout, args.interleaved, bf16=not args.fp32)
             print(f"  {size}: seconds per step full {t['full']:.3f}, LoRA {t['lora']:.3f}, LoRA with peft's forward "
                   f"{t['lora_peft']:.3f}, norms only {t['norms']:.3f}; LoRA / full tokens/s "
                   f"x{t['full'] / t['lora']:.2f} (peft's forward x{t['full'] / t['lora_peft']:.2f}, free adapters "

@@ -2,10 +2,12 @@
 
     python benchmarks/bench_trl.py                 # all pairs, 30 steps each, A B B A order
     python benchmarks/bench_trl.py --steps 10 --only sft_full
+    python benchmarks/bench_trl.py --precision fp32    # both sides in float32, for CPUs where bf16 is slower
 
 Each run is its own process (so peak RSS is its own). For every pair the order is A B B A and each side's
 figure is the mean of its two runs, so drift in the machine's load affects both sides alike. Printed per run:
-non-padding tokens/s, peak RSS, model FLOP utilisation against a bf16 matmul peak measured in this invocation,
+non-padding tokens/s, peak RSS, model FLOP utilisation against a matmul peak measured in this invocation (in
+float32 for float32 runs; for BF16 runs the faster of bf16 and float32, since attention runs in float32 on CPU),
 final train loss and held-out loss; then the ratios finetune / TRL. Absolute numbers on a shared 2-core machine
 swing 2-5x; only the ratios of one invocation mean anything.
 """
@@ -113,13 +115,13 @@ def make_assets(folder: Path, lengths: str = "uniform", model: dict | None = Non
 
 
 def matmul_peak(m: int = 2048, k: int = MODEL["hidden_size"], n: int = MODEL["intermediate_size"],
-                device: str = "cpu", seconds: float = 3.0) -> float:
-    """bf16 GEMM FLOP/s of (m x k) @ (k x n), measured now; by default the model's shape (tokens x hidden @
-    hidden x intermediate)."""
+                device: str = "cpu", seconds: float = 3.0, dtype: str = "bfloat16") -> float:
+    """GEMM FLOP/s of (m x k) @ (k x n) in `dtype`, measured now; by default the model's shape (tokens x hidden
+    @ hidden x intermediate)."""
     import torch
 
-    a = torch.randn(m, k, dtype=torch.bfloat16, device=device)
-    b = torch.randn(k, n, dtype=torch.bfloat16, device=device)
+    a = torch.randn(m, k, dtype=getattr(torch, dtype), device=device)
+    b = torch.randn(k, n, dtype=getattr(torch, dtype), device=device)
     for _ in range(3):
         a @ b
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -133,6 +135,11 @@ def matmul_peak(m: int = 2048, k: int = MODEL["hidden_size"], n: int = MODEL["in
 
 
 # ------------------------------------------------------------------ one run (in its own process)
+
+
+def bf16() -> bool:
+    """Whether the runs train under BF16 autocast (--precision, passed to each run's process)."""
+    return os.environ.get("BENCH_PRECISION", "bf16") == "bf16"
 
 
 def run_finetune(kind: str, assets: dict, steps: int) -> dict:
@@ -153,7 +160,7 @@ def run_finetune(kind: str, assets: dict, steps: int) -> dict:
         # "budget": micro-batches of whole rows up to the tokens of batch_size average rows (same tokens per step)
         "train": {"max_steps": steps, "batch_size": HP["batch_size"], "grad_accum": HP["grad_accum"],
                   "batch_tokens": assets["budget"]["sft" if task == "sft" else "pairs"] if "budget" in kind else 0,
-                  "lr": HP["lr"], "warmup_steps": HP["warmup"], "mixed_precision": "bf16",
+                  "lr": HP["lr"], "warmup_steps": HP["warmup"], "mixed_precision": "bf16" if bf16() else "no",
                   "gradient_checkpointing": False, "log_every": 1, "trim_memory": "trim" in kind,
                   "compile": "compile" in kind, "fused_linear_loss": "fused" in kind},
         "dpo": {"loss_type": "kto" if kind.startswith("kto") else "sigmoid"},  # kto: the pairs unpaired
@@ -181,7 +188,7 @@ def run_trl(kind: str, assets: dict, steps: int) -> dict:
                                             "test": assets["pref_eval" if pref else "sft_eval"]})
     common = dict(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=HP["batch_size"],
                   per_device_eval_batch_size=HP["batch_size"], gradient_accumulation_steps=HP["grad_accum"],
-                  learning_rate=HP["lr"], warmup_steps=HP["warmup"], lr_scheduler_type="cosine", bf16=True,
+                  learning_rate=HP["lr"], warmup_steps=HP["warmup"], lr_scheduler_type="cosine", bf16=bf16(),
                   gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to=[],
                   seed=HP["seed"], use_cpu=True, dataloader_num_workers=0, eval_strategy="no")
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear") if "lora" in kind else None
@@ -305,6 +312,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(PAIRS), default=list(PAIRS))
     parser.add_argument("--lengths", choices=("uniform", "longtail"), default="uniform",
                         help="row length distribution of the data (see make_assets)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="both sides under BF16 autocast (default) or in float32")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -313,6 +322,7 @@ def main() -> None:
         child(side, kind, json.loads(Path(assets_file).read_text()), int(steps), Path(out))
         return
 
+    os.environ["BENCH_PRECISION"] = args.precision  # read by every run's process
     folder = Path(tempfile.mkdtemp(prefix="bench-"))
     assets = make_assets(folder, args.lengths)
     assets_file = folder / "assets.json"
@@ -320,11 +330,15 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(assets["model"]).parameters())
-    peak = matmul_peak()
-    print(f"model: {n_params / 1e6:.1f}M parameters; bf16 matmul peak measured now: {peak / 1e9:.0f} GFLOP/s; "
+    peaks = {"fp32": matmul_peak(dtype="float32")}
+    if args.precision == "bf16":  # attention runs in float32 on CPU: where float32 is faster, its peak is the bound
+        peaks["bf16"] = matmul_peak()
+    peak = max(peaks.values())
+    print(f"model: {n_params / 1e6:.1f}M parameters; matmul peaks measured now: "
+          f"{', '.join(f'{k} {v / 1e9:.0f}' for k, v in peaks.items())} GFLOP/s (MFU against {peak / 1e9:.0f}); "
           f"token budgets {assets['budget']}; "
           f"{args.lengths} lengths, {args.steps} steps, batch {HP['batch_size']} x accumulation {HP['grad_accum']}, "
-          "BF16, no checkpointing")
+          f"{'BF16' if args.precision == 'bf16' else 'float32'}, no checkpointing")
     rows, raw, headline = [], {}, set()  # headline: (pair, label) of the A B B A runs the ratios compare
     for name in args.only:
         ours, theirs, extra, flops_per_param = PAIRS[name]

@@ -50,34 +50,19 @@ def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor,
     return -token_logps(logits, targets, chunk_size).sum()
 
 
-def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor, wide: torch.dtype,
-                 work: torch.Tensor | None = None) -> torch.Tensor:
+def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor, wide: torch.dtype) -> torch.Tensor:
     """log p(target) of one chunk's rows in `wide`: one fused log-softmax, which reads a half-precision chunk
     once. Measured against casting each chunk to float32 and taking its logsumexp, on bf16 logits (1026 x 8192,
-    8192 x 8192, 2048 x 128256): 1.7-2.1x as fast. `work`: a `wide` buffer of at least the chunk's size to
-    write the log-softmax into (see `_work_buffer`)."""
-    out = None if work is None else work[:logits.numel()].view(logits.shape)
-    return torch.log_softmax(logits, dim=-1, dtype=wide, out=out).gather(-1, targets[:, None]).squeeze(-1)
+    8192 x 8192, 2048 x 128256): 1.7-2.1x as fast."""
+    return torch.log_softmax(logits, dim=-1, dtype=wide).gather(-1, targets[:, None]).squeeze(-1)
 
 
-def _logp_grad(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, wide: torch.dtype,
-               work: torch.Tensor | None = None) -> torch.Tensor:
+def _logp_grad(logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor, wide: torch.dtype) -> torch.Tensor:
     """d sum_i grad_i logp_i / d logits for one chunk: grad (onehot(y) - softmax(logits)), in `wide`. The softmax
     is taken again in one fused pass (measured 1.35x as fast as exp(logits - lse) from a logsumexp saved in
-    forward, on 512 x 8192 and 32 x 128256 bf16 chunks), so forward keeps nothing but the logits. `work`: as
-    for `_chunk_logps`."""
+    forward, on 512 x 8192 and 32 x 128256 bf16 chunks), so forward keeps nothing but the logits."""
     g = grad[:, None].to(wide)
-    out = None if work is None else work[:logits.numel()].view(logits.shape)
-    return torch.softmax(logits, dim=-1, dtype=wide, out=out).mul_(-g).scatter_add_(-1, targets[:, None], g)
-
-
-def _work_buffer(rows: int, chunk: int, vocab: int, wide: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One `wide` buffer that every chunk of a call writes its (chunk, vocab) log-softmax or softmax into,
-    instead of a new tensor per chunk. On CPU a new block of that size is often fresh memory, every page of
-    which faults in (glibc hands freed blocks at the top of its heap back to the OS): measured on the benchmark
-    model with a step's graph alive, a 512 x 8192 float32 log-softmax took 10-13 ms with 8165 page faults
-    where it takes 2-3 ms in memory already touched. Whether that happens depends on the heap's state."""
-    return torch.empty(min(rows, chunk) * vocab, dtype=wide, device=device)
+    return torch.softmax(logits, dim=-1, dtype=wide).mul_(-g).scatter_add_(-1, targets[:, None], g)
 
 
 class _TokenLogps(torch.autograd.Function):
@@ -89,9 +74,8 @@ class _TokenLogps(torch.autograd.Function):
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
         wide = torch.float64 if logits.dtype == torch.float64 else torch.float32
         logps = torch.empty(logits.shape[0], dtype=wide, device=logits.device)
-        work = _work_buffer(logits.shape[0], rows, logits.shape[1], wide, logits.device)
         for s in range(0, logits.shape[0], rows):
-            logps[s:s + rows] = _chunk_logps(logits[s:s + rows], targets[s:s + rows], wide, work)
+            logps[s:s + rows] = _chunk_logps(logits[s:s + rows], targets[s:s + rows], wide)
         ctx.save_for_backward(logits, targets)
         ctx.rows, ctx.wide = rows, wide
         return logps
@@ -100,10 +84,9 @@ class _TokenLogps(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         logits, targets = ctx.saved_tensors
         out = torch.empty_like(logits)
-        work = _work_buffer(logits.shape[0], ctx.rows, logits.shape[1], ctx.wide, logits.device)
         for s in range(0, logits.shape[0], ctx.rows):
             out[s:s + ctx.rows] = _logp_grad(logits[s:s + ctx.rows], targets[s:s + ctx.rows], grad[s:s + ctx.rows],
-                                             ctx.wide, work)
+                                             ctx.wide)
         return out, None, None
 
 
@@ -126,9 +109,8 @@ class _LinearTokenLogps(torch.autograd.Function):
         h, w = hidden.to(dtype), weight.to(dtype)
         wide = torch.float64 if dtype == torch.float64 else torch.float32
         logps = torch.empty(h.shape[0], dtype=wide, device=h.device)
-        work = _work_buffer(h.shape[0], chunk, w.shape[0], wide, h.device)
         for s in range(0, h.shape[0], chunk):
-            logps[s:s + chunk] = _chunk_logps(h[s:s + chunk] @ w.T, targets[s:s + chunk], wide, work)
+            logps[s:s + chunk] = _chunk_logps(h[s:s + chunk] @ w.T, targets[s:s + chunk], wide)
         ctx.save_for_backward(h, w, targets)
         ctx.chunk, ctx.dtypes, ctx.wide = chunk, (hidden.dtype, weight.dtype), wide
         return logps
@@ -139,10 +121,9 @@ class _LinearTokenLogps(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=ctx.wide, device=w.device) if need_w else None
-        work = _work_buffer(h.shape[0], ctx.chunk, w.shape[0], ctx.wide, h.device)
         for s in range(0, h.shape[0], ctx.chunk):
             d = _logp_grad(h[s:s + ctx.chunk] @ w.T, targets[s:s + ctx.chunk], grad[s:s + ctx.chunk],
-                           ctx.wide, work).to(h.dtype)  # a view of `work` in float32: used before the next chunk
+                           ctx.wide).to(h.dtype)
             if need_h:
                 grad_h[s:s + ctx.chunk] = d @ w
             if need_w:

@@ -57,13 +57,11 @@ def interleaved(size: str, dropout: float, steps: int, bf16: bool = True) -> dic
         if kind == "norms":  # LoRA's bound: every linear layer frozen, gradients still flow through all of them
             for name, p in model.named_parameters():
                 p.requires_grad_("norm" in name)
-            if bf16:  # as the loop stores frozen weights under BF16 autocast
-                store_frozen_linears_in(model, torch.bfloat16)
         elif kind != "full":
             model = apply_lora(model, LoraConfig(enabled=True, r=16, alpha=32, dropout=dropout,
                                                  fused=kind == "lora"), "CAUSAL_LM", False)
-            if bf16:  # as the loop stores frozen weights under BF16 autocast
-                store_frozen_linears_in(model, torch.bfloat16)
+        if kind != "full" and bf16:  # as the loop stores frozen weights under BF16 autocast
+            store_frozen_linears_in(model, torch.bfloat16)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
         models[kind] = (model.train(), optimizer)
     rng = random.Random(0)

@@ -231,10 +231,6 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
     set_seed(recipe.seed)  # python, numpy, torch (all devices); data order has its own seeded generator
     for unused in recipe.unused_settings():
         logger.warning(unused)
-    if main and not eval_only and cfg.mixed_precision == "bf16" and accelerator.device.type == "cpu":
-        advice = precision.bf16_cpu_advice(precision.bf16_matmul_speedup())  # some CPUs: half float32's speed
-        if advice:
-            logger.warning(advice)
     if eval_only and not (recipe.data.eval or recipe.data.eval_fraction):
         raise UserError("--eval-only: needs held-out data to evaluate on: data.eval or data.eval_fraction")
     if eval_only and recipe.data.eval:  # no training rows are needed (nor need they be on this machine)
@@ -294,6 +290,11 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
             raise UserError(f"data.eval: {count(len(data.eval), 'row')}, fewer than the {world} processes")
         model = task.build_model(recipe, accelerator, tokenizer)
     check_trainable_dtypes(model, cfg.mixed_precision)
+    # after the data and model load, so that a user's mistake there is not preceded by advice about speed
+    if main and not eval_only and cfg.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        advice = precision.bf16_cpu_advice(precision.bf16_matmul_speedup())  # some CPUs: half float32's speed
+        if advice:
+            logger.warning(advice)
 
     positions = getattr(unwrap(model).config, "max_position_embeddings", None)
     if positions and recipe.data.max_length > positions:

@@ -245,6 +245,21 @@ def test_bf16_then_fp32_in_one_process(tmp_path: Path, chat_files, monkeypatch, 
     assert lb != lf and lb == pytest.approx(lf, rel=0.05)  # autocast really ran, and trains the same thing
 
 
+def test_bf16_advice_comes_after_the_model_loads(tmp_path: Path, chat_files, monkeypatch, caplog):
+    """A bf16 recipe whose model cannot be loaded stops with that error alone: the CPU's bf16 speed is measured,
+    and advised on, only once there is a model to train."""
+    import finetune.precision
+
+    measured = []
+    monkeypatch.setattr(finetune.precision, "bf16_matmul_speedup", lambda: measured.append(1) or 0.5)
+    train, _ = chat_files
+    missing = tmp_path / "no-such-model"
+    with caplog.at_level("WARNING", logger="finetune"), pytest.raises(UserError, match="^model.name_or_path: "):
+        finetune.train(small_recipe(tmp_path / "run", train), **{"train.mixed_precision": "bf16",
+                                                                 "model.name_or_path": str(missing)})
+    assert measured == [] and not any("slower than float32" in r.getMessage() for r in caplog.records)
+
+
 def test_bf16_speed_measurement_and_advice():
     from finetune.precision import SLOWER, bf16_cpu_advice, bf16_matmul_speedup
 

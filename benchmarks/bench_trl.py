@@ -3,9 +3,11 @@
     python benchmarks/bench_trl.py                 # all pairs, 30 steps each, A B B A order
     python benchmarks/bench_trl.py --steps 10 --only sft_full
     python benchmarks/bench_trl.py --precision fp32    # both sides in float32, for CPUs where bf16 is slower
+    python benchmarks/bench_trl.py --steps 8 --only rm --rounds 3   # A B B A three times: the ratio's spread
 
 Each run is its own process (so peak RSS is its own). For every pair the order is A B B A and each side's
-figure is the mean of its two runs, so drift in the machine's load affects both sides alike. Printed per run:
+figure is over its two runs, so drift in the machine's load affects both sides alike (`--rounds N` repeats the
+A B B A N times and also prints each round's ratio, for a target the noise puts in doubt). Printed per run:
 non-padding tokens/s, peak RSS, model FLOP utilisation against a matmul peak measured in this invocation (in
 float32 for float32 runs; for BF16 runs the faster of bf16 and float32, since attention runs in float32 on CPU),
 final train loss and held-out loss; then the ratios finetune / TRL. Absolute numbers on a shared 2-core machine
@@ -301,6 +303,15 @@ def spawn(side: str, kind: str, assets_file: Path, steps: int) -> dict:
     return json.loads(out.read_text())
 
 
+def tokens_per_s(runs: list[dict]) -> float:
+    return sum(r["tokens"] for r in runs) / sum(r["train_s"] for r in runs)
+
+
+def round_ratios(ours: list[dict], theirs: list[dict]) -> list[float]:
+    """finetune / TRL tokens/s of each A B B A round: runs 2k and 2k + 1 of each side are round k's."""
+    return [tokens_per_s(ours[k:k + 2]) / tokens_per_s(theirs[k:k + 2]) for k in range(0, len(ours), 2)]
+
+
 def mean(runs: list[dict], key: str) -> float | None:
     values = [r[key] for r in runs if r.get(key) is not None]
     return sum(values) / len(values) if values else None
@@ -314,9 +325,12 @@ def main() -> None:
                         help="row length distribution of the data (see make_assets)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                         help="both sides under BF16 autocast (default) or in float32")
+    parser.add_argument("--rounds", type=int, default=1, help="A B B A rounds per pair (default 1)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected 1 or more, got {args.rounds}")
     if args.child:
         side, kind, assets_file, steps, out = args.child
         child(side, kind, json.loads(Path(assets_file).read_text()), int(steps), Path(out))
@@ -343,16 +357,17 @@ def main() -> None:
     for name in args.only:
         ours, theirs, extra, flops_per_param = PAIRS[name]
         a, b = [], []
-        for side, kind, bucket in (("finetune", ours, a), ("trl", theirs, b), ("trl", theirs, b),
-                                   ("finetune", ours, a)):
-            bucket.append(spawn(side, kind, assets_file, args.steps))
+        for _ in range(args.rounds):
+            for side, kind, bucket in (("finetune", ours, a), ("trl", theirs, b), ("trl", theirs, b),
+                                       ("finetune", ours, a)):
+                bucket.append(spawn(side, kind, assets_file, args.steps))
         runs = [("finetune " + ours, a), ("TRL " + theirs, b)]
         headline.update((name, label) for label, _ in runs)
         for side, kind in zip(extra[::2], extra[1::2], strict=True):
             label = ("TRL " if side == "trl" else "finetune ") + kind
             runs.append((label, [spawn(side, kind, assets_file, args.steps)]))
         for label, group in runs:
-            tps = sum(r["tokens"] for r in group) / sum(r["train_s"] for r in group)
+            tps = tokens_per_s(group)
             executed = assets["pair_executed_share"] if name in ("rm", "dpo_lora") and "packed" in label else 1.0
             mfu = flops_per_param * n_params * tps * executed / peak
             rows.append((name, label, tps, mean(group, "peak_rss_gb"), mfu,
@@ -369,7 +384,9 @@ def main() -> None:
     by = {(r[0], r[1].split(" ")[0]): r for r in rows if (r[0], r[1]) in headline}
     for name in args.only:
         f, t = by[(name, "finetune")], by[(name, "TRL")]
-        print(f"  {name}: tokens/s x{f[2] / t[2]:.2f}, peak RSS x{f[3] / t[3]:.2f}")
+        rounds = "" if args.rounds == 1 else \
+            f" (rounds: {', '.join(f'x{r:.2f}' for r in round_ratios(raw[name]['finetune'], raw[name]['trl']))})"
+        print(f"  {name}: tokens/s x{f[2] / t[2]:.2f}{rounds}, peak RSS x{f[3] / t[3]:.2f}")
         for r in rows:
             if r[0] == name and r[1] != f[1] and r[1].startswith("finetune"):
                 print(f"  {name} ({r[1].split(' ')[1]}): tokens/s x{r[2] / t[2]:.2f}, peak RSS x{r[3] / t[3]:.2f}")

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import python, run_cli
+from conftest import ROOT, python, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -47,3 +47,18 @@ def test_bench_optimizer_reports_each_variant_and_the_size_of_its_state():
     state = {k: float(r[5].split()[0]) for k, r in rows.items()}
     assert state["fused"] == 2 * state["lion"]
     assert state["adamw_8bit"] < 0.3 * state["fused"] and state["lion_8bit"] < 0.3 * state["lion"]
+
+
+def test_bench_trl_ratio_of_each_round():
+    """Each A B B A round's ratio comes from that round's two runs a side, tokens over time summed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_trl", ROOT / "benchmarks" / "bench_trl.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = lambda tokens, seconds: {"tokens": tokens, "train_s": seconds}  # noqa: E731
+    ours = [run(100, 1.0), run(300, 1.0), run(100, 2.0), run(100, 3.0)]  # rounds: 200 tok/s, then 40
+    theirs = [run(100, 1.0), run(100, 1.0), run(50, 2.0), run(50, 3.0)]  # 100 tok/s, then 20
+    assert bench.round_ratios(ours, theirs) == pytest.approx([2.0, 2.0])
+    assert bench.tokens_per_s(ours) == pytest.approx(600 / 7)
+    assert bench.round_ratios(ours[:2], theirs[:2]) == pytest.approx([2.0])

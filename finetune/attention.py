@@ -80,8 +80,10 @@ def _bounds_once_per_forward(position_ids: torch.Tensor) -> list[list[tuple[int,
 
 
 def _row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   row: list[tuple[int, int, int, int]], dropout: float, scaling: float | None) -> torch.Tensor:
-    """Attention of one packed row (batch 1) given its sequences' bounds, which tile the row in order.
+                   row: list[tuple[int, int, int, int]], dropout: float, scaling: float | None,
+                   window: int | None = None) -> torch.Tensor:
+    """Attention of one packed row (batch 1) given its sequences' bounds, which tile the row in order; with a
+    sliding `window`, a token sees only the keys less than `window` positions before it (transformers' rule).
 
     The row is cut with `split`, not by indexing: the backward of an index is a zero-filled tensor of the whole
     row per sequence (measured: a tenth of a training step went to filling and adding them); that of `split`
@@ -91,16 +93,16 @@ def _row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     index = {s: i for i, (s, _, _, _) in enumerate(row)}
     out = []
     for i, (s, e, ps, pe) in enumerate(row):
-        if pe == ps:
-            out.append(F.scaled_dot_product_attention(qs[i], ks[i], vs[i], dropout_p=dropout, is_causal=True,
-                                                      scale=scaling))
+        # a branch sees the root's first p = pe - ps tokens (the shared prefix, positions 0..p-1) as well
+        p, n = pe - ps, e - s
+        k = ks[i] if p == 0 else torch.cat([ks[index[ps]][:, :, :p], ks[i]], dim=2)
+        v = vs[i] if p == 0 else torch.cat([vs[index[ps]][:, :, :p], vs[i]], dim=2)
+        if window is None and p == 0:
+            out.append(F.scaled_dot_product_attention(qs[i], k, v, dropout_p=dropout, is_causal=True, scale=scaling))
             continue
-        # a branch: every token sees the root's first pe - ps tokens (the shared prefix), and itself causally
-        root, p, n = index[ps], pe - ps, e - s
-        k = torch.cat([ks[root][:, :, :p], ks[i]], dim=2)
-        v = torch.cat([vs[root][:, :, :p], vs[i]], dim=2)
-        mask = torch.ones(n, p + n, dtype=torch.bool, device=query.device)
-        mask[:, p:] = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+        # by positions: the queries are at p..p+n-1, the keys at 0..p+n-1
+        behind = torch.arange(p, p + n, device=query.device)[:, None] - torch.arange(p + n, device=query.device)
+        mask = (behind >= 0) if window is None else (behind >= 0) & (behind < window)
         out.append(F.scaled_dot_product_attention(qs[i], k, v, attn_mask=mask, dropout_p=dropout, scale=scaling))
     return torch.cat(out, dim=2)
 
@@ -146,10 +148,10 @@ def _packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     bounds = _bounds_once_per_forward(position_ids)
     if len(bounds) == 1:  # one row of positions shared by the whole batch
         bounds = bounds * query.shape[0]
-    if window is not None and max(e - s + pe - ps for row in bounds for s, e, ps, pe in row) > window:
-        raise ValueError(f"{NAME}: a packed sequence is longer than the model's sliding window ({window})")
+    if window is not None and max(e - s + pe - ps for row in bounds for s, e, ps, pe in row) <= window:
+        window = None  # no sequence reaches past the window: plain causal attention is the same
     flash = _flash_dtype(query, scaling)
-    if flash is not None and dropout == 0:
+    if flash is not None and dropout == 0 and window is None:  # a window goes per sequence, with its mask
         layout = _once_per_forward(position_ids, ("layout", query.shape[0]),
                                    lambda: _varlen_layout(bounds, query.shape[2], query.device))
         if layout.keys is None or _prefix_aligned(query.device, flash):  # no branches, or the kernel takes them
@@ -159,7 +161,7 @@ def _packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     rows = []
     with torch.autocast(query.device.type, enabled=False) if upcast else nullcontext():
         for q, k, v, row in zip(query.split(1), key.split(1), value.split(1), bounds, strict=True):
-            rows.append(_row_attention(q, k, v, row, dropout, scaling))
+            rows.append(_row_attention(q, k, v, row, dropout, scaling, window))
     return torch.cat(rows).transpose(1, 2)
 
 

@@ -47,6 +47,25 @@ def tiny_dir(finetune_home: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def windowed_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Mistral with the builtin tokenizer whose attention sees only the last 8 positions (as Mistral
+    v0.1, Qwen2 with use_sliding_window, and Gemma's local layers): the builtin rows are longer than that."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = MistralForCausalLM(config)
+    folder = tmp_path_factory.mktemp("windowed")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def chat_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Small JSONL train/eval files of builtin task rows (so tests also exercise file loading)."""
     from finetune.builtin import task_rows

@@ -59,6 +59,32 @@ def test_packed_equals_padded(tiny_dir, attn: str, device: str):
                                        msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_sliding_window_packed_equals_padded(windowed_dir):
+    """A model with a sliding window (8 positions, rows of 30-60 tokens): the packed rows' loss and gradients
+    equal the padded batch's under transformers' own windowed SDPA mask; and the window is really applied."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    attention.register()
+    tok = AutoTokenizer.from_pretrained(windowed_dir)
+    data = rows(tok)
+    padded = CausalLMCollator(tok.pad_token_id)(data)
+    packed = CausalLMCollator(tok.pad_token_id, packed=True)(data)
+    assert min(len(r["input_ids"]) for r in data) > 8 * 3
+    ref = AutoModelForCausalLM.from_pretrained(windowed_dir, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(windowed_dir, attn_implementation="sdpa_varlen")
+    ref_loss, _, ref_grads = loss_and_grads(ref, padded, keep=False)
+    loss, _, grads = loss_and_grads(model, packed, keep=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-5 * ref_grads[name].abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    model.config.sliding_window = None  # the same weights attending to every earlier token
+    for layer in model.model.layers:
+        layer.self_attn.sliding_window = None
+    unwindowed, _, _ = loss_and_grads(model, packed, keep=True)
+    assert abs(unwindowed - ref_loss) > 1e-3
+
+
 def test_sequence_bounds_from_position_ids():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
     assert attention.sequence_bounds(pos) == [[(0, 3, 0, 0), (3, 5, 3, 3), (5, 9, 5, 5)], [(0, 9, 0, 0)]]
@@ -204,6 +230,31 @@ def test_branches_use_the_varlen_kernel_only_if_it_aligns_causal_masks_bottom_ri
         torch.testing.assert_close(out, expected)
     assert attention._prefix_aligned(torch.device("cpu"), torch.float32) is not top_left
     assert calls == [2] + ([] if top_left else [12, 12])  # the probe, once; then the rows where it holds
+
+
+def test_a_sliding_window_shorter_than_a_sequence_keeps_the_row_off_the_varlen_kernel(monkeypatch):
+    """The varlen kernel is called causal and nothing more, so rows with a sequence longer than the model's
+    sliding window take the per-sequence path, whose masks apply the window; a window no sequence reaches
+    changes nothing, and the kernel runs."""
+    calls = []
+
+    def kernel(q, *args, **kw):
+        calls.append(q.shape[0])
+        return _reference_varlen(q, *args, **kw)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=g) for _ in range(3))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]])  # sequences of 8 and 4 tokens
+    windowed = attention._packed_attention(q, k, v, pos, 0.0, None, 4, False)
+    full = attention._packed_attention(q, k, v, pos, 0.0, None, None, False)
+    assert not torch.allclose(windowed[:, 4:8], full[:, 4:8])  # the window hides the first tokens from the last
+    torch.testing.assert_close(windowed[:, :4], full[:, :4])  # ... and nothing from those within it
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: (kernel, {"window_size": (-1, 0)}, set()))
+    monkeypatch.setattr(attention, "_flash_dtype", lambda query, scaling: torch.float32)
+    torch.testing.assert_close(attention._packed_attention(q, k, v, pos, 0.0, None, 4, False), windowed)
+    assert calls == []
+    torch.testing.assert_close(attention._packed_attention(q, k, v, pos, 0.0, None, 8, False), full)
+    assert calls == [12]
 
 
 def test_varlen_attention_runs_float32_under_cpu_autocast(tiny_dir, monkeypatch):

@@ -700,12 +700,16 @@ def test_packed_pair_collator_numbers_sequences(tok):
                                                               (8, 12, 8, 8)]]  # a 1-token prompt: a new root
 
 
-def test_shared_prompt_attention_equals_separate_sequences(tiny_dir, tok):
-    """Each pair's chosen and rejected hidden states with the prompt shared equal those of the sequences alone."""
+@pytest.mark.parametrize("window", [False, True], ids=["full", "sliding-window"])
+def test_shared_prompt_attention_equals_separate_sequences(tiny_dir, windowed_dir, tok, window: bool):
+    """Each pair's chosen and rejected hidden states with the prompt shared equal those of the sequences alone;
+    with a sliding window of 8 positions too, which the rejected answer's view of the shared prompt obeys."""
     from transformers import AutoModelForCausalLM
 
     attention.register()
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="sdpa_varlen").eval()
+    folder = windowed_dir if window else tiny_dir
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa_varlen").eval()
+    ref = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()  # transformers' masks
     rows = encode_pairs(preference_rows("train")[:3], "x", tok, 64, 32, False)[0]
     rows = [rows[i] for i in range(3)]
     b = PairCollator(tok.pad_token_id, packed=True, share_prompt=True)(rows)
@@ -713,7 +717,7 @@ def test_shared_prompt_attention_equals_separate_sequences(tiny_dir, tok):
         out = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits[0]
         for i, r in enumerate(rows):
             for side, segment in (("chosen", i), ("rejected", len(rows) + i)):
-                alone = model(input_ids=torch.tensor([r["prompt"] + r[side]])).logits[0]
+                alone = ref(input_ids=torch.tensor([r["prompt"] + r[side]])).logits[0]
                 where = (b["segment_ids"][0] == segment).nonzero().flatten()
                 n = len(where)  # the sequence's last n tokens (the shared prompt lives in the chosen segment)
                 torch.testing.assert_close(out[where], alone[-n:], rtol=1e-5, atol=1e-5)

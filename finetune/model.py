@@ -199,7 +199,10 @@ def load_model(cfg: ModelConfig, tokenizer: Any, device: torch.device, kind: str
     except (ImportError, ValueError) as e:  # e.g. flash_attention_2 without its package, or a misspelt name
         if "attn_implementation" not in str(e) and "Attention" not in str(e):
             raise
-        raise ModelError(f"model.attn_implementation: {str(e).splitlines()[0]}") from None
+        says = str(e).splitlines()[0]
+        if "does not support" in says and cfg.attn_implementation != "eager":  # e.g. Gemma 2 (soft-capped logits)
+            says = says.split(" Please request")[0] + " Set model.attn_implementation: eager"
+        raise ModelError(f"model.attn_implementation: {says}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False  # training never needs the KV cache; generation asks for it explicitly
     if hasattr(tokenizer, "finetune_new_tokens"):

@@ -109,6 +109,33 @@ def test_unusable_attention_implementation_is_a_one_line_error(tmp_path: Path, c
     assert "\n" not in str(caught.value)
 
 
+def test_attention_a_model_does_not_support_names_the_one_to_use(tmp_path: Path, chat_files, tiny_dir: Path):
+    """Gemma 2 soft-caps its attention logits, which SDPA cannot: the recipe's default `sdpa` is refused in one
+    line that says to use eager attention, and eager trains (packed too, as padded)."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    from finetune.errors import UserError
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    assert config.attn_logit_softcapping
+    folder = tmp_path / "gemma2"
+    Gemma2ForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    train, evals = chat_files
+    recipe = small_recipe(tmp_path / "run", train, evals, model={"name_or_path": str(folder)})
+    with pytest.raises(UserError, match=r"^model.attn_implementation: Gemma2ForCausalLM does not support .*"
+                                        r"Set model.attn_implementation: eager$") as caught:
+        finetune.train(recipe)
+    assert "\n" not in str(caught.value)
+    losses = [finetune.train(recipe, **{"model.attn_implementation": "eager", "data.packing": packing,
+                                        "output_dir": str(tmp_path / f"run{packing}")}).metrics["eval_loss"]
+              for packing in (False, True)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 @NO_GPU
 def test_liger_kernel_needs_a_gpu_and_the_package(tmp_path: Path, chat_files, monkeypatch):
     from finetune.model import liger_applier

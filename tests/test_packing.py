@@ -85,6 +85,41 @@ def test_sliding_window_packed_equals_padded(windowed_dir):
     assert abs(unwindowed - ref_loss) > 1e-3
 
 
+ARCHITECTURES = {  # tiny configurations of other popular decoders; windows of 8 positions where they have them
+    "qwen2": {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1},
+    "qwen3": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 8},
+    "phi3": {},
+    "olmo2": {},
+}
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_packed_equals_padded_for_other_architectures(tiny_dir, model_type: str):
+    """Packing relies on each architecture passing `position_ids` to its rotary embedding and attention: the
+    packed rows' loss and gradients equal the padded batch's for Qwen2 (sliding and full layers), Qwen3,
+    Gemma 3 (local and global layers), Phi-3 (fused projections) and OLMo 2."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    attention.register()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                                  **ARCHITECTURES[model_type])
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa_varlen")
+    model.load_state_dict(ref.state_dict())
+    data = rows(tok)
+    ref_loss, _, ref_grads = loss_and_grads(ref, CausalLMCollator(tok.pad_token_id)(data), keep=False)
+    loss, _, grads = loss_and_grads(model, CausalLMCollator(tok.pad_token_id, packed=True)(data), keep=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-5 * ref_grads[name].abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_sequence_bounds_from_position_ids():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
     assert attention.sequence_bounds(pos) == [[(0, 3, 0, 0), (3, 5, 3, 3), (5, 9, 5, 5)], [(0, 9, 0, 0)]]

@@ -150,6 +150,19 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+def _leave_process_group() -> None:
+    """Tear down a launch's process group before exiting on an error, as a finished run does (`end_training`),
+    instead of leaving it to the interpreter's shutdown. Seen once there (a full suite run, not reproduced in
+    36 launches since): the main process of a 2-process launch said its error, then died of SIGABRT."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # already exiting with the user's error; a failed teardown must not replace it
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     # overrides (and prompts) may also follow a flag (`sft r.yaml --eval-only train.lr=1`), which argparse alone
@@ -207,13 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if first or (checked and not isinstance(e, SaidByMainProcess)):
             _close_progress_bars()
-            print(f"finetune: error: {e}", file=sys.stderr)
+            print(f"finetune: error: {e}", file=sys.stderr, flush=True)
+            _leave_process_group()
         else:  # the main process says it: let it exit first, and the launcher stop this one (exiting first,
-            time.sleep(10)  # this one could have the main process killed before it printed the error)
+            _leave_process_group()  # this one could have the main process killed before it printed the error)
+            time.sleep(10)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before training starts, or a second one during it (the first saves)
         _close_progress_bars()
-        print("finetune: interrupted", file=sys.stderr)
+        print("finetune: interrupted", file=sys.stderr, flush=True)
+        _leave_process_group()
         return 130
     return 0
 

@@ -29,6 +29,15 @@ def loss_and_grads(model, batch, keep: bool):
     return loss.detach(), count, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def assert_same_grads(grads: dict, ref_grads: dict) -> None:
+    for name, grad in grads.items():
+        # float32 sums in another order: measured up to 1.3e-6 of the tensor's largest element (torch 2.11, CPU
+        # and CUDA); a sequence attending across a boundary changes gradients far more
+        ref = ref_grads[name]
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "sdpa_varlen"])
 def test_packed_equals_padded(tiny_dir, attn: str, device: str):
@@ -51,12 +60,7 @@ def test_packed_equals_padded(tiny_dir, attn: str, device: str):
         loss, count, grads = loss_and_grads(model, batch, keep)
         assert count == ref_count
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-        for name, grad in grads.items():
-            # float32 sums in another order: measured up to 1.3e-6 of the tensor's largest element (torch 2.11,
-            # CPU and CUDA); a sequence attending across a boundary changes gradients far more
-            ref = ref_grads[name]
-            torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item(),
-                                       msg=lambda m, name=name: f"{name}: {m}")
+        assert_same_grads(grads, ref_grads)
 
 
 def test_sliding_window_packed_equals_padded(windowed_dir):
@@ -75,9 +79,7 @@ def test_sliding_window_packed_equals_padded(windowed_dir):
     ref_loss, _, ref_grads = loss_and_grads(ref, padded, keep=False)
     loss, _, grads = loss_and_grads(model, packed, keep=True)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-5 * ref_grads[name].abs().max().item(),
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_grads(grads, ref_grads)
     model.config.sliding_window = None  # the same weights attending to every earlier token
     for layer in model.model.layers:
         layer.self_attn.sliding_window = None
@@ -115,9 +117,7 @@ def test_packed_equals_padded_for_other_architectures(tiny_dir, model_type: str)
     ref_loss, _, ref_grads = loss_and_grads(ref, CausalLMCollator(tok.pad_token_id)(data), keep=False)
     loss, _, grads = loss_and_grads(model, CausalLMCollator(tok.pad_token_id, packed=True)(data), keep=True)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-5 * ref_grads[name].abs().max().item(),
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_grads(grads, ref_grads)
 
 
 def test_sequence_bounds_from_position_ids():

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,19 +47,27 @@ def tiny_dir(finetune_home: Path) -> Path:
     return ensure_builtin_model("builtin:tiny-llama")
 
 
+def tiny_config(model_type: str, tok: Any, **extra: Any) -> Any:
+    """The config of a tiny decoder of `model_type` (2 layers, hidden 64, grouped-query attention) for the
+    builtin tokenizer `tok`, with `extra` settings (a sliding window, a head size)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+                                **extra)
+
+
 @pytest.fixture(scope="session")
 def windowed_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Mistral with the builtin tokenizer whose attention sees only the last 8 positions (as Mistral
     v0.1, Qwen2 with use_sliding_window, and Gemma's local layers): the builtin rows are longer than that."""
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = MistralForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(tiny_config("mistral", tok, sliding_window=8))
     folder = tmp_path_factory.mktemp("windowed")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NO_GPU, small_recipe
+from conftest import NO_GPU, small_recipe, tiny_config
 
 import finetune
 from finetune.errors import UserError
@@ -112,17 +112,15 @@ def test_unusable_attention_implementation_is_a_one_line_error(tmp_path: Path, c
 def test_attention_a_model_does_not_support_names_the_one_to_use(tmp_path: Path, chat_files, tiny_dir: Path):
     """Gemma 2 soft-caps its attention logits, which SDPA cannot: the recipe's default `sdpa` is refused in one
     line that says to use eager attention, and eager trains (packed too, as padded)."""
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.errors import UserError
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    config = tiny_config("gemma2", tok, head_dim=16, sliding_window=8)
     assert config.attn_logit_softcapping
     folder = tmp_path / "gemma2"
-    Gemma2ForCausalLM(config).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     train, evals = chat_files
     recipe = small_recipe(tmp_path / "run", train, evals, model={"name_or_path": str(folder)})

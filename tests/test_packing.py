@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICES, small_recipe
+from conftest import DEVICES, small_recipe, tiny_config
 
 import finetune
 from finetune import attention
@@ -101,14 +101,11 @@ def test_packed_equals_padded_for_other_architectures(tiny_dir, model_type: str)
     """Packing relies on each architecture passing `position_ids` to its rotary embedding and attention: the
     packed rows' loss and gradients equal the padded batch's for Qwen2 (sliding and full layers), Qwen3,
     Gemma 3 (local and global layers), Phi-3 (fused projections) and OLMo 2."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     attention.register()
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
-                                  **ARCHITECTURES[model_type])
+    config = tiny_config(model_type, tok, **ARCHITECTURES[model_type])
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa_varlen")

@@ -76,6 +76,10 @@ class LoraConfig:
         _range("lora.r", self.r, lo=1)
         _range("lora.alpha", self.alpha, lo=0, lo_open=True)
         _range("lora.dropout", self.dropout, lo=0, hi=1, hi_open=True)
+        targets = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
+        if not targets or not all(t.strip() for t in targets):
+            raise ConfigError(f"lora.target_modules: expected all-linear or a list of module names (q_proj, ...), "
+                              f"got {self.target_modules!r}")
 
 
 @dataclass(frozen=True)
@@ -265,6 +269,12 @@ class Recipe:
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
+        # an empty path (`output_dir=$UNSET` in a shell) would otherwise mean the current directory, or the hub
+        for key, value in (("output_dir", self.output_dir), ("resume", self.resume),
+                           ("model.name_or_path", self.model.name_or_path), ("model.revision", self.model.revision),
+                           ("model.chat_template", self.model.chat_template), ("dpo.ref_model", self.dpo.ref_model)):
+            if isinstance(value, str) and not value.strip():
+                raise ConfigError(f"{key}: expected a path or name, got an empty string")
         if self.resume is True:
             raise ConfigError("resume: expected auto, false or a checkpoint path, got true")
         if self.data.packing and self.model.attn_implementation not in PACKING_ATTENTION:

@@ -12,7 +12,7 @@ path unchanged.
 On a CUDA GPU, in half precision, the rows go to PyTorch's flash-attention varlen kernel
 (`torch.nn.attention.varlen`, torch >= 2.10) in one call for the whole batch, the same computation as the
 flash-attention package's varlen path with nothing extra to install; a shared prompt's keys are gathered in
-front of each branch's own.
+front of each branch's own, and a model's sliding window is passed to the kernel.
 
 Registered with transformers' AttentionInterface under `sdpa_varlen`; `model.attn_implementation: sdpa` with
 `data.packing: true` uses it.
@@ -151,11 +151,11 @@ def _packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if window is not None and max(e - s + pe - ps for row in bounds for s, e, ps, pe in row) <= window:
         window = None  # no sequence reaches past the window: plain causal attention is the same
     flash = _flash_dtype(query, scaling)
-    if flash is not None and dropout == 0 and window is None:  # a window goes per sequence, with its mask
+    if flash is not None and dropout == 0 and (window is None or _window_rule(query.device, flash)):
         layout = _once_per_forward(position_ids, ("layout", query.shape[0]),
                                    lambda: _varlen_layout(bounds, query.shape[2], query.device))
         if layout.keys is None or _prefix_aligned(query.device, flash):  # no branches, or the kernel takes them
-            return _flash_rows(query, key, value, layout, scaling, flash)
+            return _flash_rows(query, key, value, layout, scaling, flash, window)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     rows = []
@@ -224,10 +224,11 @@ def _varlen_layout(bounds: list, length: int, device: torch.device) -> _Layout:
 
 
 def _flash_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: _Layout,
-                scaling: float | None, dtype: torch.dtype) -> torch.Tensor:
+                scaling: float | None, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
     """All rows' sequences in one varlen call: (batch, heads, len, dim) -> (batch, len, heads, dim). A branch
     gets its shared prefix's keys gathered in front of its own; its queries then see them all, and their own
-    keys causally, by the kernel's bottom-right alignment (see `_prefix_aligned`)."""
+    keys causally, by the kernel's bottom-right alignment (see `_prefix_aligned`). A sliding `window` goes to the
+    kernel as `window_size=(window - 1, 0)` (see `_window_rule`)."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
     varlen_attn, causal, params = _varlen_kernel()
@@ -242,7 +243,8 @@ def _flash_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lay
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim).to(dtype) for t in (query, key, value))
     if layout.keys is not None:
         k, v = k.index_select(0, layout.keys), v.index_select(0, layout.keys)
-    out = varlen_attn(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, **causal, **extra)
+    mask = causal if window is None else {"window_size": (window - 1, 0)}
+    out = varlen_attn(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, **mask, **extra)
     return out.view(batch, length, heads, dim)
 
 
@@ -259,6 +261,25 @@ def _prefix_aligned(device: torch.device, dtype: torch.dtype) -> bool:
     offsets = [torch.tensor([0, n], dtype=torch.int32, device=device) for n in (2, 3)]
     out = varlen_attn(q, k, v, *offsets, 2, 3, **causal)
     mask = torch.tensor([[True, True, False], [True, True, True]], device=device)
+    ref = F.scaled_dot_product_attention(*(t.transpose(0, 1).float() for t in (q, k, v)), attn_mask=mask)
+    return torch.allclose(out.float(), ref.transpose(0, 1), atol=2e-2)
+
+
+@cache
+def _window_rule(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the varlen kernel, given `window_size=(w - 1, 0)`, lets a query see exactly the keys fewer than w
+    positions behind it (transformers' sliding window), aligned to the bottom right where a sequence has more keys
+    than queries (a branch's shared prefix): flash-attention's documented rule, checked once per process on a
+    tiny input against SDPA with that mask written out, as `_prefix_aligned` checks the causal one. torch 2.10's
+    kernel takes no window; there, or where this does not hold, windowed rows take the per-sequence path."""
+    varlen_attn, _, params = _varlen_kernel()
+    if "window_size" not in params:
+        return False
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, 1, 16, generator=g).to(device, dtype) for n in (2, 4, 4))
+    offsets = [torch.tensor([0, n], dtype=torch.int32, device=device) for n in (2, 4)]
+    out = varlen_attn(q, k, v, *offsets, 2, 4, window_size=(1, 0))  # a window of 2: a query and the key before it
+    mask = torch.tensor([[False, True, True, False], [False, False, True, True]], device=device)
     ref = F.scaled_dot_product_attention(*(t.transpose(0, 1).float() for t in (q, k, v)), attn_mask=mask)
     return torch.allclose(out.float(), ref.transpose(0, 1), atol=2e-2)
 

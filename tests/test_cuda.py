@@ -27,19 +27,26 @@ POSITIONS = {
 }
 
 
+@pytest.mark.parametrize("window", [None, 128])
 @pytest.mark.parametrize("layout", POSITIONS)
-def test_flash_varlen_kernel_is_as_close_to_float32_as_per_sequence_sdpa(monkeypatch, layout: str):
+def test_flash_varlen_kernel_is_as_close_to_float32_as_per_sequence_sdpa(monkeypatch, layout: str,
+                                                                         window: int | None):
     """Packed rows under bf16 autocast go to the varlen kernel, one call per layer; its logits and gradients
-    are as close to a float32 run as the per-sequence SDPA path's (both compute in bf16)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    are as close to a float32 run as the per-sequence SDPA path's (both compute in bf16). With a sliding window
+    (a Mistral) shorter than the sequences, the kernel applies it."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     if attention._varlen_kernel() is None:
         pytest.skip("torch.nn.attention.varlen needs torch >= 2.10")
     attention.register()
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=1000, attn_implementation="sdpa_varlen")
+    shape = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=1000, attn_implementation="sdpa_varlen")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).cuda()
+    if window is None:
+        model = LlamaForCausalLM(LlamaConfig(**shape)).cuda()
+    else:
+        assert attention._window_rule(torch.device("cuda"), torch.bfloat16), "the kernel's window is not the rule"
+        model = MistralForCausalLM(MistralConfig(sliding_window=window, **shape)).cuda()
     ids = torch.randint(0, 1000, (2, 512), device="cuda")
     pos = torch.tensor(POSITIONS[layout], device="cuda")
     if layout == "branches":
@@ -58,12 +65,12 @@ def test_flash_varlen_kernel_is_as_close_to_float32_as_per_sequence_sdpa(monkeyp
     kernel, causal, params = attention._varlen_kernel()
 
     def spy(q, *args, **kwargs):
-        calls.append(q.dtype)
+        calls.append((q.dtype, kwargs.get("window_size")))
         return kernel(q, *args, **kwargs)
 
     monkeypatch.setattr(attention, "_varlen_kernel", lambda: (spy, causal, params))
     flash = run(autocast=True)
-    assert calls == [torch.bfloat16] * 2
+    assert calls == [(torch.bfloat16, causal.get("window_size") if window is None else (window - 1, 0))] * 2
     monkeypatch.setattr(attention, "_flash_dtype", lambda query, scaling: None)
     per_sequence = run(autocast=True)
     assert len(calls) == 2

@@ -162,11 +162,13 @@ def test_varlen_attention_equals_sequences_alone(tiny_dir):
 
 
 def _reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, enable_gqa=False,
-                      top_left=False, **causal):
+                      top_left=False, window_slack=0, **causal):
     """What torch's flash varlen kernel computes, from SDPA on each sequence of the (tokens, heads, dim) layout:
     a sequence with more keys than queries has its causal mask aligned to the bottom right (flash-attention's
-    rule), or to the top left with `top_left`."""
-    assert causal in ({"is_causal": True}, {"window_size": (-1, 0)})
+    rule), or to the top left with `top_left`; `window_size=(left, 0)` lets a query see the keys at most `left`
+    behind it (`window_slack` more, for a kernel whose rule differs)."""
+    left = causal.get("window_size", (-1, 0))[0]
+    assert causal == {"is_causal": True} or (causal == {"window_size": (left, 0)} and left >= -1)
     cq, ck = cu_seq_q.tolist(), cu_seq_k.tolist()
     assert cu_seq_q.dtype == cu_seq_k.dtype == torch.int32 and len(cq) == len(ck)
     assert max_q == max(b - a for a, b in zip(cq[:-1], cq[1:], strict=True))
@@ -175,6 +177,8 @@ def _reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, 
     for a, b, c, d in zip(cq[:-1], cq[1:], ck[:-1], ck[1:], strict=True):
         n, m = b - a, d - c
         mask = torch.ones(n, m, dtype=torch.bool).tril(0 if top_left else m - n)
+        if left >= 0:
+            mask &= ~torch.ones(n, m, dtype=torch.bool).tril((0 if top_left else m - n) - left - 1 - window_slack)
         out.append(torch.nn.functional.scaled_dot_product_attention(
             q[a:b].transpose(0, 1), k[c:d].transpose(0, 1), v[c:d].transpose(0, 1), attn_mask=mask, scale=scale,
             enable_gqa=enable_gqa).transpose(0, 1))
@@ -264,29 +268,53 @@ def test_branches_use_the_varlen_kernel_only_if_it_aligns_causal_masks_bottom_ri
     assert calls == [2] + ([] if top_left else [12, 12])  # the probe, once; then the rows where it holds
 
 
-def test_a_sliding_window_shorter_than_a_sequence_keeps_the_row_off_the_varlen_kernel(monkeypatch):
-    """The varlen kernel is called causal and nothing more, so rows with a sequence longer than the model's
-    sliding window take the per-sequence path, whose masks apply the window; a window no sequence reaches
-    changes nothing, and the kernel runs."""
+@pytest.mark.parametrize("kernel_kind", ["windowed", "off_by_one", "torch_2.10"])
+def test_a_sliding_window_goes_to_the_varlen_kernel_only_where_it_applies_the_window_as_transformers(
+        monkeypatch, kernel_kind: str):
+    """Rows with a sequence longer than the model's sliding window call the varlen kernel with
+    `window_size=(window - 1, 0)`, a rule probed once per process: output and gradients equal the per-sequence
+    path's windowed masks, shared prefixes included. A kernel whose window is off by one, or torch 2.10's, which
+    takes none, leaves such rows on the per-sequence path; a window no sequence reaches changes nothing."""
+    from functools import cache
+
     calls = []
 
     def kernel(q, *args, **kw):
-        calls.append(q.shape[0])
-        return _reference_varlen(q, *args, **kw)
+        calls.append((q.shape[0], kw.get("window_size")))
+        return _reference_varlen(q, *args, window_slack=int(kernel_kind == "off_by_one"), **kw)
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 12, 8, generator=g) for _ in range(3))
-    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]])  # sequences of 8 and 4 tokens
-    windowed = attention._packed_attention(q, k, v, pos, 0.0, None, 4, False)
-    full = attention._packed_attention(q, k, v, pos, 0.0, None, None, False)
-    assert not torch.allclose(windowed[:, 4:8], full[:, 4:8])  # the window hides the first tokens from the last
-    torch.testing.assert_close(windowed[:, :4], full[:, :4])  # ... and nothing from those within it
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda: (kernel, {"window_size": (-1, 0)}, set()))
+    q, k, v = (torch.randn(1, 2, 18, 8, generator=g) for _ in range(3))
+    # sequences of 8 and 4 tokens, then a root of 3 and a branch sharing its first 2 (3 tokens more)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 0, 1, 2, 2, 3, 4]])
+
+    def attend(window):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention._packed_attention(*inputs, pos, 0.0, None, window, False)
+        out.mul(torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        return [out.detach(), *(t.grad for t in inputs)]
+
+    windowed, full = attend(4), attend(None)
+    assert not torch.allclose(windowed[0][:, 4:8], full[0][:, 4:8])  # the window hides the first tokens from the last
+    torch.testing.assert_close(windowed[0][:, :4], full[0][:, :4])  # ... and nothing from those within it
+    assert not torch.allclose(windowed[0][:, 17], full[0][:, 17])  # the branch's last token: its prefix is too far
+    params = {"is_causal"} if kernel_kind == "torch_2.10" else {"window_size"}
+    causal = {"is_causal": True} if kernel_kind == "torch_2.10" else {"window_size": (-1, 0)}
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: (kernel, causal, params))
+    monkeypatch.setattr(attention, "_window_rule", cache(attention._window_rule.__wrapped__))
+    monkeypatch.setattr(attention, "_prefix_aligned", lambda device, dtype: True)
     monkeypatch.setattr(attention, "_flash_dtype", lambda query, scaling: torch.float32)
-    torch.testing.assert_close(attention._packed_attention(q, k, v, pos, 0.0, None, 4, False), windowed)
-    assert calls == []
-    torch.testing.assert_close(attention._packed_attention(q, k, v, pos, 0.0, None, 8, False), full)
-    assert calls == [12]
+    for _ in range(2):
+        for got, expected in zip(attend(4), windowed, strict=True):
+            torch.testing.assert_close(got, expected)
+    if kernel_kind == "windowed":
+        assert calls == [(2, (1, 0))] + [(18, (3, 0))] * 2  # the probe, once; then the rows
+    else:
+        assert calls == ([] if kernel_kind == "torch_2.10" else [(2, (1, 0))])
+    calls.clear()
+    for got, expected in zip(attend(8), full, strict=True):  # no sequence is longer than 8: plain causal
+        torch.testing.assert_close(got, expected)
+    assert calls == [(18, causal.get("window_size"))]
 
 
 def test_varlen_attention_runs_float32_under_cpu_autocast(tiny_dir, monkeypatch):

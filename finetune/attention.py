@@ -248,21 +248,26 @@ def _flash_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lay
     return out.view(batch, length, heads, dim)
 
 
+def _kernel_gives(mask: list[list[bool]], device: torch.device, dtype: torch.dtype, **kwargs: Any) -> bool:
+    """Whether the varlen kernel, called with `kwargs` on one tiny sequence of len(mask) queries and
+    len(mask[0]) keys, computes SDPA with `mask` written out (to half-precision rounding)."""
+    varlen_attn = _varlen_kernel()[0]
+    (n, m), g = (len(mask), len(mask[0])), torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(length, 1, 16, generator=g).to(device, dtype) for length in (n, m, m))
+    offsets = [torch.tensor([0, length], dtype=torch.int32, device=device) for length in (n, m)]
+    out = varlen_attn(q, k, v, *offsets, n, m, **kwargs)
+    ref = F.scaled_dot_product_attention(*(t.transpose(0, 1).float() for t in (q, k, v)),
+                                         attn_mask=torch.tensor(mask, device=device))
+    return torch.allclose(out.float(), ref.transpose(0, 1), atol=2e-2)
+
+
 @cache
 def _prefix_aligned(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the varlen kernel aligns its causal mask to the bottom right when a sequence has more keys than
     queries (flash-attention's rule since 2.1): query i of n then sees the first k - n + i + 1 of k keys, which
     is what a branch's shared prefix needs. torch's varlen API is new, so this is checked once per process on
-    a tiny input against SDPA with that mask written out; where it does not hold, branches take the
-    per-sequence path."""
-    varlen_attn, causal, _ = _varlen_kernel()
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(n, 1, 16, generator=g).to(device, dtype) for n in (2, 3, 3))
-    offsets = [torch.tensor([0, n], dtype=torch.int32, device=device) for n in (2, 3)]
-    out = varlen_attn(q, k, v, *offsets, 2, 3, **causal)
-    mask = torch.tensor([[True, True, False], [True, True, True]], device=device)
-    ref = F.scaled_dot_product_attention(*(t.transpose(0, 1).float() for t in (q, k, v)), attn_mask=mask)
-    return torch.allclose(out.float(), ref.transpose(0, 1), atol=2e-2)
+    a tiny input; where it does not hold, branches take the per-sequence path."""
+    return _kernel_gives([[True, True, False], [True, True, True]], device, dtype, **_varlen_kernel()[1])
 
 
 @cache
@@ -270,18 +275,12 @@ def _window_rule(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the varlen kernel, given `window_size=(w - 1, 0)`, lets a query see exactly the keys fewer than w
     positions behind it (transformers' sliding window), aligned to the bottom right where a sequence has more keys
     than queries (a branch's shared prefix): flash-attention's documented rule, checked once per process on a
-    tiny input against SDPA with that mask written out, as `_prefix_aligned` checks the causal one. torch 2.10's
-    kernel takes no window; there, or where this does not hold, windowed rows take the per-sequence path."""
-    varlen_attn, _, params = _varlen_kernel()
-    if "window_size" not in params:
+    tiny input, as `_prefix_aligned` checks the causal one. torch 2.10's kernel takes no window; there, or where
+    this does not hold, windowed rows take the per-sequence path."""
+    if "window_size" not in _varlen_kernel()[2]:
         return False
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(n, 1, 16, generator=g).to(device, dtype) for n in (2, 4, 4))
-    offsets = [torch.tensor([0, n], dtype=torch.int32, device=device) for n in (2, 4)]
-    out = varlen_attn(q, k, v, *offsets, 2, 4, window_size=(1, 0))  # a window of 2: a query and the key before it
-    mask = torch.tensor([[False, True, True, False], [False, False, True, True]], device=device)
-    ref = F.scaled_dot_product_attention(*(t.transpose(0, 1).float() for t in (q, k, v)), attn_mask=mask)
-    return torch.allclose(out.float(), ref.transpose(0, 1), atol=2e-2)
+    # a window of 2 over 2 queries and 4 keys: each query sees its own key and the one before
+    return _kernel_gives([[False, True, True, False], [False, False, True, True]], device, dtype, window_size=(1, 0))
 
 
 def _mask_only_for_padding(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:

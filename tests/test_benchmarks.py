@@ -8,9 +8,8 @@ import pytest
 import torch
 from conftest import ROOT, python, run_cli
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_bench_gpu_runs_and_reports_each_configuration():
     proc = run_cli(python(), "benchmarks/bench_gpu.py", "--size", "tiny", "--steps", "3", "--warmup", "1",
                    "--rows", "60", "--batch-tokens", "4096", "--configs", "full", "lora", "full_liger", "dpo_lora",
@@ -26,6 +25,7 @@ def test_bench_gpu_runs_and_reports_each_configuration():
         assert "failed: model.liger_kernel: its Triton kernels need a CUDA GPU" in rows["full_liger"]
 
 
+@pytest.mark.slow
 def test_bench_tokenize_reports_each_setting():
     proc = run_cli(python(), "benchmarks/bench_tokenize.py", "--rows", "2000", "--workers", "2", "--repeats", "1",
                    timeout=300)
@@ -35,6 +35,7 @@ def test_bench_tokenize_reports_each_setting():
         assert float(rows[setting].split("|")[2]) > 0, proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_optimizer_reports_each_variant_and_the_size_of_its_state():
     # torch's default and foreach AdamW left out: the same state as fused, each its own process of 4-5 s
     proc = run_cli(python(), "benchmarks/bench_optimizer.py", "--sizes", "10M", "--steps", "1", "--variants", "lion",

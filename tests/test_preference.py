@@ -486,6 +486,53 @@ def test_reward_loss_of_a_real_model_matches_trl(tok, tiny_dir, tmp_path: Path, 
     assert abs(theirs.item() - 0.6931) > 1e-3  # the random head tells the pairs apart a little
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_packed_reward_model_runs_its_last_mlp_only_where_scores_are_read(tok, tiny_dir, monkeypatch,
+                                                                          checkpointing: bool):
+    """Packed, the last decoder layer's MLP runs on each sequence's last token alone (2 per pair, not the row's
+    every token): the loss and every gradient are those of the whole MLP, with gradient checkpointing too (the
+    layer runs again in backward); `finish` gives the model back its own forward and no hook."""
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune.tasks.rm import RewardModelTask, last_mlp
+
+    attention.register()
+    rows = preference_rows("train")[:6]
+    pairs = [dict(encode_pair(r, tok, 1024, 512, f"row {i}"), uid=i) for i, r in enumerate(rows)]
+    batch = PairCollator(tok.pad_token_id, packed=True, share_prompt=True)(pairs)
+
+    def run(scored_mlp):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1,
+                                                                   attn_implementation="sdpa_varlen")
+        model.config.pad_token_id = tok.pad_token_id
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        rows, down = [], last_mlp(model).down_proj
+        forward = down.forward  # wrapped, not hooked: checkpointing's recompute runs no module hooks
+        down.forward = lambda x: (rows.append(x.shape[-2]), forward(x))[1]
+        task = RewardModelTask()
+        task.center = 0.0
+        if not scored_mlp:
+            monkeypatch.setattr(task, "scored_mlp", lambda mlp: setattr(task, "mlp", None))
+        task.prepare(SimpleNamespace(data=SimpleNamespace(packing=True)), None, model)
+        loss = task.loss(model, batch).loss_sum
+        loss.backward()
+        task.finish(model)
+        return model, loss.detach(), rows
+
+    whole, whole_loss, whole_rows = run(scored_mlp=False)
+    model, loss, rows = run(scored_mlp=True)
+    tokens = batch["input_ids"].shape[1]
+    assert whole_rows == [tokens] * (1 + checkpointing)
+    assert rows == [2 * len(pairs)] * (1 + checkpointing) and 2 * len(pairs) < tokens
+    torch.testing.assert_close(loss, whole_loss)
+    for (name, p), q in zip(model.named_parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert "forward" not in vars(last_mlp(model)) and not model.score._forward_hooks
+
+
 def test_collator_masks_prompts_and_stacks_chosen_first(tok):
     rows = [encode_pair(r, tok, 64, 32, "x") | {"uid": i} for i, r in enumerate(preference_rows("train")[:3])]
     batch = PairCollator(tok.pad_token_id)(rows)

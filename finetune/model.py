@@ -253,6 +253,23 @@ def trainable_tokens(model: Any, new_tokens: list[int], skip: list[str]) -> dict
     return chosen or None
 
 
+def ties_trained_embeddings(model: Any, cfg: LoraConfig) -> bool:
+    """Whether peft must keep the model's tied input and output embeddings tied (`ensure_weight_tying`): they
+    share one tensor and `lora.modules_to_save` names one of them. Without it peft trains a copy of the one
+    named while the other keeps the original weights (Qwen2.5 and Llama 3.2's small models, Gemma:
+    `modules_to_save: [embed_tokens]` trained the input embeddings and left the output layer as it was). Not
+    for LoRA adapters on a tied embedding (`target_modules`): peft 0.22 ties those too, but its merge then adds
+    their product to the shared tensor twice, and warns. peft < 0.18 has no such option and warns instead."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or getattr(outputs, "weight", None) is not getattr(inputs, "weight", None):
+        return False
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module in (inputs, outputs)}
+    return (any(n.rsplit(".", 1)[-1] in names for n in cfg.modules_to_save)
+            and "ensure_weight_tying" in inspect.signature(PeftLoraConfig).parameters)
+
+
 def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointing: bool,
                new_tokens: list[int] | None = None) -> Any:
     from peft import LoraConfig as PeftLoraConfig
@@ -266,10 +283,12 @@ def apply_lora(model: Any, cfg: LoraConfig, task_type: str, gradient_checkpointi
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 **{named: {"use_reentrant": False}})
     targets = cfg.target_modules
+    extra = {"ensure_weight_tying": True} if ties_trained_embeddings(model, cfg) else {}
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task_type,
                               target_modules=targets, modules_to_save=list(cfg.modules_to_save) or None,
                               use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-                              trainable_token_indices=trainable_tokens(model, new_tokens or [], cfg.modules_to_save))
+                              trainable_token_indices=trainable_tokens(model, new_tokens or [], cfg.modules_to_save),
+                              **extra)
     try:
         with peft_quietly():
             model = get_peft_model(model, peft_cfg)

@@ -533,6 +533,29 @@ def test_packed_reward_model_runs_its_last_mlp_only_where_scores_are_read(tok, t
     assert "forward" not in vars(last_mlp(model)) and not model.score._forward_hooks
 
 
+def test_a_last_block_that_is_no_plain_mlp_runs_whole():
+    """A block returning more than a tensor (a mixture of experts with its router logits) is run over every
+    token, as the model would, and keeps its own forward from then on."""
+    from finetune.tasks.rm import RewardModelTask
+
+    class Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.linear(x), torch.zeros(x.shape[:-1])
+
+    block, task = Experts(), RewardModelTask()
+    task.scored_mlp(block)
+    task.scored, task.row_length = torch.tensor([1, 3]), 5
+    x = torch.randn(1, 5, 4)
+    out, router = block(x)
+    torch.testing.assert_close(out, block.linear(x))
+    assert router.shape == (1, 5) and "forward" not in vars(block)
+    task.finish(None)
+
+
 def test_collator_masks_prompts_and_stacks_chosen_first(tok):
     rows = [encode_pair(r, tok, 64, 32, "x") | {"uid": i} for i, r in enumerate(preference_rows("train")[:3])]
     batch = PairCollator(tok.pad_token_id)(rows)

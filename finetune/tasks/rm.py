@@ -80,6 +80,9 @@ class RewardModelTask:
             if rows is None or flat.shape[0] != self.row_length:  # not a packed row of this task's batch
                 return compute(x)
             out = compute(flat.index_select(0, rows))
+            if not isinstance(out, torch.Tensor):  # not a plain MLP (a mixture of experts may add router logits)
+                vars(mlp).pop("forward")
+                return compute(x)
             return out.new_zeros(flat.shape[0], out.shape[-1]).index_copy(0, rows, out).view(*x.shape[:-1], -1)
 
         mlp.forward = at_scored_tokens
@@ -111,5 +114,5 @@ class RewardModelTask:
             self.hook.remove()
             self.hook = None
         if getattr(self, "mlp", None) is not None:
-            del self.mlp.forward  # the class's own again
+            vars(self.mlp).pop("forward", None)  # the class's own again
             self.mlp = None

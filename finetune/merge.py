@@ -60,8 +60,28 @@ def load_merged(adapter_dir: Path, base: str | None = None, dtype: str = "float3
     model.config.pad_token_id = tokenizer.pad_token_id
     # rows for tokens the run added (model.chat_template: chatml), which the adapter's trained rows replace
     fit_to_tokenizer(model, tokenizer, initialise=False)
+    untie_adapted_embeddings(model, config)
     with peft_quietly():
         return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload(), tokenizer
+
+
+def untie_adapted_embeddings(model: Any, config: dict[str, Any]) -> None:
+    """Give the output layer its own copy of tied embeddings when the adapter has LoRA on one of them (its
+    `target_modules`, without peft's weight tying): the run adapted that one only, and merging into the shared
+    tensor would change the other too. The merged model is then saved untied, each layer as the run had it."""
+    import torch
+
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if config.get("ensure_weight_tying") or outputs is None or outputs.weight is not inputs.weight:
+        return
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module in (inputs, outputs)}
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str) or not any(t.rsplit(".", 1)[-1] in names for t in targets):
+        return  # a pattern (all-linear) leaves embeddings out
+    outputs.weight = torch.nn.Parameter(inputs.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
 
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base: str | None = None,

@@ -259,7 +259,8 @@ def ties_trained_embeddings(model: Any, cfg: LoraConfig) -> bool:
     named while the other keeps the original weights (Qwen2.5 and Llama 3.2's small models, Gemma:
     `modules_to_save: [embed_tokens]` trained the input embeddings and left the output layer as it was). Not
     for LoRA adapters on a tied embedding (`target_modules`): peft 0.22 ties those too, but its merge then adds
-    their product to the shared tensor twice, and warns. peft < 0.18 has no such option and warns instead."""
+    their product to the shared tensor twice; untied, they adapt the one named, and `finetune merge` unties the
+    saved model (`merge.untie_adapted_embeddings`). peft < 0.18 has no such option and warns instead."""
     from peft import LoraConfig as PeftLoraConfig
 
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()

@@ -416,25 +416,36 @@ def test_merge_folds_the_adapter_into_the_base(tmp_path: Path, chat_files, monke
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged") is not None
 
 
-@pytest.mark.parametrize("name", ["embed_tokens", "lm_head"])
-def test_training_one_of_tied_embeddings_in_full_keeps_them_tied(tmp_path: Path, chat_files, tiny_dir, name: str):
+@pytest.mark.parametrize("key, name", [("modules_to_save", "embed_tokens"), ("modules_to_save", "lm_head"),
+                                       ("target_modules", "embed_tokens")])
+def test_lora_runs_on_tied_embeddings_merge_into_the_model_they_trained(tmp_path: Path, chat_files, tiny_dir,
+                                                                        key: str, name: str):
     """The tiny Llama ties its input and output embeddings (as Qwen2.5's and Llama 3.2's small models and Gemma
     do). Naming one of them in lora.modules_to_save trains both as the one tensor they are, in the run and in
-    the merged model; without peft's ensure_weight_tying one trained while the other kept its old weights."""
+    the merged model (without peft's ensure_weight_tying one trained while the other kept its old weights). A
+    LoRA adapter on the input embeddings adapts them alone: the merged model is saved untied, the output layer
+    as it was (merged into the shared tensor, it changed too). Either way the merged model's logits are the
+    run's."""
     from transformers import AutoModelForCausalLM
 
     from finetune.cli import main
 
     train, _ = chat_files
-    lora = {"enabled": True, "r": 4, "alpha": 8, "modules_to_save": [name], "target_modules": ["q_proj", "v_proj"]}
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "modules_to_save": [],
+            "target_modules": ["q_proj", "v_proj"]}
+    lora[key] = [*lora[key], name]
     result = finetune.train(small_recipe(tmp_path / "run", train, lora=lora, train={"lr": 1e-2}))
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).get_input_embeddings().weight
     result.model.cpu().eval()
     assert main(["merge", str(result.model_dir), str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     inputs, outputs = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
-    assert not torch.allclose(inputs, base.get_input_embeddings().weight)  # trained
-    torch.testing.assert_close(outputs, inputs)
+    assert not torch.allclose(inputs, base)  # trained
+    if key == "modules_to_save":
+        torch.testing.assert_close(outputs, inputs)
+    else:
+        assert not merged.config.tie_word_embeddings
+        torch.testing.assert_close(outputs, base)
     ids = torch.tensor([[2, 40, 41, 42, 43]])
     torch.testing.assert_close(merged(ids).logits, result.model(ids).logits, rtol=1e-4, atol=1e-5)
 

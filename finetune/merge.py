@@ -71,14 +71,14 @@ def untie_adapted_embeddings(model: Any, config: dict[str, Any]) -> None:
     tensor would change the other too. The merged model is then saved untied, each layer as the run had it."""
     import torch
 
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if config.get("ensure_weight_tying") or outputs is None or outputs.weight is not inputs.weight:
-        return
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module in (inputs, outputs)}
+    from finetune.model import tied_embedding_names
+
+    names = set() if config.get("ensure_weight_tying") else tied_embedding_names(model)
     targets = config.get("target_modules") or []
     if isinstance(targets, str) or not any(t.rsplit(".", 1)[-1] in names for t in targets):
-        return  # a pattern (all-linear) leaves embeddings out
-    outputs.weight = torch.nn.Parameter(inputs.weight.detach().clone())
+        return  # not tied, tied by peft, or a pattern (all-linear), which leaves embeddings out
+    inputs = model.get_input_embeddings()
+    model.get_output_embeddings().weight = torch.nn.Parameter(inputs.weight.detach().clone())
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):
         model.config.get_text_config().tie_word_embeddings = False

@@ -253,6 +253,15 @@ def trainable_tokens(model: Any, new_tokens: list[int], skip: list[str]) -> dict
     return chosen or None
 
 
+def tied_embedding_names(model: Any) -> set[str]:
+    """The module names (last part: `embed_tokens`, `lm_head`) of the input and output embeddings when they are
+    one tied tensor; empty when they are not (or there is no output layer, as on a reward model)."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or getattr(outputs, "weight", None) is not getattr(inputs, "weight", None):
+        return set()
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module in (inputs, outputs)}
+
+
 def ties_trained_embeddings(model: Any, cfg: LoraConfig) -> bool:
     """Whether peft must keep the model's tied input and output embeddings tied (`ensure_weight_tying`): they
     share one tensor and `lora.modules_to_save` names one of them. Without it peft trains a copy of the one
@@ -263,10 +272,7 @@ def ties_trained_embeddings(model: Any, cfg: LoraConfig) -> bool:
     saved model (`merge.untie_adapted_embeddings`). peft < 0.18 has no such option and warns instead."""
     from peft import LoraConfig as PeftLoraConfig
 
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if outputs is None or getattr(outputs, "weight", None) is not getattr(inputs, "weight", None):
-        return False
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module in (inputs, outputs)}
+    names = tied_embedding_names(model)
     return (any(n.rsplit(".", 1)[-1] in names for n in cfg.modules_to_save)
             and "ensure_weight_tying" in inspect.signature(PeftLoraConfig).parameters)
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -163,6 +164,31 @@ def _leave_process_group() -> None:
             pass
 
 
+def _single_launcher() -> int | None:
+    """The pid of `accelerate launch` when it started this process alone, or None. Its one-process launcher
+    turns any non-zero exit of its child into a `CalledProcessError` traceback of its own (Accelerate 1.16;
+    without `-q`), under the child's one-line error. Several processes (`WORLD_SIZE`) go through torch's elastic
+    launcher instead, and anything else between (mpirun) is not this launcher."""
+    if "ACCELERATE_USE_CPU" not in os.environ or "WORLD_SIZE" in os.environ:  # the launcher sets the first
+        return None
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+    except OSError:  # no /proc (macOS): the launcher's traceback stays
+        return None
+    names = [os.path.basename(a) for a in args]
+    return parent if "launch" in names and ("accelerate" in names or "accelerate-launch" in names) else None
+
+
+def _stop_single_launcher() -> None:
+    """After a user error has been said: end `accelerate launch`'s one-process launcher with SIGTERM, on which it
+    passes on the rest of this process's output and exits (status 143) without a traceback of its own."""
+    launcher = _single_launcher()
+    if launcher is not None:
+        os.kill(launcher, signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     # overrides (and prompts) may also follow a flag (`sft r.yaml --eval-only train.lr=1`), which argparse alone
@@ -222,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             _close_progress_bars()
             print(f"finetune: error: {e}", file=sys.stderr, flush=True)
             _leave_process_group()
+            _stop_single_launcher()
         else:  # the main process says it: let it exit first, and the launcher stop this one (exiting first,
             _leave_process_group()  # this one could have the main process killed before it printed the error)
             time.sleep(10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,18 @@ def test_real_recipe_parses_then_stops_cleanly_offline(tmp_path: Path):
                    env={"HF_HUB_OFFLINE": "1"}, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("finetune: error: model.name_or_path:") and "offline" in last
+
+
+@pytest.mark.slow
+def test_accelerate_launch_of_a_real_recipe_offline_ends_on_our_line_without_a_traceback(tmp_path: Path):
+    """The README's `accelerate launch finetune sft recipes/llama_lora.yaml`, offline: finetune's one line, and
+    not the one-process launcher's CalledProcessError traceback after it (the launcher is stopped instead)."""
+    proc = run_cli(shutil.which("accelerate"), "launch", "finetune", "sft", "recipes/llama_lora.yaml",
+                   f"output_dir={tmp_path}", env={"HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in proc.stderr and proc.stderr.count("finetune: error:") == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("finetune: error: model.name_or_path:") and "offline" in last
 

@@ -84,7 +84,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    # JSONL/JSON/Parquet path, builtin:NAME, hub dataset; or a list of them, or a mapping of them to fractions
+    # JSONL/JSON/Parquet/CSV/TSV path, builtin:NAME, hub dataset; or a list of them, or a mapping of them to fractions
     train: str | list[str] | dict[str, float] = "builtin:tasks"
     eval: str | list[str] | None = None  # same forms; when absent, eval_fraction of each train source is held out
     eval_fraction: float = 0.0

@@ -5,10 +5,14 @@ Supported row formats:
 - prompt_completion: `prompt`, `completion` strings;
 - alpaca: `instruction`, optional `input`, `output` (rendered with the classic Alpaca prompt);
 - text: `text`, trained on every token.
+
+Files: JSON lines, JSON, Parquet, and CSV/TSV (cells are text: `margin`, `label` and chat columns are parsed).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import multiprocessing
@@ -42,7 +46,8 @@ from finetune.losses import IGNORE_INDEX
 
 logger = logging.getLogger("finetune")
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+DELIMITERS = {".csv": ",", ".tsv": "\t"}
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", *DELIMITERS)
 ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 
@@ -58,18 +63,24 @@ class EncodeStats:
 # --------------------------------------------------------------------------------------------- loading
 
 
-class JsonLines(list):
-    """The rows of a JSON lines file, and `numbering`: by the line each one is on, for messages."""
+class FileRows(list):
+    """The rows of a JSON lines, CSV or TSV file, and `numbering`: by the line each one starts on, for messages;
+    `text_cells` when every value is text (CSV, TSV), to be typed by `typed_cells`."""
 
     numbering: Numbering
+    text_cells: bool = False
+
+
+def read_text(path: Path, expected: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark (Windows editors) is dropped
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected {expected}") from None
 
 
 def read_json_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file (a `JsonLines`) or of a JSON list, parsed by Python so each row keeps its own types."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading byte-order mark (Windows editors) is dropped
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected JSON lines") from None
+    """Rows of a JSONL file (a `FileRows`) or of a JSON list, parsed by Python so each row keeps its own types."""
+    text = read_text(path, "JSON lines")
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -77,7 +88,7 @@ def read_json_rows(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
         numbering = ROWS
     else:
-        rows, lines = JsonLines(), []
+        rows, lines = FileRows(), []
         for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
@@ -92,12 +103,82 @@ def read_json_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_rows(source: str, split: str) -> Any:
-    """Rows from a builtin name, a local JSONL/JSON/Parquet file or directory of them, or a hub dataset name; at
-    least one.
+def read_delimited_rows(path: Path) -> FileRows:
+    """Rows of a CSV (or TSV) file with a header line, read by Python's `csv` as text, cell for cell (where
+    `datasets` would infer types and turn a completion of "19" into a number); numbered by the line each row
+    starts on, as a quoted cell may span lines. Blank lines are skipped."""
+    kind = path.suffix.lower()[1:].upper()
+    reader = csv.reader(io.StringIO(read_text(path, kind)), delimiter=DELIMITERS[path.suffix.lower()])
+    rows, lines, header, header_line = FileRows(), [], None, 0
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader, None)
+        except csv.Error as e:
+            raise DataError(f"{path}: line {start} is not valid {kind}: {e}") from None
+        if cells is None:
+            break
+        if not any(cell.strip() for cell in cells):
+            continue
+        if header is None:
+            header, header_line = [cell.strip() for cell in cells], start
+            named = [name for name in header if name]
+            if len(named) < len(header) or len(set(named)) < len(named):
+                which = next((n for n in named if named.count(n) > 1), None)
+                raise DataError(f"{path}: line {start}: expected a header of distinct column names, got "
+                                + (f"{which!r} twice" if which else "a column without a name"))
+            continue
+        if len(cells) != len(header):
+            raise DataError(f"{path}: line {start}: {len(cells)} cells where the header (line {header_line}) names "
+                            f"{len(header)} columns (is a quote left open, or a delimiter in an unquoted cell?)")
+        rows.append(dict(zip(header, cells, strict=True)))
+        lines.append(start)
+    rows.numbering, rows.text_cells = Numbering(lines, "line"), True
+    return rows
 
-    JSON files become a list of dicts (exact types, row numbers in errors); Parquet and hub datasets stay
-    `datasets.Dataset`s. Both are sized and yield dict rows.
+
+TEXT_LISTS = ("messages", "conversations")  # chat columns: a CSV cell holds the list as JSON text
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def typed_cells(rows: list[dict[str, str]], source: str, numbering: Numbering) -> list[dict[str, Any]]:
+    """The rows of a CSV/TSV file (after `data.columns`) with the values finetune reads as other types than text
+    parsed: `margin` a number (an empty cell: none), a KTO `label` true or false (also 1/0, yes/no), a chat's
+    `messages` or `conversations` a JSON list."""
+    out = []
+    for i, row in enumerate(rows):
+        row = dict(row)
+        where = row_name(source, i, numbering)
+        if "margin" in row:
+            if not row["margin"].strip():
+                del row["margin"]
+            else:
+                try:
+                    row["margin"] = float(row["margin"])
+                except ValueError:
+                    raise DataError(f"{where}: expected 'margin' to be a number, got {row['margin']!r}") from None
+        if "label" in row:
+            label = row["label"].strip().lower()
+            if label not in TRUE + FALSE:
+                raise DataError(f"{where}: expected 'label' to be true or false, got {row['label']!r}")
+            row["label"] = label in TRUE
+        for key in TEXT_LISTS:
+            if key in row:
+                try:
+                    row[key] = json.loads(row[key])
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: expected '{key}' to be a list as JSON text, as a CSV cell holds "
+                                    f"it: {e.msg}") from None
+        out.append(row)
+    return out
+
+
+def load_rows(source: str, split: str) -> Any:
+    """Rows from a builtin name, a local JSONL/JSON/Parquet/CSV/TSV file or directory of them, or a hub dataset
+    name; at least one.
+
+    JSON and CSV files become a list of dicts (exact types or text, row numbers in errors); Parquet and hub
+    datasets stay `datasets.Dataset`s. Both are sized and yield dict rows.
     """
     rows = _read_rows(source, split)
     if len(rows) == 0:
@@ -143,8 +224,10 @@ def _read_rows(source: str, split: str) -> Any:
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
             return read_json_rows(path)
+        if suffix in DELIMITERS:
+            return read_delimited_rows(path)
         if suffix != ".parquet":
-            raise DataError(f"{source}: expected a .jsonl, .json or .parquet file")
+            raise DataError(f"{source}: expected a .jsonl, .json, .parquet, .csv or .tsv file")
         try:
             import pyarrow.parquet
 
@@ -272,8 +355,10 @@ def train_eval_rows(d: Any, seed: int) -> tuple[list[Part], list[Part] | None]:
 
     def read(source: str, split: str) -> Part:
         raw = load_rows(source, split)
-        numbering = raw.numbering if isinstance(raw, JsonLines) else ROWS
+        numbering = raw.numbering if isinstance(raw, FileRows) else ROWS
         rows, names = rename_columns(raw, d.columns, source, numbering)
+        if getattr(raw, "text_cells", False):
+            rows = typed_cells(rows, source, numbering)
         seen.update(names)
         return Part(rows, source, numbering)
 
@@ -310,7 +395,8 @@ def eval_sources(d: Any, parts: list[Any]) -> list[tuple[str, int]] | None:
     names: list[str] = []
     for source in sources(d.eval or d.train):
         path = source.split(":", 1)[1] if is_builtin(source) else split_subset(source)[0]
-        stem = Path(path.rstrip("/")).name.removesuffix(".jsonl").removesuffix(".json").removesuffix(".parquet")
+        stem = Path(path.rstrip("/")).name
+        stem = stem[:-len(Path(stem).suffix)] if stem.lower().endswith(FILE_SUFFIXES) else stem
         name = re.sub(r"\W+", "_", stem).strip("_").lower() or "data"
         names.append(name if name not in names else f"{name}_{len(names) + 1}")
     return list(zip(names, (len(part) for part in parts), strict=True))

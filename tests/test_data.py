@@ -1021,3 +1021,90 @@ def test_a_marked_answer_span_without_its_end_token_is_warned_about(tok, caplog)
     assert said["cut"] == ["cut: the chat template's {% generation %} span of an answer leaves out its end-of-turn "
                            "token, so the model would not learn to stop; put that token inside the span, or set "
                            "data.completion_only_loss: false"]
+
+
+def write_delimited(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
+    import csv
+
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_csv_and_tsv_rows_train_as_the_same_rows_in_json_lines(tok, tmp_path: Path):
+    """Cells are text, as written: an answer of "19" stays text (datasets' CSV reader would make it a number),
+    a quoted cell may span lines and hold the delimiter; chat columns hold JSON text."""
+    plain = [{"prompt": f"What is {i} + 3?\nSay it, then stop.", "completion": str(i + 3)} for i in range(6)]
+    plain[2]["prompt"] = 'Add "2", then 3, and 4:'
+    reference = list(sft_data(tok, train=str(write_jsonl(tmp_path / "plain.jsonl", plain)))[1].train["input_ids"])
+    for name, delimiter in (("plain.csv", ","), ("plain.tsv", "\t")):
+        path = write_delimited(tmp_path / name, plain, delimiter)
+        assert "\n" in load_rows(str(path), "train")[0]["prompt"]
+        assert list(sft_data(tok, train=str(path))[1].train["input_ids"]) == reference
+    chats = task_rows("train")[:5]
+    reference = list(sft_data(tok, train=str(write_jsonl(tmp_path / "chat.jsonl", chats)))[1].train["input_ids"])
+    path = write_delimited(tmp_path / "chat.csv", [{"messages": json.dumps(r["messages"])} for r in chats])
+    assert list(sft_data(tok, train=str(path))[1].train["input_ids"]) == reference
+
+
+def test_csv_rows_are_named_by_the_line_they_start_on(tok, tmp_path: Path):
+    rows = [{"prompt": f"Say {i}:\n(two lines)", "completion": str(i)} for i in range(4)]
+    path = write_delimited(tmp_path / "d.csv", rows)
+    text = path.read_text()
+    path.write_text("\n" + text)  # a blank first line; each row then starts on line 3 + 2 i (a 2-line cell)
+    assert load_rows(str(path), "train").numbering.numbers == [3, 5, 7, 9]
+    path.write_text(text + 'Say 9:,9,extra\n')
+    with pytest.raises(DataError, match=rf"^{path}: line 10: 3 cells where the header \(line 1\) names 2 columns"):
+        load_rows(str(path), "train")
+    path.write_text('prompt,completion\n"Say 1:,1\nSay 2:,2\n')  # a quote left open runs to the end
+    with pytest.raises(DataError, match=rf"^{path}: line 2: 1 cells where the header"):
+        load_rows(str(path), "train")
+    for header, says in (("prompt,prompt", "'prompt' twice"), ("prompt,", "a column without a name")):
+        path.write_text(f"{header}\nSay 1:,1\n")
+        with pytest.raises(DataError, match=rf"^{path}: line 1: expected a header of distinct column names, got "
+                                            f"{says}$"):
+            load_rows(str(path), "train")
+    path.write_text("messages\n[{\"role\": \"user\"\n")
+    with pytest.raises(DataError, match=rf"^{path}: line 2: expected 'messages' to be a list as JSON text"):
+        sft_data(tok, train=str(path))
+    (tmp_path / "latin1.csv").write_bytes("text\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.csv: not UTF-8 text \(byte 8\); expected CSV$"):
+        load_rows(str(tmp_path / "latin1.csv"), "train")
+    (tmp_path / "d.xlsx").write_text("")
+    with pytest.raises(DataError, match=r"d.xlsx: expected a .jsonl, .json, .parquet, .csv or .tsv file$"):
+        load_rows(str(tmp_path / "d.xlsx"), "train")
+
+
+def test_csv_preference_pairs_read_margins_and_kto_labels(tok, tmp_path: Path):
+    from finetune.builtin import preference_rows
+    from finetune.config import load_recipe
+    from finetune.pairs import build_pair_data
+
+    def pairs(path: Path, **dpo):
+        recipe = load_recipe({"task": "dpo", "dpo": dpo, "data": {"train": str(path), "max_length": 64,
+                                                                  "cache_tokenized": False}})
+        return build_pair_data(recipe, tok, False)[0]
+
+    rows = [{"prompt": r["chosen"][0]["content"], "chosen": " " + r["chosen"][1]["content"],
+             "rejected": " " + r["rejected"][1]["content"], "margin": i / 4}
+            for i, r in enumerate(preference_rows("train")[:6])]  # text pairs: a CSV cell is text
+    reference = pairs(write_jsonl(tmp_path / "p.jsonl", rows))
+    got = pairs(write_delimited(tmp_path / "p.csv", [dict(r, margin=str(r["margin"])) for r in rows]))
+    for key in ("chosen", "rejected", "margin"):
+        assert list(got[key]) == list(reference[key])
+    rows[3]["margin"] = "a lot"
+    with pytest.raises(DataError, match=r"p.csv: line 5: expected 'margin' to be a number, got 'a lot'$"):
+        pairs(write_delimited(tmp_path / "p.csv", rows))
+    rows[3]["margin"] = ""  # an empty cell: no margin, as a JSON row without one
+    assert list(pairs(write_delimited(tmp_path / "p.csv", rows))["margin"]) == [0.0, 0.25, 0.5, 0.0, 1.0, 1.25]
+    unpaired = [{"prompt": r["prompt"], "completion": r["chosen"], "label": i % 2 == 0} for i, r in enumerate(rows)]
+    reference = pairs(write_jsonl(tmp_path / "k.jsonl", unpaired), loss_type="kto")
+    cells = [dict(r, label=["True", "0", "yes", "false", "1", "no"][i]) for i, r in enumerate(unpaired)]
+    got = pairs(write_delimited(tmp_path / "k.csv", cells), loss_type="kto")
+    assert list(got["label"]) == list(reference["label"]) == [True, False, True, False, True, False]
+    assert list(got["chosen"]) == list(reference["chosen"])
+    cells[1]["label"] = "maybe"
+    with pytest.raises(DataError, match=r"k.csv: line 3: expected 'label' to be true or false, got 'maybe'$"):
+        pairs(write_delimited(tmp_path / "k.csv", cells), loss_type="kto")

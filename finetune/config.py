@@ -144,6 +144,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
     eval_every: int = 0  # optimizer steps; 0 evaluates only at the start and the end
+    eval_batch_size: int = 0  # rows per process in a forward without gradients (evaluation); 0: batch_size
     eval_generate: int = 0  # held-out rows scored by greedy generation (exact match); 0 disables
     max_new_tokens: int = 32
     save_every: int = 0  # optimizer steps between checkpoints; 0 saves none mid-run
@@ -178,11 +179,17 @@ class TrainConfig:
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _range("train.max_grad_norm", self.max_grad_norm, lo=0)
         _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        for key in ("eval_every", "eval_generate", "save_every", "keep_checkpoints", "early_stopping"):
+        for key in ("eval_every", "eval_batch_size", "eval_generate", "save_every", "keep_checkpoints",
+                    "early_stopping"):
             _range(f"train.{key}", getattr(self, key), lo=0)
         _range("train.max_new_tokens", self.max_new_tokens, lo=1)
         _range("train.log_every", self.log_every, lo=1)
         _range("train.neftune_alpha", self.neftune_alpha, lo=0)
+
+    @property
+    def eval_rows(self) -> int:
+        """Rows per process in each batch of held-out data (and of DPO's precomputed reference log-probs)."""
+        return self.eval_batch_size or self.batch_size
 
 
 @dataclass(frozen=True)
@@ -334,7 +341,9 @@ class Recipe:
             out.append(f"{', '.join(f'model.{k}' for k in quantization)}: set, but not used: model.load_in_4bit "
                        "is false")
         t, d = self.train, self.data
-        evaluating = [k for k in ("eval_every", "eval_generate") if getattr(t, k)]
+        precomputing = self.task == "dpo" and self.dpo.precompute_ref_logps and not self.dpo.reference_free
+        evaluating = [k for k in ("eval_every", "eval_batch_size", "eval_generate") if getattr(t, k)
+                      and not (k == "eval_batch_size" and precomputing)]  # its reference pass uses it too
         if d.eval and d.eval_fraction:
             out.append("data.eval_fraction: set, but not used: data.eval names the held-out data")
         elif not d.eval and not d.eval_fraction and evaluating:

@@ -386,7 +386,7 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
         # several held-out sources: batches of one source each, whose sums are that source's metrics as well
         sources, batches, start = data.eval_sources or [("", len(data.eval))], [], 0
         for name, n in sources:
-            shard, n_real = eval_shard(n, cfg.batch_size, world, rank, start)
+            shard, n_real = eval_shard(n, cfg.eval_rows, world, rank, start)
             batches += [(name, rows, i < n_real) for i, rows in enumerate(shard)]
             start += n
         totals: dict[tuple[str, str], torch.Tensor] = {}
@@ -394,7 +394,12 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
                      leave=False, dynamic_ncols=True, disable=not (main and recipe.log.progress))
         for (name, _, real), batch in zip(batches, shown, strict=True):
             batch = to_device(batch)
-            result = task.loss(model, batch)
+            try:
+                result = task.loss(model, batch)
+            except torch.OutOfMemoryError:
+                raise UserError(f"evaluation at step {state.step}: out of GPU memory on a batch of "
+                                f"{int(batch['num_tokens'])} tokens; lower train.eval_batch_size (now "
+                                f"{cfg.eval_rows} rows)") from None
             got = {"loss": result.loss_sum.detach().float(), "items": batch["num_items"].float(),
                    **{k: v.detach().float() for k, v in result.metric_sums.items()}}
             for k, v in got.items():  # a padding batch, run only to keep sharded processes in step, adds 0

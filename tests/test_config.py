@@ -50,6 +50,11 @@ def test_settings_a_run_does_not_use_are_named():
         "data.eval_fraction: set, but not used: data.eval names the held-out data"]
     assert load_recipe({"data": {"eval_fraction": 0.1}, "train": {"eval_every": 5, "max_steps": 9}}
                        ).unused_settings() == []
+    # eval_batch_size: held-out batches, and DPO's precomputed reference log-probs without held-out data
+    assert load_recipe({"train": {"eval_batch_size": 32}}).unused_settings() == [
+        "train.eval_batch_size: set, but not used: no held-out data (data.eval or data.eval_fraction)"]
+    precomputing = {"task": "dpo", "train": {"eval_batch_size": 32}, "dpo": {"precompute_ref_logps": True}}
+    assert load_recipe(precomputing).unused_settings() == []
     lion = {"train": {"optimizer": "lion_8bit", "adam_eps": 1e-6, "adam_beta2": 0.99}}  # its betas are used
     assert load_recipe(lion).unused_settings() == [
         "train.adam_eps: set, but not used: train.optimizer lion_8bit has no epsilon"]

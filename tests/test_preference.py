@@ -685,6 +685,27 @@ def test_dpo_precomputed_reference_equals_frozen_copy(tmp_path: Path, pair_files
     assert losses(again) == losses(pre)  # from the cache
 
 
+def test_dpo_precomputes_reference_log_probs_in_batches_of_eval_batch_size(tmp_path: Path, pair_files,
+                                                                         monkeypatch):
+    from finetune.tasks.dpo import DPOTask
+
+    real, sizes = DPOTask.reference_logps, []
+
+    def spy(self, model, batch):
+        if "ref_logps" not in batch:
+            sizes.append(len(batch["uid"]))
+        return real(self, model, batch)
+
+    monkeypatch.setattr(DPOTask, "reference_logps", spy)
+    default = finetune.train(pair_recipe(tmp_path / "a", pair_files, "dpo", dpo={"precompute_ref_logps": True}))
+    assert sizes == [8] * 14  # 96 train and 16 held-out pairs, in batches of train.batch_size
+    sizes.clear()
+    big = finetune.train(pair_recipe(tmp_path / "b", pair_files, "dpo", dpo={"precompute_ref_logps": True},
+                                     train={"eval_batch_size": 32}))
+    assert sizes == [32, 32, 32, 16]
+    assert losses(big) == pytest.approx(losses(default), rel=1e-5)
+
+
 def test_dpo_lora_reference_is_the_base_model_with_one_copy(tmp_path: Path, pair_files, tiny_dir):
     """With LoRA the reference pass runs the policy with its adapter disabled: after training, reference log-probs
     equal those of the base model loaded from disk, while the policy's differ; and no second model is held."""

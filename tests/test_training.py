@@ -1057,3 +1057,34 @@ def test_exact_match_takes_the_first_rows_of_each_held_out_source(tmp_path: Path
     assert got["eval_first_accuracy"] != got["eval_second_accuracy"]
     alone = finetune.evaluate(recipe, **{"data.eval": str(first)}).metrics  # one source: its first rows, unnamed
     assert alone["eval_accuracy"] == got["eval_first_accuracy"] and "eval_first_accuracy" not in alone
+
+
+def test_eval_batch_size_sets_the_held_out_batches_not_the_metrics(tmp_path: Path, chat_files, monkeypatch):
+    from finetune.tasks.sft import SFTTask
+
+    _, evals = chat_files  # 32 rows
+    real, sizes = SFTTask.loss, []
+
+    def spy(self, model, batch):
+        if not model.training:
+            sizes.append(batch["input_ids"].shape[0])
+        return real(self, model, batch)
+
+    monkeypatch.setattr(SFTTask, "loss", spy)
+    recipe = small_recipe(tmp_path / "run", evals, evals)  # train.batch_size 8
+    default = finetune.evaluate(recipe).metrics
+    assert sizes == [8] * 4
+    sizes.clear()
+    five = finetune.evaluate(recipe, **{"train.eval_batch_size": 5}).metrics
+    assert sizes == [5] * 6 + [2]
+    assert five["eval_loss"] == pytest.approx(default["eval_loss"], rel=1e-5)
+
+    def too_big(self, model, batch):  # as on a GPU, where a held-out batch may not fit when training ones do
+        if not model.training:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, model, batch)
+
+    monkeypatch.setattr(SFTTask, "loss", too_big)
+    with pytest.raises(UserError, match=r"^evaluation at step 0: out of GPU memory on a batch of \d+ tokens; lower "
+                                        r"train.eval_batch_size \(now 5 rows\)$"):
+        finetune.evaluate(recipe, **{"train.eval_batch_size": 5})

@@ -156,7 +156,7 @@ class DPOTask:
             first = {uid: i for i, uid in reversed(list(enumerate(rows["uid"])))}  # a pair a mixture repeats
             if len(first) < len(rows):
                 rows = rows.select(sorted(first.values()))
-        size = recipe.train.batch_size
+        size = recipe.train.eval_rows
         batches, n_real = eval_shard(len(rows), size, accelerator.num_processes, accelerator.process_index)
         values = torch.zeros(len(batches), size, 2)
         uids = torch.full((len(batches), size), -1, dtype=torch.long)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint, lock, precision
 from finetune.config import Recipe, to_yaml
-from finetune.errors import SaidByMainProcess, UserError, count
+from finetune.errors import SaidByMainProcess, UserError, count, on_out_of_memory
 from finetune.memory import bound_kernel_caches, heap_trimmer
 from finetune.optimizer import build_optimizer, check_optimizer
 from finetune.sampling import EpochBatches, TokenBudgetBatches, eval_shard
@@ -127,16 +127,12 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-@contextmanager
-def _explain_oom(step: int, tokens: int, checkpoints: Path) -> Iterator[None]:
+def _explain_oom(step: int, tokens: int, checkpoints: Path) -> Any:
     """A micro-batch that does not fit in GPU memory: one line with the recipe keys that make it fit."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        raise UserError(f"step {step}: out of GPU memory on a micro-batch of {tokens} tokens "
-                        f"({checkpoint.last_saved(checkpoints)}); lower train.batch_size (or train.batch_tokens, "
-                        "data.max_length), or turn on train.gradient_checkpointing, train.fused_linear_loss or "
-                        "lora.enabled") from None
+    return on_out_of_memory(f"step {step}: out of GPU memory on a micro-batch of {tokens} tokens "
+                            f"({checkpoint.last_saved(checkpoints)}); lower train.batch_size (or train.batch_tokens, "
+                            "data.max_length), or turn on train.gradient_checkpointing, train.fused_linear_loss or "
+                            "lora.enabled")
 
 
 @contextmanager
@@ -394,12 +390,10 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
                      leave=False, dynamic_ncols=True, disable=not (main and recipe.log.progress))
         for (name, _, real), batch in zip(batches, shown, strict=True):
             batch = to_device(batch)
-            try:
+            with on_out_of_memory(f"evaluation at step {state.step}: out of GPU memory on a batch of "
+                                  f"{int(batch['num_tokens'])} tokens; lower train.eval_batch_size (now "
+                                  f"{cfg.eval_rows} rows)"):
                 result = task.loss(model, batch)
-            except torch.OutOfMemoryError:
-                raise UserError(f"evaluation at step {state.step}: out of GPU memory on a batch of "
-                                f"{int(batch['num_tokens'])} tokens; lower train.eval_batch_size (now "
-                                f"{cfg.eval_rows} rows)") from None
             got = {"loss": result.loss_sum.detach().float(), "items": batch["num_items"].float(),
                    **{k: v.detach().float() for k, v in result.metric_sums.items()}}
             for k, v in got.items():  # a padding batch, run only to keep sharded processes in step, adds 0

@@ -16,7 +16,7 @@ import finetune
 from finetune import attention
 from finetune.builtin import preference_rows
 from finetune.collate import pad
-from finetune.errors import DataError
+from finetune.errors import DataError, UserError
 from finetune.losses import IGNORE_INDEX
 from finetune.pairs import PairCollator, encode_pair, encode_pairs
 from finetune.tracking import read_metrics
@@ -704,6 +704,15 @@ def test_dpo_precomputes_reference_log_probs_in_batches_of_eval_batch_size(tmp_p
                                      train={"eval_batch_size": 32}))
     assert sizes == [32, 32, 32, 16]
     assert losses(big) == pytest.approx(losses(default), rel=1e-5)
+
+    def too_big(self, model, batch):  # as on a GPU, where the reference pass may not fit when training does
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(DPOTask, "reference_logps", too_big)
+    with pytest.raises(UserError, match=r"^reference log-probs: out of GPU memory on a batch of 32 pairs; lower "
+                                        r"train.eval_batch_size \(now 32 rows\)$"):
+        finetune.train(pair_recipe(tmp_path / "c", pair_files, "dpo", dpo={"precompute_ref_logps": True},
+                                   train={"eval_batch_size": 32}))
 
 
 def test_dpo_lora_reference_is_the_base_model_with_one_copy(tmp_path: Path, pair_files, tiny_dir):

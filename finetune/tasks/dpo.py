@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from finetune import model as model_lib
+from finetune.errors import on_out_of_memory
 from finetune.losses import dpo_loss, kto_loss, per_sequence, sequence_lengths, sequence_logps
 from finetune.model import accepts_logits_to_keep, causal_lm_forward, target_logps
 from finetune.pairs import build_pair_data, pair_lengths, split_sides
@@ -166,7 +167,9 @@ class DPOTask:
         show = accelerator.is_main_process and recipe.log.progress
         for i, idx in enumerate(tqdm(batches, desc="reference log-probs", disable=not show, leave=False)):
             batch = {k: v.to(accelerator.device) for k, v in self.collate([rows[j] for j in idx]).items()}
-            logps = self.reference_logps(model, batch).float().cpu()
+            with on_out_of_memory(f"reference log-probs: out of GPU memory on a batch of {len(idx)} pairs; lower "
+                                  f"train.eval_batch_size (now {size} rows)"):
+                logps = self.reference_logps(model, batch).float().cpu()
             if i < n_real:
                 values[i, :len(idx)], uids[i, :len(idx)] = logps, batch["uid"].cpu()
         model.train()

@@ -21,6 +21,25 @@ def test_every_recipe_validates(path: Path):
     assert recipe.unused_settings() == []  # a shipped recipe sets nothing it does not use
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_no_recipe_trains_16_bit_weights(path: Path, caplog):
+    """A recipe's model, built as its task builds it (the tiny model standing in, in the recipe's dtype, with
+    its LoRA settings), trains no bfloat16/float16 weights, whose updates the loop warns are rounded away."""
+    import dataclasses
+
+    import torch
+
+    from finetune import model as model_lib
+
+    recipe = load_recipe(path)
+    cfg = dataclasses.replace(recipe.model, name_or_path="builtin:tiny-llama")
+    tokenizer = model_lib.load_tokenizer(cfg)
+    model = model_lib.build(cfg, recipe.lora, False, torch.device("cpu"), tokenizer,
+                            "seq_cls" if recipe.task == "rm" else "causal_lm")
+    model_lib.check_trainable_dtypes(model, recipe.train.mixed_precision)
+    assert "trainable parameters are" not in caplog.text
+
+
 def test_settings_a_run_does_not_use_are_named():
     """Most likely a forgotten switch: LoRA's settings without lora.enabled, another task's section, 4-bit
     options without load_in_4bit. Only values away from their defaults count."""

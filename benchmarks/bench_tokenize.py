@@ -5,7 +5,8 @@
 The benchmark's chat rows (bench_trl.py's data, repeated to `--rows`) and tokenizer; each run builds the SFT
 task's data in its own process, as a run's start would: one process, workers, workers, one process (A B B A,
 cache off), then one run that writes the cache and two that read it. Printed: seconds of `build_data` per
-setting (mean of its runs) and the ratios to one process.
+setting (mean of its runs), the ratios to one process, and the process's peak RSS, also less its RSS before
+`build_data` (the model-free start: imports and the tokenizer), which is what the data cost.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -34,9 +36,13 @@ def child(assets: dict, rows_file: str, num_proc: int, cache: bool, out: Path) -
                                    "cache_tokenized": cache},
                           "log": {"progress": False}})
     tokenizer = load_tokenizer(recipe.model)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux reports kB)
     start = time.perf_counter()
     data = SFTTask().build_data(recipe, tokenizer)
-    out.write_text(json.dumps({"seconds": time.perf_counter() - start, "rows": len(data.train)}))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out.write_text(json.dumps({"seconds": seconds, "rows": len(data.train), "peak_mb": peak,
+                               "data_mb": peak - before}))
 
 
 def spawn(assets_file: Path, rows_file: Path, num_proc: int, cache: bool, home: Path) -> dict:
@@ -79,11 +85,12 @@ def main() -> None:
     runs["cache hit"] = [spawn(assets_file, rows_file, 1, True, home) for _ in range(args.repeats)]
 
     print(f"{args.rows} chat rows (bench_trl's data repeated), max_length 512, {os.cpu_count()} CPUs\n")
-    print("| setting | seconds | ratio to 1 process |\n|---|---|---|")
+    print("| setting | seconds | ratio to 1 process | peak RSS (MB) | of it, from build_data (MB) |\n"
+          "|---|---|---|---|---|")
     base = sum(r["seconds"] for r in runs["1 process"]) / len(runs["1 process"])
     for name, group in runs.items():
-        seconds = sum(r["seconds"] for r in group) / len(group)
-        print(f"| {name} | {seconds:.2f} | {base / seconds:.2f}x faster |")
+        seconds, peak, data = (sum(r[k] for r in group) / len(group) for k in ("seconds", "peak_mb", "data_mb"))
+        print(f"| {name} | {seconds:.2f} | {base / seconds:.2f}x faster | {peak:.0f} | {data:.0f} |")
 
 
 if __name__ == "__main__":

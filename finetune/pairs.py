@@ -26,6 +26,7 @@ from finetune.data import (
     ROWS,
     Numbering,
     Part,
+    TokenColumns,
     concatenate,
     eval_sources,
     fractions,
@@ -139,11 +140,8 @@ def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_pr
     `uid` numbers the kept pairs from `uid_start`, so train and eval pairs can share one table of reference
     log-probs. `numbering`: how messages number the rows (`Part.numbering`); `template_kwargs`:
     data.chat_template_kwargs."""
-    import datasets
-
     max_prompt_length = max_prompt_length or max_length // 2
-    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "margin": []}
-    truncated = 0
+    out, truncated = TokenColumns("prompt", "chosen", "rejected"), 0
 
     def encode(row: Any, where: str) -> dict:
         return encode_pair(row, tokenizer, max_length, max_prompt_length, where, template_kwargs)
@@ -154,9 +152,9 @@ def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_pr
         if enc["empty"]:
             empty.append(i)
         else:
-            for key in out:
-                out[key].append(enc[key])
-    kept = len(out["prompt"])
+            out.append(prompt=enc["prompt"], chosen=enc["chosen"], rejected=enc["rejected"], margin=enc["margin"],
+                       uid=uid_start + len(out))
+    kept = len(out)
     stats = PairStats(rows=len(rows), kept=kept, truncated=truncated, dropped_empty=len(rows) - kept)
     if truncated:
         logger.warning("%s: %d of %d pairs truncated (prompt end kept, at most %d tokens; responses cut to fit "
@@ -166,8 +164,7 @@ def encode_pairs(rows: Any, source: str, tokenizer: Any, max_length: int, max_pr
                        stats.dropped_empty, stats.rows, numbering.of(empty[0]))
     if not kept:
         raise DataError(f"{source}: no pair is left after truncation to data.max_length={max_length}")
-    out["uid"] = list(range(uid_start, uid_start + kept))
-    return datasets.Dataset.from_dict(out), stats
+    return out.dataset(), stats
 
 
 def encode_kto_rows(rows: Any, source: str, tokenizer: Any, max_length: int, max_prompt_length: int,
@@ -179,7 +176,6 @@ def encode_kto_rows(rows: Any, source: str, tokenizer: Any, max_length: int, max
     is desirable. Rows are `prompt`, `completion` and a boolean `label` (TRL's unpaired format), or preference
     pairs, unpaired into a desirable chosen row and an undesirable rejected one (the chosen rows first, so that
     no row's KL completion answers its own prompt)."""
-    import datasets
 
     max_prompt_length = max_prompt_length or max_length // 2
 
@@ -214,15 +210,12 @@ def encode_kto_rows(rows: Any, source: str, tokenizer: Any, max_length: int, max
                        numbering.of(empty[0]))
     if not kept:
         raise DataError(f"{source}: no completion is left after truncation to data.max_length={max_length}")
-    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "margin": [], "label": []}
+    out = TokenColumns("prompt", "chosen", "rejected")
     for i, e in enumerate(kept):
-        out["prompt"].append(e["prompt"])
-        out["chosen"].append(e["chosen"])
-        out["rejected"].append(kept[i - 1]["chosen"][:max_length - len(e["prompt"])])  # the KL completion
-        out["margin"].append(0.0)
-        out["label"].append(e["label"])
-    out["uid"] = list(range(uid_start, uid_start + len(kept)))
-    return datasets.Dataset.from_dict(out)
+        out.append(prompt=e["prompt"], chosen=e["chosen"],
+                   rejected=kept[i - 1]["chosen"][:max_length - len(e["prompt"])],  # the KL completion
+                   margin=0.0, label=e["label"], uid=uid_start + i)
+    return out.dataset()
 
 
 def build_pair_data(recipe: Any, tokenizer: Any, progress: bool

@@ -484,6 +484,12 @@ def test_local_files_and_missing_ones(tmp_path: Path):
 def test_byte_order_mark_and_non_utf8_files(tmp_path: Path):
     (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')  # as Windows editors save
     assert load_rows(str(tmp_path / "bom.jsonl"), "train") == [{"text": "a"}, {"text": "b"}]
+    # lines end at newlines only: U+2028 may stand unescaped in a JSON string (json.dumps(ensure_ascii=False))
+    (tmp_path / "u.jsonl").write_text('{"text": "a\u2028b"}\r\n\n{"text": "c"}\n', encoding="utf-8")
+    rows = load_rows(str(tmp_path / "u.jsonl"), "train")
+    assert rows == [{"text": "a\u2028b"}, {"text": "c"}] and rows.numbering.numbers == [1, 3]
+    (tmp_path / "list.json").write_text('\n  [{"text": "a"},\n   {"text": "b"}]\n')
+    assert load_rows(str(tmp_path / "list.json"), "train") == [{"text": "a"}, {"text": "b"}]
     (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
     with pytest.raises(DataError, match=f"^{tmp_path / 'latin1.jsonl'}: not UTF-8 text \\(byte 13\\)"):
         load_rows(str(tmp_path / "latin1.jsonl"), "train")
@@ -1108,3 +1114,28 @@ def test_csv_preference_pairs_read_margins_and_kto_labels(tok, tmp_path: Path):
     cells[1]["label"] = "maybe"
     with pytest.raises(DataError, match=r"k.csv: line 3: expected 'label' to be true or false, got 'maybe'$"):
         pairs(write_delimited(tmp_path / "k.csv", cells), loss_type="kto")
+
+
+def test_token_columns_hold_the_rows_as_lists_would_across_chunks():
+    import random
+
+    from finetune.data import TokenColumns
+
+    rng = random.Random(0)
+    rows = [{"ids": [rng.randrange(50000) for _ in range(rng.randrange(0, 40))], "margin": rng.random(),
+             "label": rng.random() < 0.5, "uid": i} for i in range(1000)]
+    by_rows, by_tokens = TokenColumns("ids"), TokenColumns("ids")
+    by_rows.CHUNK_ROWS = 64  # a chunk every 64 rows: 15 and a part
+    by_tokens.CHUNK_TOKENS = 300  # or once 300 tokens wait: one every 15 rows or so
+    for row in rows:
+        by_rows.append(**row)
+        by_tokens.append(**row)
+    expected = datasets.Dataset.from_list(rows)
+    for columns in (by_rows, by_tokens):
+        assert len(columns) == 1000
+        got = columns.dataset()
+        assert got.to_list() == expected.to_list()
+        assert str(got.features["ids"].feature) == "Value('int32')"
+    assert [len(chunk) for chunk in by_rows.chunks["ids"]] == [64] * 15 + [40]
+    tokens = [len(chunk.values) for chunk in by_tokens.chunks["ids"]]  # each closed by the row that reached 300
+    assert all(300 <= n < 300 + 40 for n in tokens[:-1]) and sum(tokens) == sum(len(r["ids"]) for r in rows)

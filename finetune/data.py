@@ -554,6 +554,15 @@ class TokenColumns:
         return datasets.Dataset(table, fingerprint=datasets.fingerprint.generate_random_fingerprint())
 
 
+def list_lengths(dataset: Any, column: str) -> list[int]:
+    """The length of each row's list in a column of a tokenized `datasets.Dataset`, by Arrow (row order and any
+    selection of rows respected): reading the column row by row builds a Python list per row (1.7 s for 50,000
+    rows, 2 ms this way)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.with_format("arrow")[column]).to_pylist()
+
+
 def tokenizer_workers(num_proc: int) -> int:
     """`data.num_proc`: 0 means one per CPU this process may use, at most 8, in the first process of a machine
     only: the others wait for it and read its tokens from the cache (or, without the cache, share the CPUs)."""

@@ -30,6 +30,7 @@ from finetune.data import (
     concatenate,
     eval_sources,
     fractions,
+    list_lengths,
     map_rows,
     tokenizer_workers,
     train_eval_rows,
@@ -261,9 +262,9 @@ def pair_tokens(prompt: list[int], chosen: list[int], rejected: list[int]) -> in
 
 
 def pair_lengths(pairs: Any) -> list[int]:
-    """`pair_tokens` of every pair of a tokenized dataset (read by columns)."""
-    return [pair_tokens(p, c, r) for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"],
-                                                      strict=True)]
+    """`pair_tokens` of every pair of a tokenized dataset."""
+    prompt, chosen, rejected = (list_lengths(pairs, key) for key in ("prompt", "chosen", "rejected"))
+    return [2 * p + c + r for p, c, r in zip(prompt, chosen, rejected, strict=True)]
 
 
 def split_sides(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -1137,5 +1137,10 @@ def test_token_columns_hold_the_rows_as_lists_would_across_chunks():
         assert got.to_list() == expected.to_list()
         assert str(got.features["ids"].feature) == "Value('int32')"
     assert [len(chunk) for chunk in by_rows.chunks["ids"]] == [64] * 15 + [40]
+    # lengths by Arrow, in the order and selection of a resampled dataset (an indices mapping)
+    from finetune.data import list_lengths
+
+    picked = by_rows.dataset().select([5, 3, 3, 999, 0])
+    assert list_lengths(picked, "ids") == [len(rows[i]["ids"]) for i in (5, 3, 3, 999, 0)]
     tokens = [len(chunk.values) for chunk in by_tokens.chunks["ids"]]  # each closed by the row that reached 300
     assert all(300 <= n < 300 + 40 for n in tokens[:-1]) and sum(tokens) == sum(len(r["ids"]) for r in rows)

@@ -20,6 +20,7 @@ from finetune.data import (
     encode_dataset,
     eval_sources,
     fractions,
+    list_lengths,
     prompt_and_completion,
     row_name,
     take,
@@ -120,7 +121,7 @@ class SFTTask:
                     self.examples += got
                     self.example_sources += [i] * len(got)
         return TaskData(train=train, eval=evals, collate=CausalLMCollator(tokenizer.pad_token_id, d.packing),
-                        train_lengths=[len(ids) for ids in train["input_ids"]], eval_sources=sizes)
+                        train_lengths=list_lengths(train, "input_ids"), eval_sources=sizes)
 
     def build_model(self, recipe: Any, accelerator: Any, tokenizer: Any) -> Any:
         model = model_lib.build(recipe.model, recipe.lora, recipe.train.gradient_checkpointing, accelerator.device,

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from finetune import attention
@@ -196,16 +197,21 @@ def encode_kto_rows(rows: Any, source: str, tokenizer: Any, max_length: int, max
         enc = encode_pair(row, tokenizer, max_length, max_prompt_length, where, template_kwargs)
         return [{**enc, "label": True}, {**enc, "chosen": enc["rejected"], "label": False}]
 
+    def kept_parts(item: dict, row: int, prompt: np.ndarray) -> dict:  # int32 tokens, as `TokenColumns` keeps them
+        return {"prompt": prompt, "chosen": np.asarray(item["chosen"], dtype=np.int32), "label": item["label"],
+                "row": row}
+
     firsts, seconds, truncated = [], [], 0
     for i, items in enumerate(map_rows(encode, rows, source, progress, workers, numbering)):
         truncated += items[0]["truncated"]
-        firsts.append({**items[0], "row": i})
-        seconds += [{**item, "row": i} for item in items[1:]]
-    kept = [e for e in firsts + seconds if e["chosen"]]
+        prompt = np.asarray(items[0]["prompt"], dtype=np.int32)  # one copy for both rows of an unpaired pair
+        firsts.append(kept_parts(items[0], i, prompt))
+        seconds += [kept_parts(item, i, prompt) for item in items[1:]]
+    kept = [e for e in firsts + seconds if len(e["chosen"])]
     if truncated:
         logger.warning("%s: %d of %d rows truncated (prompt end kept, at most %d tokens; completions cut to fit "
                        "data.max_length=%d)", source, truncated, len(rows), max_prompt_length, max_length)
-    empty = [e["row"] for e in firsts + seconds if not e["chosen"]]
+    empty = [e["row"] for e in firsts + seconds if not len(e["chosen"])]
     if empty:
         logger.warning("%s: dropped %d completions that are empty after truncation (first: %s)", source, len(empty),
                        numbering.of(empty[0]))

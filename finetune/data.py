@@ -511,7 +511,7 @@ class TokenColumns:
         self.token_columns = set(token_columns)
         self.pending: dict[str, list] = {}
         self.chunks: dict[str, list] = {}
-        self.rows = self.pending_tokens = 0
+        self.rows = self.pending_rows = self.pending_tokens = 0
 
     def __len__(self) -> int:
         return self.rows
@@ -525,7 +525,8 @@ class TokenColumns:
                 self.pending_tokens += len(value)
             self.pending.setdefault(key, []).append(value)
         self.rows += 1
-        if len(self.pending[key]) >= self.CHUNK_ROWS or self.pending_tokens >= self.CHUNK_TOKENS:
+        self.pending_rows += 1
+        if self.pending_rows >= self.CHUNK_ROWS or self.pending_tokens >= self.CHUNK_TOKENS:
             self._flush()
 
     def _flush(self) -> None:
@@ -540,7 +541,7 @@ class TokenColumns:
             else:
                 column = pa.array(values)
             self.chunks.setdefault(key, []).append(column)
-        self.pending, self.pending_tokens = {}, 0
+        self.pending, self.pending_rows, self.pending_tokens = {}, 0, 0
 
     def dataset(self) -> Any:
         """The rows as a `datasets.Dataset` (in memory); at least one row must have been appended."""

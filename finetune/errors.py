@@ -1,5 +1,5 @@
-"""The one exception type for user mistakes (the CLI prints it as a single line and exits with code 2), and the
-wording of counts in messages."""
+"""The one exception type for user mistakes (the CLI prints it as a single line and exits with code 2), the
+wording of counts in messages, and running out of GPU memory said as such a line."""
 
 from __future__ import annotations
 

@@ -1070,13 +1070,22 @@ def test_eval_batch_size_sets_the_held_out_batches_not_the_metrics(tmp_path: Pat
             sizes.append(batch["input_ids"].shape[0])
         return real(self, model, batch)
 
+    import finetune.tasks.sft
+
+    generated, real_match = [], finetune.tasks.sft.exact_match
+
+    def exact_match(model, tokenizer, examples, max_new_tokens, batch_size, *args, **kwargs):
+        generated.append(batch_size)
+        return real_match(model, tokenizer, examples, max_new_tokens, batch_size, *args, **kwargs)
+
     monkeypatch.setattr(SFTTask, "loss", spy)
-    recipe = small_recipe(tmp_path / "run", evals, evals)  # train.batch_size 8
-    default = finetune.evaluate(recipe).metrics
-    assert sizes == [8] * 4
+    monkeypatch.setattr(finetune.tasks.sft, "exact_match", exact_match)
+    recipe = small_recipe(tmp_path / "run", evals, evals, train={"eval_generate": 2, "max_new_tokens": 2})
+    default = finetune.evaluate(recipe).metrics  # train.batch_size 8
+    assert sizes == [8] * 4 and generated == [32]  # generation: 4 x batch_size prompts at a time
     sizes.clear()
     five = finetune.evaluate(recipe, **{"train.eval_batch_size": 5}).metrics
-    assert sizes == [5] * 6 + [2]
+    assert sizes == [5] * 6 + [2] and generated == [32, 5]
     assert five["eval_loss"] == pytest.approx(default["eval_loss"], rel=1e-5)
 
     def too_big(self, model, batch):  # as on a GPU, where a held-out batch may not fit when training ones do
@@ -1088,3 +1097,12 @@ def test_eval_batch_size_sets_the_held_out_batches_not_the_metrics(tmp_path: Pat
     with pytest.raises(UserError, match=r"^evaluation at step 0: out of GPU memory on a batch of \d+ tokens; lower "
                                         r"train.eval_batch_size \(now 5 rows\)$"):
         finetune.evaluate(recipe, **{"train.eval_batch_size": 5})
+    monkeypatch.setattr(SFTTask, "loss", real)
+
+    def decoding_too_much(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(finetune.tasks.sft, "exact_match", decoding_too_much)
+    with pytest.raises(UserError, match=r"^train.eval_generate: out of GPU memory decoding 32 prompts at a time; "
+                                        r"set train.eval_batch_size lower$"):
+        finetune.evaluate(recipe)

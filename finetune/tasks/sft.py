@@ -27,6 +27,7 @@ from finetune.data import (
     tokenizer_workers,
     train_eval_rows,
 )
+from finetune.errors import on_out_of_memory
 from finetune.losses import causal_lm_loss
 from finetune.model import accepts_logits_to_keep, causal_lm_forward, output_head, target_logps
 from finetune.tasks import LossOutput, TaskData
@@ -158,9 +159,12 @@ class SFTTask:
         if sharded:  # every forward all-gathers weights: the same prompts, batches and decode steps everywhere
             real, per_process = len(mine), -(-len(self.examples) // world)
             mine = mine + self.examples[:per_process - real]  # padding, not counted
-        correct = exact_match(accelerator.unwrap_model(model), self.tokenizer, mine, recipe.train.max_new_tokens,
-                              recipe.train.batch_size * 4, accelerator.device,
-                              recipe.log.progress and accelerator.is_main_process, synced=sharded)
+        at_once = recipe.train.eval_batch_size or 4 * recipe.train.batch_size
+        with on_out_of_memory(f"train.eval_generate: out of GPU memory decoding {at_once} prompts at a time; set "
+                              "train.eval_batch_size lower"):
+            correct = exact_match(accelerator.unwrap_model(model), self.tokenizer, mine, recipe.train.max_new_tokens,
+                                  at_once, accelerator.device, recipe.log.progress and accelerator.is_main_process,
+                                  synced=sharded)
         if sharded:
             correct = correct[:real]
         # (right, answered) of all examples, then of each named source's

@@ -146,6 +146,19 @@ def read_delimited_rows(path: Path) -> FileRows:
     return rows
 
 
+def text_columns(folder: Path) -> Any | None:
+    """For a directory whose data files are all CSV/TSV: its first file's columns, all as text (`datasets.Features`),
+    so that `datasets` reads the cells as a CSV file is read here rather than inferring numbers; else None."""
+    import datasets
+
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in FILE_SUFFIXES
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    if not files or any(f.suffix.lower() not in DELIMITERS for f in files):
+        return None
+    header = next(csv.reader(text_lines(files[0], "CSV"), delimiter=DELIMITERS[files[0].suffix.lower()]), None)
+    return datasets.Features({name: datasets.Value("string") for name in header or ()}) or None
+
+
 TEXT_LISTS = ("messages", "conversations")  # chat columns: a CSV cell holds the list as JSON text
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -246,11 +259,17 @@ def _read_rows(source: str, split: str) -> Any:
         except Exception as e:  # pyarrow raises many types for malformed files
             raise DataError(f"{source}: could not be read as Parquet: {str(e).splitlines()[0]}") from None
     if path.is_dir():  # data files (e.g. a dataset repository cloned locally): datasets reads them and their splits
+        text = text_columns(path)
         try:
-            return datasets.load_dataset(str(path), subset, split=split)
+            rows = datasets.load_dataset(str(path), subset, split=split, **({"features": text} if text else {}))
         except Exception as e:
             raise DataError(f"{source}: a directory that datasets could not load split {split!r} from: "
                             f"{_load_error(e, name)}") from None
+        if not text:
+            return rows
+        cells = FileRows({k: "" if v is None else v for k, v in row.items()} for row in rows)  # empty cells: None
+        cells.numbering, cells.text_cells = ROWS, True
+        return cells
     if path.suffix.lower() in FILE_SUFFIXES or looks_local(name):
         raise DataError(f"{source}: file not found")
     if not hub_reachable():

@@ -1055,6 +1055,24 @@ def test_csv_and_tsv_rows_train_as_the_same_rows_in_json_lines(tok, tmp_path: Pa
     assert list(sft_data(tok, train=str(path))[1].train["input_ids"]) == reference
 
 
+def test_a_directory_of_csv_files_is_read_as_text_too(tok, tmp_path: Path):
+    """datasets reads a directory's files and finds its splits; its CSV reader would make a column of numbers
+    numbers (and the rows then fail as "expected a string"): the cells stay text, as in a CSV file."""
+    plain = [{"prompt": f"What is {i} + 3?", "completion": str(i + 3), "input": ""} for i in range(8)]
+    reference = list(sft_data(tok, train=str(write_jsonl(tmp_path / "plain.jsonl", plain[:6])))[1].train["input_ids"])
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    write_delimited(folder / "train.csv", plain[:6])
+    write_delimited(folder / "test.csv", plain[6:])
+    (folder / "README.md").write_text("# a dataset card\n")
+    assert load_rows(str(folder), "test") == plain[6:]
+    assert list(sft_data(tok, train=str(folder))[1].train["input_ids"]) == reference
+    (folder / "extra.jsonl").write_text("")  # not all CSV: left to datasets' own reading
+    from finetune.data import text_columns
+
+    assert text_columns(folder) is None
+
+
 def test_csv_rows_are_named_by_the_line_they_start_on(tok, tmp_path: Path):
     rows = [{"prompt": f"Say {i}:\n(two lines)", "completion": str(i)} for i in range(4)]
     path = write_delimited(tmp_path / "d.csv", rows)

@@ -147,16 +147,23 @@ def read_delimited_rows(path: Path) -> FileRows:
 
 
 def text_columns(folder: Path) -> Any | None:
-    """For a directory whose data files are all CSV/TSV: its first file's columns, all as text (`datasets.Features`),
-    so that `datasets` reads the cells as a CSV file is read here rather than inferring numbers; else None."""
+    """For a directory whose data files are all CSV/TSV: their columns (one header, or a one-line error), all as
+    text (`datasets.Features`), so that `datasets` reads the cells as a CSV file is read here rather than
+    inferring numbers; else None."""
     import datasets
 
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in FILE_SUFFIXES
                    and not any(part.startswith(".") for part in f.relative_to(folder).parts))
     if not files or any(f.suffix.lower() not in DELIMITERS for f in files):
         return None
-    header = next(csv.reader(text_lines(files[0], "CSV"), delimiter=DELIMITERS[files[0].suffix.lower()]), None)
-    return datasets.Features({name: datasets.Value("string") for name in header or ()}) or None
+    headers = {f: next(csv.reader(text_lines(f, "CSV"), delimiter=DELIMITERS[f.suffix.lower()]), [])
+               for f in files}
+    other = next((f for f in files if headers[f] != headers[files[0]]), None)
+    if other is not None:  # datasets reads them all with one set of columns, and fails on the others
+        raise DataError(f"{folder}: its CSV files have different columns ({files[0].relative_to(folder)}: "
+                        f"{headers[files[0]]}, {other.relative_to(folder)}: {headers[other]}); expected one header "
+                        "in all of them")
+    return datasets.Features({name: datasets.Value("string") for name in headers[files[0]]}) or None
 
 
 TEXT_LISTS = ("messages", "conversations")  # chat columns: a CSV cell holds the list as JSON text

@@ -1067,9 +1067,15 @@ def test_a_directory_of_csv_files_is_read_as_text_too(tok, tmp_path: Path):
     (folder / "README.md").write_text("# a dataset card\n")
     assert load_rows(str(folder), "test") == plain[6:]
     assert list(sft_data(tok, train=str(folder))[1].train["input_ids"]) == reference
-    (folder / "extra.jsonl").write_text("")  # not all CSV: left to datasets' own reading
     from finetune.data import text_columns
 
+    write_delimited(folder / "test.csv", [{"question": "What is 1 + 1?", "answer": "2"}])  # other columns
+    with pytest.raises(DataError, match=r"repo: its CSV files have different columns \(test.csv: \['question', "
+                                        r"'answer'\], train.csv: \['prompt', 'completion', 'input'\]\); expected "
+                                        r"one header in all of them$"):
+        load_rows(str(folder), "train")
+    write_delimited(folder / "test.csv", plain[6:])
+    (folder / "extra.jsonl").write_text("")  # not all CSV: left to datasets' own reading
     assert text_columns(folder) is None
 
 

@@ -389,10 +389,10 @@ def run(recipe: Recipe, task: Task, eval_only: bool = False) -> Result:
         shown = tqdm(loader([rows for _, rows, _ in batches], data.eval, -1), desc="eval", total=len(batches),
                      leave=False, dynamic_ncols=True, disable=not (main and recipe.log.progress))
         for (name, _, real), batch in zip(batches, shown, strict=True):
+            tokens = int(batch["num_tokens"])  # read on the CPU, before the move: no device sync per batch
             batch = to_device(batch)
-            with on_out_of_memory(f"evaluation at step {state.step}: out of GPU memory on a batch of "
-                                  f"{int(batch['num_tokens'])} tokens; lower train.eval_batch_size (now "
-                                  f"{cfg.eval_rows} rows)"):
+            with on_out_of_memory(f"evaluation at step {state.step}: out of GPU memory on a batch of {tokens} "
+                                  f"tokens; lower train.eval_batch_size (now {cfg.eval_rows} rows)"):
                 result = task.loss(model, batch)
             got = {"loss": result.loss_sum.detach().float(), "items": batch["num_items"].float(),
                    **{k: v.detach().float() for k, v in result.metric_sums.items()}}

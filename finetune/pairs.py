@@ -262,15 +262,16 @@ def build_pair_data(recipe: Any, tokenizer: Any, progress: bool
     return train, evals, PairCollator(tokenizer.pad_token_id, d.packing, share), held and eval_sources(d, held)
 
 
-def pair_tokens(prompt: list[int], chosen: list[int], rejected: list[int]) -> int:
-    """Tokens a pair holds: the prompt twice (once before each response) plus both responses."""
-    return 2 * len(prompt) + len(chosen) + len(rejected)
+def pair_tokens(prompt: int, chosen: int, rejected: int) -> int:
+    """Tokens a pair holds, from its parts' lengths: the prompt twice (once before each response) plus both
+    responses."""
+    return 2 * prompt + chosen + rejected
 
 
 def pair_lengths(pairs: Any) -> list[int]:
     """`pair_tokens` of every pair of a tokenized dataset."""
-    prompt, chosen, rejected = (list_lengths(pairs, key) for key in ("prompt", "chosen", "rejected"))
-    return [2 * p + c + r for p, c, r in zip(prompt, chosen, rejected, strict=True)]
+    lengths = (list_lengths(pairs, key) for key in ("prompt", "chosen", "rejected"))
+    return [pair_tokens(*parts) for parts in zip(*lengths, strict=True)]
 
 
 def split_sides(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -328,8 +329,8 @@ class PairCollator:
             batch["label"] = torch.tensor([bool(r["label"]) for r in rows])
         batch.update({"margin": torch.tensor([r["margin"] for r in rows]),
                       "uid": torch.tensor([r["uid"] for r in rows]), "num_items": torch.tensor(len(rows)),
-                      "num_tokens": torch.tensor(sum(pair_tokens(r["prompt"], r["chosen"], r["rejected"])
-                                                     for r in rows))})
+                      "num_tokens": torch.tensor(sum(pair_tokens(len(r["prompt"]), len(r["chosen"]),
+                                                                 len(r["rejected"])) for r in rows))})
         if self.ref_logps is not None:
             batch["ref_logps"] = self.ref_logps[batch["uid"]]
         return batch

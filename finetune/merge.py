@@ -71,12 +71,11 @@ def untie_adapted_embeddings(model: Any, config: dict[str, Any]) -> None:
     tensor would change the other too. The merged model is then saved untied, each layer as the run had it."""
     import torch
 
-    from finetune.model import tied_embedding_names
+    from finetune.model import names_tied_embedding
 
-    names = set() if config.get("ensure_weight_tying") else tied_embedding_names(model)
     targets = config.get("target_modules") or []
-    if isinstance(targets, str) or not any(t.rsplit(".", 1)[-1] in names for t in targets):
-        return  # not tied, tied by peft, or a pattern (all-linear), which leaves embeddings out
+    if config.get("ensure_weight_tying") or isinstance(targets, str) or not names_tied_embedding(model, targets):
+        return  # tied by peft, a pattern (all-linear), which leaves embeddings out, or not on a tied embedding
     inputs = model.get_input_embeddings()
     model.get_output_embeddings().weight = torch.nn.Parameter(inputs.weight.detach().clone())
     model.config.tie_word_embeddings = False

@@ -262,6 +262,13 @@ def tied_embedding_names(model: Any) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module in (inputs, outputs)}
 
 
+def names_tied_embedding(model: Any, names: list[str]) -> bool:
+    """Whether any of these module names (`lora.modules_to_save`, an adapter's `target_modules`) is one of the
+    model's tied input and output embeddings."""
+    tied = tied_embedding_names(model)
+    return any(name.rsplit(".", 1)[-1] in tied for name in names)
+
+
 def ties_trained_embeddings(model: Any, cfg: LoraConfig) -> bool:
     """Whether peft must keep the model's tied input and output embeddings tied (`ensure_weight_tying`): they
     share one tensor and `lora.modules_to_save` names one of them. Without it peft trains a copy of the one
@@ -272,8 +279,7 @@ def ties_trained_embeddings(model: Any, cfg: LoraConfig) -> bool:
     saved model (`merge.untie_adapted_embeddings`). peft < 0.18 has no such option and warns instead."""
     from peft import LoraConfig as PeftLoraConfig
 
-    names = tied_embedding_names(model)
-    return (any(n.rsplit(".", 1)[-1] in names for n in cfg.modules_to_save)
+    return (names_tied_embedding(model, cfg.modules_to_save)
             and "ensure_weight_tying" in inspect.signature(PeftLoraConfig).parameters)
 
 
